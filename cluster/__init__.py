@@ -1,0 +1,1 @@
+"""Ray-only code: driver, worker actors, job entry point."""

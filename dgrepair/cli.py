@@ -1,0 +1,158 @@
+"""`dgrepair` command line: repair, plan, demo.
+
+Repair options are generated from `RepairConfig`, so the flags, the YAML file and the Ray job share
+one schema. Errors the user can act on print one message and exit non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .engine.config import RepairConfig
+from .engine.errors import DGRepairError
+
+EXAMPLES = """examples:
+  dgrepair demo
+  dgrepair plan   --base ./llama-base --ft ./llama-sft
+  dgrepair repair --base ./llama-base --ft ./llama-sft --out ./llama-sft-repaired
+  dgrepair repair --config repair.yaml --scale 1.5
+"""
+
+
+def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per RepairConfig field; defaults are SUPPRESSed so only explicit flags override YAML."""
+    for f in dataclasses.fields(RepairConfig):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not None and default != [] and not isinstance(default, bool):
+            help_text += f" (default: {default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, list):
+            parser.add_argument(flag, action="append", metavar="REGEX", **kw)
+        else:
+            typ = {"scale": float, "min_numel": int}.get(f.name, str)
+            parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same options; flags override it")
+
+
+def config_from_args(args: argparse.Namespace) -> RepairConfig:
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(RepairConfig) if hasattr(args, f.name)}
+    if getattr(args, "config", None):
+        return RepairConfig.from_yaml(args.config, explicit)
+    return RepairConfig.from_mapping(explicit, "command line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dgrepair", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Post-hoc DG-Hard repair: for every weight matrix keep only the singular components of "
+                    "(fine-tuned - base) above the Donoho-Gavish threshold and write base + that.")
+    parser.add_argument("--version", action="version", version=f"dgrepair {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rep = sub.add_parser("repair", help="repair a fine-tuned checkpoint (resumes an interrupted run on the "
+                                        "same --out)")
+    _add_config_options(rep)
+    rep.set_defaults(func=cmd_repair)
+
+    plan = sub.add_parser("plan", help="validate the pair and print the plan; writes nothing")
+    _add_config_options(plan, only=("base", "ft", "scale", "min_numel", "mask", "include", "exclude", "median",
+                                    "kernel"))
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--tensors", action="store_true", help="list every tensor with its kind and reason")
+    plan.set_defaults(func=cmd_plan)
+
+    demo = sub.add_parser("demo", help="repair a SYNTHETIC pair with a planted low-rank signal and report "
+                                       "kept vs planted ranks")
+    demo.add_argument("--workdir", help="where to write the synthetic pair and the repair (default: a new "
+                                        "temporary directory, kept and printed)")
+    demo.add_argument("--dtype", choices=("F32", "BF16", "F16"), default="F32", help="storage dtype (default F32)")
+    demo.add_argument("--kernel", choices=("exact", "gram64"), default="gram64", help="spectral backend")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .engine.runner import run_repair
+
+    cfg = config_from_args(args)
+    summary = run_repair(cfg)
+    totals = summary["totals"]
+    print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors "
+          f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.out}")
+    print(f"manifest: {Path(cfg.out) / 'dgrepair' / 'manifest.parquet'}  summary: "
+          f"{Path(cfg.out) / 'dgrepair' / 'summary.json'}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .engine.runner import load_inputs
+
+    cfg = config_from_args(args)
+    inp = load_inputs(cfg, need_out=False)
+    summary = inp.plan.summary()
+    entries = [{"tensor": e.name, "kind": e.kind, "reason": e.reason, "shape": list(e.ft.shape),
+                "dtype": e.ft.dtype, "shard": e.shard} for e in inp.plan.entries]
+    if args.json:
+        print(json.dumps({**summary, "entries": entries}, indent=2))
+    else:
+        _print_plan(summary, entries if args.tensors else None)
+    return 0 if not (summary["shape_mismatches"] or summary["refused"]) else 2
+
+
+def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -> None:
+    print(f"plan {summary['plan_id']}: {summary['tensors']} tensors, {summary['bytes_total'] / 2**20:.1f} MiB")
+    for kind, count in summary["tensors_by_kind"].items():
+        print(f"  {kind:<12} {count:>7} tensors  {summary['bytes_by_kind'][kind] / 2**20:>10.1f} MiB")
+    print(f"  matrices to repair: {summary['matrices_to_repair']}  (~{summary['estimated_gflop']} GFLOP)")
+    for reason, count in summary["passthrough_reasons"].items():
+        print(f"  passthrough, {reason}: {count}")
+    for label in ("ft_only", "base_only"):
+        names = summary[label]
+        if names:
+            more = f" ... (+{len(names) - 5})" if len(names) > 5 else ""
+            print(f"  {label.replace('_', '-')} keys ({len(names)}): {', '.join(names[:5])}{more}")
+    for line in summary["shape_mismatches"]:
+        print(f"  ERROR {line}")
+    for r in summary["refused"]:
+        print(f"  REFUSED {r['tensor']} ({r['shard']}): {r['reason']}")
+    if entries:
+        for e in entries:
+            print(f"  {e['kind']:<12} {e['dtype']:<5} {str(e['shape']):<20} {e['tensor']}  [{e['reason']}]")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .engine.demo import run_demo
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dgrepair-demo-"))
+    run_demo(workdir, dtype=args.dtype, kernel=args.kernel, stream=sys.stdout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DGRepairError as exc:
+        print(f"dgrepair: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dgrepair: interrupted; re-run the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Single-process engine: checkpoints, planning, repair step, manifest."""

@@ -1,0 +1,101 @@
+"""The one typed configuration object behind the CLI flags, the YAML config file and the Ray job.
+
+Each field's metadata carries its CLI help, so the CLI is generated from this class and cannot
+drift from it; a YAML file uses the same names (dashes or underscores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..kernels.spectral import BACKENDS
+from .errors import InputError
+from .scope import MASK_PRESETS, LayerMask
+
+# Fields that change the output bytes; they (and the inputs' fingerprints) make the plan id.
+OUTPUT_AFFECTING = ("scale", "min_numel", "mask", "include", "exclude", "median", "kernel")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=list, metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class RepairConfig:
+    """Everything a repair run needs; validated on construction."""
+
+    base: str | None = _opt(None, "base checkpoint directory (safetensors)")
+    ft: str | None = _opt(None, "fine-tuned checkpoint directory (safetensors)")
+    out: str | None = _opt(None, "output directory for the repaired checkpoint")
+    scale: float = _opt(1.0, "multiplier on the DG threshold tau (1.0 = Gavish-Donoho optimal)")
+    min_numel: int = _opt(1024, "tensors with fewer elements keep the fine-tuned value")
+    mask: str = _opt("all", "layer-mask preset", choices=tuple(MASK_PRESETS))
+    include: list[str] = _opt([], "regex; only matching tensors are repaired (repeatable)")
+    exclude: list[str] = _opt([], "regex; matching tensors keep the fine-tuned value (repeatable)")
+    median: str = _opt("lower", "median convention for s_med", choices=("lower", "mean"))
+    kernel: str = _opt("gram64", "spectral backend: exact = float64 SVD, gram64 = float64 Gram + eigh",
+                       choices=BACKENDS)
+    force: bool = _opt(False, "overwrite an output directory that holds a different dgrepair run")
+    progress: bool = _opt(True, "show a progress bar on stderr")
+
+    def __post_init__(self) -> None:
+        if not (self.scale > 0):
+            raise InputError(f"scale must be > 0, got {self.scale!r}.")
+        if self.min_numel < 0:
+            raise InputError(f"min_numel must be >= 0, got {self.min_numel!r}.")
+        if self.median not in ("lower", "mean"):
+            raise InputError(f"median must be 'lower' or 'mean', got {self.median!r}.")
+        if self.kernel not in BACKENDS:
+            raise InputError(f"kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}.")
+        self.include = list(self.include)
+        self.exclude = list(self.exclude)
+        self.layer_mask()  # validates the preset and the regexes
+
+    def layer_mask(self) -> LayerMask:
+        return LayerMask(self.mask, tuple(self.include), tuple(self.exclude))
+
+    def require_paths(self, *names: str) -> None:
+        missing = [n for n in names if not getattr(self, n)]
+        if missing:
+            raise InputError("missing " + ", ".join(f"--{n}" for n in missing) + " (or set it in --config).")
+
+    def output_affecting(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in OUTPUT_AFFECTING}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str) -> RepairConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise InputError(f"{source}: unknown option {key!r}; known: {', '.join(sorted(known))}.")
+            clean[name] = value
+        try:
+            return cls(**clean)
+        except TypeError as exc:
+            raise InputError(f"{source}: {exc}") from exc
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RepairConfig:
+        """Load a YAML file (safe loader) and apply explicit overrides on top."""
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except OSError as exc:
+            raise InputError(f"config file {p}: cannot read ({exc.strerror}).") from exc
+        except yaml.YAMLError as exc:
+            raise InputError(f"config file {p}: invalid YAML ({exc}).") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"config file {p}: top level must be a mapping of option: value.")
+        return cls.from_mapping({**data, **(overrides or {})}, str(p))

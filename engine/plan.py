@@ -1,0 +1,164 @@
+"""Plan a repair from headers only: pair tensors by name, classify, validate, estimate, hash.
+
+Kinds (SPEC.md §2–3):
+- `svd`: a 2-D matrix repaired as is.
+- `conv`: a convolution kernel `[out, in, k...]`, repaired as `[out, in·Πk]`.
+- `experts`: a stacked expert tensor `[E, a, b]`, repaired per expert (E matrices, own τ each).
+- `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only).
+- `refuse`: cannot be repaired correctly by this version; `repair` stops before writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from .checkpoint import Checkpoint
+from .config import RepairConfig
+from .errors import InputError
+from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry
+
+REPAIR_KINDS = ("svd", "conv", "experts")
+QUANTIZED_SUFFIXES = ("_scale_inv", "weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales",
+                      "weight_zero_point")
+EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
+FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One fine-tune tensor and what the run will do with it."""
+
+    name: str
+    kind: str
+    reason: str
+    shard: str  # the fine-tune shard (and output shard) holding it
+    ft: TensorEntry
+    base_shard: str | None
+    base: TensorEntry | None
+    matrix_shape: tuple[int, int] | None  # shape of each repaired matrix
+    n_matrices: int
+
+    @property
+    def cost(self) -> float:
+        """Relative work: m·n·min(m, n) per matrix for repairs; bytes for copies."""
+        if self.matrix_shape is None:
+            return float(self.ft.nbytes)
+        m, n = self.matrix_shape
+        return float(self.n_matrices) * m * n * min(m, n)
+
+
+@dataclass
+class Plan:
+    """The validated, deterministic plan; `plan_id` hashes the config and the inputs' identity."""
+
+    entries: list[PlanEntry]
+    base_only: list[str]
+    shape_mismatches: list[str]
+    config: dict[str, Any]
+    fingerprints: dict[str, Any]
+    plan_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        payload = {"version": __version__, "config": self.config, "inputs": self.fingerprints,
+                   "entries": [(e.name, e.kind) for e in self.entries]}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        self.plan_id = hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def refused(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.kind == "refuse"]
+
+    def check_runnable(self) -> None:
+        """Raise one error listing every reason the plan cannot run."""
+        problems = list(self.shape_mismatches)
+        problems += [f"tensor {e.name!r} in {e.shard}: {e.reason}" for e in self.refused]
+        if problems:
+            more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise InputError("cannot repair:\n  " + "\n  ".join(problems[:10]) + more)
+
+    def summary(self) -> dict[str, Any]:
+        kinds = Counter(e.kind for e in self.entries)
+        bytes_by_kind: Counter[str] = Counter()
+        for e in self.entries:
+            bytes_by_kind[e.kind] += e.ft.nbytes
+        repaired = [e for e in self.entries if e.kind in REPAIR_KINDS]
+        return {
+            "plan_id": self.plan_id,
+            "tensors": len(self.entries),
+            "tensors_by_kind": dict(sorted(kinds.items())),
+            "bytes_by_kind": dict(sorted(bytes_by_kind.items())),
+            "bytes_total": sum(e.ft.nbytes for e in self.entries),
+            "matrices_to_repair": sum(e.n_matrices for e in repaired),
+            "estimated_gflop": round(sum(e.cost for e in repaired) * 4 / 1e9, 3),
+            "passthrough_reasons": dict(sorted(Counter(e.reason for e in self.entries
+                                                       if e.kind == "passthrough").items())),
+            "ft_only": [e.name for e in self.entries if e.reason == "fine-tune only"],
+            "base_only": self.base_only,
+            "shape_mismatches": self.shape_mismatches,
+            "refused": [{"tensor": e.name, "shard": e.shard, "reason": e.reason} for e in self.refused],
+        }
+
+
+def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
+    """Pair and classify every fine-tune tensor; headers only."""
+    mask = cfg.layer_mask()
+    entries: list[PlanEntry] = []
+    mismatches: list[str] = []
+    for shard_name, header in sorted(ft.shards.items()):
+        for t in sorted(header.tensors.values(), key=lambda e: e.begin):
+            base_shard = base.locations.get(t.name)
+            b = base.shards[base_shard].tensors[t.name] if base_shard else None
+            if b is not None and b.shape != t.shape:
+                mismatches.append(f"tensor {t.name!r}: shape {list(b.shape)} in {base.root / base_shard} but "
+                                  f"{list(t.shape)} in {ft.root / shard_name}; the checkpoints are not a base/"
+                                  "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
+            kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name))
+            entries.append(PlanEntry(t.name, kind, reason, shard_name, t, base_shard, b, mshape, count))
+    base_only = sorted(set(base.locations) - set(ft.locations))
+    return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
+                config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()})
+
+
+def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,
+              in_mask: bool) -> tuple[str, str, tuple[int, int] | None, int]:
+    passthrough = ("passthrough", None, 0)
+    if t.dtype.startswith(("F8_", "F4", "F6")) or t.name.endswith(QUANTIZED_SUFFIXES):
+        return ("refuse", f"quantized storage ({t.dtype}) is not supported by this version; dequantize the "
+                "checkpoints to BF16 first", None, 0)
+    if b is None:
+        return (passthrough[0], "fine-tune only", None, 0)
+    if t.dtype not in FLOAT_DTYPES_REPAIRABLE or b.dtype not in FLOAT_DTYPES_REPAIRABLE:
+        if t.dtype in ("F64", "C64") or b.dtype in ("F64", "C64"):
+            return ("refuse", f"dtype {b.dtype}->{t.dtype} is outside SPEC §4 (F32/F16/BF16)", None, 0)
+        return (passthrough[0], "non-float", None, 0)
+    if len(t.shape) < 2:
+        return (passthrough[0], "1-D", None, 0)
+    if t.numel < cfg.min_numel:
+        return (passthrough[0], f"numel < {cfg.min_numel}", None, 0)
+    if not in_mask:
+        return (passthrough[0], "outside mask", None, 0)
+    if t.numel == 0:
+        return (passthrough[0], "empty", None, 0)
+    if len(t.shape) == 2:
+        return ("svd", "2-D matrix", (t.shape[0], t.shape[1]), 1)
+    if FUSED_GATE_UP.search(t.name):
+        return ("refuse", "fused gate/up expert stacks need the gate and up halves split before repair, which "
+                "this version does not do; exclude the tensor or save the checkpoint with per-expert keys", None, 0)
+    if len(t.shape) == 3 and EXPERT_STACK.search(t.name):
+        return ("experts", f"expert stack of {t.shape[0]}, repaired per expert", (t.shape[1], t.shape[2]),
+                t.shape[0])
+    if len(t.shape) >= 4 or "conv" in t.name.split(".")[-2:][0]:
+        cols = math.prod(t.shape[1:])
+        note = "convolution, reshaped to [out, in*k]"
+        if t.shape[1] == 1:
+            note += f"; depthwise: rank at most {cols}"
+        return ("conv", note, (t.shape[0], cols), 1)
+    return ("refuse", f"{len(t.shape)}-D tensor {list(t.shape)} is neither a recognised expert stack nor a "
+            "convolution; exclude it with --exclude", None, 0)

@@ -1,0 +1,186 @@
+"""The in-process repair run: plan, prepare the output, repair entry by entry, commit, finalise.
+
+Memory is bounded by one entry at a time (a few float32 copies of the largest tensor). Rows are
+committed to the manifest in batches; before a batch is committed the shards it touched are
+fsynced, so a committed row always describes bytes on disk. Re-running the same command resumes:
+entries whose manifest rows verify against the bytes on disk are skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..kernels.spectral import ThresholdParams
+from . import manifest, output
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import RepairConfig
+from .manifest import ManifestRow
+from .plan import REPAIR_KINDS, Plan, PlanEntry, build_plan
+from .repair_step import execute_entry, sha256_range
+
+FLUSH_ROWS = 256
+FLUSH_SECONDS = 10.0
+
+
+@dataclass
+class Inputs:
+    """Both checkpoints opened and validated, the output path checked, and the plan built."""
+
+    cfg: RepairConfig
+    base: Checkpoint
+    ft: Checkpoint
+    out: Path
+    plan: Plan
+
+
+def load_inputs(cfg: RepairConfig, need_out: bool = True) -> Inputs:
+    cfg.require_paths("base", "ft", *(("out",) if need_out else ()))
+    base = open_checkpoint(cfg.base, "base")
+    ft = open_checkpoint(cfg.ft, "fine-tune")
+    out = output.check_out_path(Path(cfg.out), [base.root, ft.root]) if need_out else Path()
+    return Inputs(cfg, base, ft, out, build_plan(base, ft, cfg))
+
+
+def expected_keys(entry: PlanEntry) -> list[tuple[str, int | None]]:
+    if entry.kind == "experts":
+        return [(entry.name, i) for i in range(entry.n_matrices)]
+    return [(entry.name, None)]
+
+
+def verified_done(inp: Inputs) -> set[str]:
+    """Names of entries whose committed rows match the bytes on disk (resume)."""
+    latest = manifest.latest_by_key(manifest.read_rows(inp.out))
+    done = set()
+    for entry in inp.plan.entries:
+        rows = [latest.get(k) for k in expected_keys(entry)]
+        if any(r is None or r.plan_id != inp.plan.plan_id for r in rows):
+            continue
+        where = output.shard_location(inp.out, entry.shard)
+        if all(sha256_range(where, r.byte_begin, r.byte_end) == r.sha256 for r in rows if r is not None):
+            done.add(entry.name)
+    return done
+
+
+@dataclass
+class _Committer:
+    """Buffers manifest rows; fsyncs touched shards before each part file is written."""
+
+    out: Path
+    rows: list[ManifestRow] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    last: float = field(default_factory=time.monotonic)
+
+    def add(self, rows: list[ManifestRow]) -> None:
+        self.rows.extend(rows)
+        self.touched.update(r.shard for r in rows)
+        if len(self.rows) >= FLUSH_ROWS or time.monotonic() - self.last >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        for shard in self.touched:
+            where = output.shard_location(self.out, shard)
+            fd = os.open(where, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        manifest.write_part(self.out, self.rows)
+        self.rows, self.touched, self.last = [], set(), time.monotonic()
+
+
+def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run (or resume) a repair in this process; returns the summary written to summary.json."""
+    t0 = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    inp = load_inputs(cfg)
+    inp.plan.check_runnable()
+    state = output.prepare(inp.out, inp.plan, inp.ft, cfg.force)
+    if state == "complete":
+        return output.read_summary(inp.out)
+    done = verified_done(inp) if state == "resume" else set()
+    t_plan = time.perf_counter() - t0
+
+    params = ThresholdParams(scale=cfg.scale, median=cfg.median)
+    remaining = Counter(e.shard for e in inp.plan.entries if e.name not in done)
+    for shard in {e.shard for e in inp.plan.entries}:
+        if remaining[shard] == 0 and not (inp.out / shard).is_file():
+            output.finalize_shard(inp.out, shard)  # every tensor was committed before an interruption
+        elif remaining[shard] > 0 and (inp.out / shard).is_file():
+            output.reopen_shard(inp.out, shard)  # a finalised shard that no longer verifies
+    committer = _Committer(inp.out)
+    todo = [e for e in inp.plan.entries if e.name not in done]
+    total_bytes = sum(e.ft.nbytes for e in todo)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="repair",
+               disable=not cfg.progress, file=stream or sys.stderr, dynamic_ncols=True)
+    t_repair = time.perf_counter()
+    try:
+        for i, entry in enumerate(todo):
+            base_file = inp.base.entry(entry.name)[0] if entry.base is not None else None
+            ft_file = inp.ft.entry(entry.name)[0]
+            rows = execute_entry(entry, base_file, ft_file, output.partial_path(inp.out, entry.shard), params,
+                                 cfg.kernel, inp.plan.plan_id)
+            committer.add(rows)
+            remaining[entry.shard] -= 1
+            if remaining[entry.shard] == 0:
+                committer.flush()
+                output.finalize_shard(inp.out, entry.shard)
+            bar.update(entry.ft.nbytes)
+            bar.set_postfix_str(f"tensors {len(done) + i + 1}/{len(inp.plan.entries)}", refresh=False)
+    finally:
+        committer.flush()
+        bar.close()
+    t_repair = time.perf_counter() - t_repair
+    summary = build_summary(inp, started, resumed=len(done),
+                            timings={"plan_s": t_plan, "repair_s": t_repair, "total_s": time.perf_counter() - t0})
+    output.finalize_run(inp.out, inp.ft, summary)
+    return summary
+
+
+def build_summary(inp: Inputs, started: str, resumed: int, timings: dict[str, float]) -> dict[str, Any]:
+    """Totals over the committed manifest (all attempts), plus config, plan id and fingerprints."""
+    latest = manifest.latest_by_key(manifest.read_rows(inp.out))
+    rows = [r for r in latest.values() if r.plan_id == inp.plan.plan_id]
+    repaired = [r for r in rows if r.kind in REPAIR_KINDS]
+    status = Counter(r.status for r in rows)
+    by_kind: dict[str, dict[str, float]] = defaultdict(lambda: {"matrices": 0, "rank_kept": 0, "rank_total": 0})
+    for r in repaired:
+        agg = by_kind[r.kind]
+        agg["matrices"] += 1
+        agg["rank_kept"] += r.rank_kept or 0
+        agg["rank_total"] += r.rank_total or 0
+    energy = sum((r.frob_delta or 0.0) ** 2 for r in repaired)
+    kept = sum((r.frob_kept or 0.0) ** 2 for r in repaired)
+    return {
+        "dgrepair_version": __version__,
+        "plan_id": inp.plan.plan_id,
+        "config": inp.cfg.to_dict(),
+        "inputs": inp.plan.fingerprints,
+        "plan": inp.plan.summary(),
+        "started_utc": started,
+        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "resumed_entries": resumed,
+        "totals": {
+            "tensors": len({r.tensor for r in rows}),
+            "rows_by_status": dict(sorted(status.items())),
+            "matrices_repaired": len(repaired),
+            "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+            "global_rho": math.sqrt(kept / energy) if energy > 0 else 1.0,
+            "bytes_written": sum(r.byte_end - r.byte_begin for r in rows),
+        },
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "platform": platform.platform()},
+    }

@@ -1,0 +1,1 @@
+"""Numerical cores (no I/O): DG constants and the spectral repair step."""
