@@ -18,6 +18,7 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import OutputError
 from .plan import Plan
+from .safetensors_format import output_prefix
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -71,12 +72,14 @@ def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool) -> str:
         if (out / shard).is_file():
             continue  # finalised by an earlier attempt; verified against the manifest by the runner
         part = partial_path(out, shard)
-        if part.is_file() and part.stat().st_size == header.file_size and _starts_with(part, header.raw_prefix):
+        prefix = output_prefix(header)  # byte-identical to the fine-tune's: shapes and dtypes are preserved
+        size = len(prefix) + header.file_size - header.data_start
+        if part.is_file() and part.stat().st_size == size and _starts_with(part, prefix):
             continue
         part.parent.mkdir(parents=True, exist_ok=True)
         with open(part, "wb") as fh:
-            fh.write(header.raw_prefix)  # byte-identical header: shapes and dtypes are preserved
-            fh.truncate(header.file_size)
+            fh.write(prefix)
+            fh.truncate(size)
     return state
 
 

@@ -22,7 +22,7 @@ from .. import __version__
 from .checkpoint import Checkpoint
 from .config import RepairConfig
 from .errors import InputError
-from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry
+from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
 REPAIR_KINDS = ("svd", "conv", "experts")
 QUANTIZED_SUFFIXES = ("_scale_inv", "weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales",
@@ -44,6 +44,11 @@ class PlanEntry:
     base: TensorEntry | None
     matrix_shape: tuple[int, int] | None  # shape of each repaired matrix
     n_matrices: int
+    out_begin: int  # absolute offset of the tensor in the output shard
+
+    @property
+    def out_end(self) -> int:
+        return self.out_begin + self.ft.nbytes
 
     @property
     def cost(self) -> float:
@@ -112,6 +117,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     entries: list[PlanEntry] = []
     mismatches: list[str] = []
     for shard_name, header in sorted(ft.shards.items()):
+        shift = len(output_prefix(header)) - header.data_start
         for t in sorted(header.tensors.values(), key=lambda e: e.begin):
             base_shard = base.locations.get(t.name)
             b = base.shards[base_shard].tensors[t.name] if base_shard else None
@@ -120,7 +126,8 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                   f"{list(t.shape)} in {ft.root / shard_name}; the checkpoints are not a base/"
                                   "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
             kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name))
-            entries.append(PlanEntry(t.name, kind, reason, shard_name, t, base_shard, b, mshape, count))
+            entries.append(PlanEntry(t.name, kind, reason, shard_name, t, base_shard, b, mshape, count,
+                                     out_begin=t.begin + shift))
     base_only = sorted(set(base.locations) - set(ft.locations))
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
                 config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()})

@@ -28,8 +28,8 @@ def execute_entry(entry: PlanEntry, base_file: Path | None, ft_file: Path, out_f
     """Repair or copy one tensor into `out_file` at the fine-tune's offsets."""
     start = time.perf_counter()
     if entry.kind not in REPAIR_KINDS:
-        digest = _copy_range(ft_file, out_file, entry.ft.begin, entry.ft.end)
-        return [_row(entry, None, "passthrough", None, kernel=None, begin=entry.ft.begin, end=entry.ft.end,
+        digest = _copy_range(ft_file, entry.ft.begin, entry.ft.end, out_file, entry.out_begin)
+        return [_row(entry, None, "passthrough", None, kernel=None, begin=entry.out_begin, end=entry.out_end,
                      digest=digest, seconds=time.perf_counter() - start, plan_id=plan_id)]
     assert base_file is not None and entry.base is not None and entry.matrix_shape is not None
     w1 = read_tensor(ft_file, entry.ft)
@@ -51,12 +51,12 @@ def execute_entry(entry: PlanEntry, base_file: Path | None, ft_file: Path, out_f
         if st.degenerate:  # Δ = 0 or Δ* = Δ: the fine-tuned matrix, bit for bit
             repaired[i] = ft_mats[i]
     payload = repaired.reshape(-1).view(torch.uint8).numpy()
-    _pwrite(out_file, entry.ft.begin, payload)
+    _pwrite(out_file, entry.out_begin, payload)
     seconds = time.perf_counter() - start
     per = payload.size // entry.n_matrices
     rows = []
     for i, st in enumerate(stats):
-        lo = entry.ft.begin + i * per
+        lo = entry.out_begin + i * per
         digest = hashlib.sha256(payload[i * per:(i + 1) * per]).hexdigest()
         expert = i if entry.kind == "experts" else None
         status = st.degenerate or "repaired"
@@ -100,8 +100,8 @@ def _pwrite(path: Path, offset: int, data) -> None:
         os.close(fd)
 
 
-def _copy_range(src: Path, dst: Path, begin: int, end: int) -> str:
-    """Copy bytes [begin, end) from src to the same offsets in dst, hashing them on the way."""
+def _copy_range(src: Path, begin: int, end: int, dst: Path, dst_begin: int) -> str:
+    """Copy bytes [begin, end) of src to dst at dst_begin, hashing them on the way."""
     digest = hashlib.sha256()
     fin = os.open(src, os.O_RDONLY)
     fout = os.open(dst, os.O_WRONLY)
@@ -115,7 +115,7 @@ def _copy_range(src: Path, dst: Path, begin: int, end: int) -> str:
             view = memoryview(chunk)
             done = 0
             while done < len(view):
-                done += os.pwrite(fout, view[done:], pos + done)
+                done += os.pwrite(fout, view[done:], dst_begin + pos - begin + done)
             pos += len(chunk)
     finally:
         os.close(fin)

@@ -70,6 +70,20 @@ class ShardHeader:
         return 8 + self.header_len
 
 
+def output_prefix(header: ShardHeader) -> bytes:
+    """The output shard's length + header: the fine-tune's bytes verbatim when they already carry
+    `__metadata__["format"]` (transformers refuses files without it); otherwise the same entries
+    with `format: pt` added, padded to 8 bytes. Data offsets are relative, so they do not change."""
+    if header.metadata is not None and "format" in header.metadata:
+        return header.raw_prefix
+    obj = json.loads(header.raw_prefix[8:].decode("utf-8"))
+    obj.pop("__metadata__", None)
+    text = json.dumps({"__metadata__": {**(header.metadata or {}), "format": "pt"}, **obj},
+                      separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 def read_header(path: Path) -> ShardHeader:
     """Parse and validate a safetensors file's header without reading tensor data."""
     try:
