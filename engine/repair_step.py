@@ -18,7 +18,7 @@ from ..kernels.spectral import SpectralStats, ThresholdParams, repair_batch
 from .errors import RepairFailure
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, PlanEntry
-from .safetensors_format import read_tensor
+from .safetensors_format import TORCH_DTYPES, read_tensor
 
 COPY_CHUNK = 64 << 20
 
@@ -32,24 +32,24 @@ def execute_entry(entry: PlanEntry, base_file: Path | None, ft_file: Path, out_f
         return [_row(entry, None, "passthrough", None, kernel=None, begin=entry.out_begin, end=entry.out_end,
                      digest=digest, seconds=time.perf_counter() - start, plan_id=plan_id)]
     assert base_file is not None and entry.base is not None and entry.matrix_shape is not None
-    w1 = read_tensor(ft_file, entry.ft)
-    w0 = read_tensor(base_file, entry.base)
-    ft32 = w1.to(torch.float32)
-    base32 = w0.to(torch.float32)
-    del w0
-    _check_finite(ft32, entry.name, ft_file)
-    _check_finite(base32, entry.name, base_file)
+    out_dtype = TORCH_DTYPES[entry.ft.dtype]
     batch = (entry.n_matrices, *entry.matrix_shape)
-    delta = ft32.reshape(batch).sub_(base32.reshape(batch))  # upcast first, then subtract (SPEC §1.1)
-    del ft32
+    # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
+    # values are consumed here and re-read below only for degenerate matrices.
+    delta = read_tensor(ft_file, entry.ft).to(torch.float32).reshape(batch)
+    base32 = read_tensor(base_file, entry.base).to(torch.float32).reshape(batch)
+    _check_finite(delta, entry.name, ft_file)
+    _check_finite(base32, entry.name, base_file)
+    delta.sub_(base32)
     d_star, stats = repair_batch(delta, params, kernel)
     del delta
-    repaired = d_star.add_(base32.reshape(batch)).to(w1.dtype)  # W* = W0 + Δ*, in float32, cast once
+    repaired = d_star.add_(base32).to(out_dtype)  # W* = W0 + Δ*, in float32, cast once
     del d_star, base32
-    ft_mats = w1.reshape(batch)
-    for i, st in enumerate(stats):
-        if st.degenerate:  # Δ = 0 or Δ* = Δ: the fine-tuned matrix, bit for bit
-            repaired[i] = ft_mats[i]
+    if any(st.degenerate for st in stats):  # Δ = 0 or Δ* = Δ: the fine-tuned matrix, bit for bit
+        ft_mats = read_tensor(ft_file, entry.ft).reshape(batch)
+        for i, st in enumerate(stats):
+            if st.degenerate:
+                repaired[i] = ft_mats[i]
     payload = repaired.reshape(-1).view(torch.uint8).numpy()
     _pwrite(out_file, entry.out_begin, payload)
     seconds = time.perf_counter() - start
