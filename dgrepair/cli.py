@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .engine.config import RepairConfig
 from .engine.errors import DGRepairError
+from .kernels.spectral import BACKENDS
 
 EXAMPLES = """examples:
   dgrepair demo
@@ -42,7 +43,7 @@ def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] |
         elif isinstance(default, list):
             parser.add_argument(flag, action="append", metavar="REGEX", **kw)
         else:
-            typ = {"scale": float, "min_numel": int}.get(f.name, str)
+            typ = type(default) if default is not None else str
             parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same options; flags override it")
 
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="where to write the synthetic pair and the repair (default: a new "
                                         "temporary directory, kept and printed)")
     demo.add_argument("--dtype", choices=("F32", "BF16", "F16"), default="F32", help="storage dtype (default F32)")
-    demo.add_argument("--kernel", choices=("exact", "gram64"), default="gram64", help="spectral backend")
+    demo.add_argument("--kernel", choices=BACKENDS, default="auto", help="spectral backend")
     demo.set_defaults(func=cmd_demo)
     return parser
 

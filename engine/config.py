@@ -40,8 +40,12 @@ class RepairConfig:
     include: list[str] = _opt([], "regex; only matching tensors are repaired (repeatable)")
     exclude: list[str] = _opt([], "regex; matching tensors keep the fine-tuned value (repeatable)")
     median: str = _opt("lower", "median convention for s_med", choices=("lower", "mean"))
-    kernel: str = _opt("gram64", "spectral backend: exact = float64 SVD, gram64 = float64 Gram + eigh",
-                       choices=BACKENDS)
+    kernel: str = _opt("auto", "spectral backend: auto (gram64; exact SVD when min(m, n) <= 32), exact = "
+                       "float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram guarded "
+                       "by a float64 fallback", choices=BACKENDS)
+    device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N")
+    threads: int = _opt(0, "BLAS threads for CPU work (0 = every core this process may use)")
+    batch_mb: int = _opt(256, "memory budget (MiB) for batching same-shape matrices into one kernel call")
     force: bool = _opt(False, "overwrite an output directory that holds a different dgrepair run")
     progress: bool = _opt(True, "show a progress bar on stderr")
 
@@ -52,6 +56,10 @@ class RepairConfig:
             raise InputError(f"min_numel must be >= 0, got {self.min_numel!r}.")
         if self.median not in ("lower", "mean"):
             raise InputError(f"median must be 'lower' or 'mean', got {self.median!r}.")
+        if self.threads < 0 or self.batch_mb < 1:
+            raise InputError(f"threads must be >= 0 and batch_mb >= 1 (got {self.threads}, {self.batch_mb}).")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
         if self.kernel not in BACKENDS:
             raise InputError(f"kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}.")
         self.include = list(self.include)

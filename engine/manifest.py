@@ -38,6 +38,7 @@ SCHEMA = pa.schema([
     ("frob_delta", pa.float64()),
     ("frob_kept", pa.float64()),
     ("kernel", pa.string()),
+    ("fallback", pa.string()),
     ("byte_begin", pa.int64()),
     ("byte_end", pa.int64()),
     ("sha256", pa.string()),
@@ -72,6 +73,7 @@ class ManifestRow:
     frob_delta: float | None
     frob_kept: float | None
     kernel: str | None
+    fallback: str | None
     byte_begin: int
     byte_end: int
     sha256: str

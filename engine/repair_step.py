@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..kernels.spectral import SpectralStats, ThresholdParams, repair_batch
+from ..kernels.spectral import repair_batch
+from ..kernels.threshold import SpectralStats, ThresholdParams
 from .errors import RepairFailure
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, PlanEntry
@@ -23,45 +25,93 @@ from .safetensors_format import TORCH_DTYPES, read_tensor
 COPY_CHUNK = 64 << 20
 
 
-def execute_entry(entry: PlanEntry, base_file: Path | None, ft_file: Path, out_file: Path,
-                  params: ThresholdParams, kernel: str, plan_id: str) -> list[ManifestRow]:
-    """Repair or copy one tensor into `out_file` at the fine-tune's offsets."""
+@dataclass(frozen=True)
+class StepSettings:
+    """Everything the step needs besides the entries; small and picklable."""
+
+    params: ThresholdParams
+    kernel: str
+    plan_id: str
+    device: str = "cpu"
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class EntryJob:
+    """One entry with the files it reads and the (partial) output shard it writes."""
+
+    entry: PlanEntry
+    base_file: Path | None
+    ft_file: Path
+    out_file: Path
+
+
+def execute_unit(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRow]:
+    """Execute a work unit: copies for passthrough entries, one kernel batch for repair entries."""
+    rows: list[ManifestRow] = []
+    for job in jobs:
+        if job.entry.kind not in REPAIR_KINDS:
+            rows.extend(_copy_entry(job, settings))
+    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS]
+    if repairs:
+        rows.extend(_repair_entries(repairs, settings))
+    return rows
+
+
+def _copy_entry(job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
     start = time.perf_counter()
-    if entry.kind not in REPAIR_KINDS:
-        digest = _copy_range(ft_file, entry.ft.begin, entry.ft.end, out_file, entry.out_begin)
-        return [_row(entry, None, "passthrough", None, kernel=None, begin=entry.out_begin, end=entry.out_end,
-                     digest=digest, seconds=time.perf_counter() - start, plan_id=plan_id)]
-    assert base_file is not None and entry.base is not None and entry.matrix_shape is not None
-    out_dtype = TORCH_DTYPES[entry.ft.dtype]
-    batch = (entry.n_matrices, *entry.matrix_shape)
-    # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
-    # values are consumed here and re-read below only for degenerate matrices.
-    delta = read_tensor(ft_file, entry.ft).to(torch.float32).reshape(batch)
-    base32 = read_tensor(base_file, entry.base).to(torch.float32).reshape(batch)
-    _check_finite(delta, entry.name, ft_file)
-    _check_finite(base32, entry.name, base_file)
-    delta.sub_(base32)
-    d_star, stats = repair_batch(delta, params, kernel)
-    del delta
-    repaired = d_star.add_(base32).to(out_dtype)  # W* = W0 + Δ*, in float32, cast once
-    del d_star, base32
-    if any(st.degenerate for st in stats):  # Δ = 0 or Δ* = Δ: the fine-tuned matrix, bit for bit
-        ft_mats = read_tensor(ft_file, entry.ft).reshape(batch)
-        for i, st in enumerate(stats):
-            if st.degenerate:
-                repaired[i] = ft_mats[i]
-    payload = repaired.reshape(-1).view(torch.uint8).numpy()
-    _pwrite(out_file, entry.out_begin, payload)
-    seconds = time.perf_counter() - start
-    per = payload.size // entry.n_matrices
-    rows = []
-    for i, st in enumerate(stats):
-        lo = entry.out_begin + i * per
-        digest = hashlib.sha256(payload[i * per:(i + 1) * per]).hexdigest()
-        expert = i if entry.kind == "experts" else None
-        status = st.degenerate or "repaired"
-        rows.append(_row(entry, expert, status, st, kernel=kernel, begin=lo, end=lo + per, digest=digest,
-                         seconds=seconds / entry.n_matrices, plan_id=plan_id))
+    e = job.entry
+    digest = _copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
+    return [_row(e, None, "passthrough", None, kernel=None, begin=e.out_begin, end=e.out_end, digest=digest,
+                 seconds=time.perf_counter() - start, plan_id=settings.plan_id)]
+
+
+def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRow]:
+    """Repair entries that share one matrix shape in one kernel batch (B = all their matrices)."""
+    start = time.perf_counter()
+    if len({j.entry.matrix_shape for j in jobs}) != 1 or (len(jobs) > 1 and any(j.entry.n_matrices != 1
+                                                                                for j in jobs)):
+        raise ValueError("a kernel batch needs 2-D entries of one matrix shape (stacks go alone)")
+    deltas, bases = [], []
+    for job in jobs:
+        e = job.entry
+        assert job.base_file is not None and e.base is not None and e.matrix_shape is not None
+        batch = (e.n_matrices, *e.matrix_shape)
+        # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
+        # values are consumed here and re-read below only for degenerate matrices.
+        delta = read_tensor(job.ft_file, e.ft).to(torch.float32).reshape(batch)
+        base32 = read_tensor(job.base_file, e.base).to(torch.float32).reshape(batch)
+        _check_finite(delta, e.name, job.ft_file)
+        _check_finite(base32, e.name, job.base_file)
+        deltas.append(delta.sub_(base32))
+        bases.append(base32)
+    stacked = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+    del deltas
+    d_star, stats = repair_batch(stacked, settings.params, settings.kernel, device=settings.device,
+                                 threads=settings.threads)
+    del stacked
+    seconds = (time.perf_counter() - start) / len(stats)
+    rows: list[ManifestRow] = []
+    first = 0
+    for job, base32 in zip(jobs, bases, strict=True):
+        e = job.entry
+        mine = stats[first:first + e.n_matrices]
+        repaired = d_star[first:first + e.n_matrices].add_(base32).to(TORCH_DTYPES[e.ft.dtype])
+        first += e.n_matrices
+        if any(st.degenerate for st in mine):  # Δ = 0 or Δ* = Δ: the fine-tuned matrix, bit for bit
+            ft_mats = read_tensor(job.ft_file, e.ft).reshape(repaired.shape)
+            for i, st in enumerate(mine):
+                if st.degenerate:
+                    repaired[i] = ft_mats[i]
+        payload = repaired.reshape(-1).view(torch.uint8).numpy()
+        _pwrite(job.out_file, e.out_begin, payload)
+        per = payload.size // e.n_matrices
+        for i, st in enumerate(mine):
+            lo = e.out_begin + i * per
+            rows.append(_row(e, i if e.kind == "experts" else None, st.degenerate or "repaired", st,
+                             kernel=st.backend, begin=lo, end=lo + per,
+                             digest=hashlib.sha256(payload[i * per:(i + 1) * per]).hexdigest(),
+                             seconds=seconds, plan_id=settings.plan_id))
     return rows
 
 
@@ -81,7 +131,7 @@ def _row(entry: PlanEntry, expert: int | None, status: str, st: SpectralStats | 
         rank_total=st.rank_total if st else None, rank_kept=st.rank_kept if st else None,
         beta=st.beta if st else None, omega=st.omega if st else None, s_max=st.s_max if st else None,
         s_med=st.s_med if st else None, sigma_hat=st.sigma_hat if st else None, tau=st.tau if st else None,
-        mp_edge=st.mp_edge if st else None,
+        mp_edge=st.mp_edge if st else None, fallback=st.fallback if st else None,
         noise_energy_fraction=st.noise_energy_fraction if st else None,
         rho=st.rho if st else None, frob_delta=st.frob_delta if st else None,
         frob_kept=st.rho * st.frob_delta if st else None,

@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,13 +24,17 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..kernels.spectral import ThresholdParams
+from ..kernels.spectral import resolve_device
+from ..kernels.threads import cpu_thread_policy
+from ..kernels.threshold import ThresholdParams
 from . import manifest, output
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import RepairConfig
+from .errors import InputError
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, Plan, PlanEntry, build_plan
-from .repair_step import execute_entry, sha256_range
+from .repair_step import EntryJob, StepSettings, execute_unit, sha256_range
+from .units import make_units
 
 FLUSH_ROWS = 256
 FLUSH_SECONDS = 10.0
@@ -113,7 +118,12 @@ def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any
     done = verified_done(inp) if state == "resume" else set()
     t_plan = time.perf_counter() - t0
 
-    params = ThresholdParams(scale=cfg.scale, median=cfg.median)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    settings = StepSettings(ThresholdParams(scale=cfg.scale, median=cfg.median), cfg.kernel, inp.plan.plan_id,
+                            device=device, threads=cfg.threads or None)
     remaining = Counter(e.shard for e in inp.plan.entries if e.name not in done)
     for shard in {e.shard for e in inp.plan.entries}:
         if remaining[shard] == 0 and not (inp.out / shard).is_file():
@@ -121,24 +131,26 @@ def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any
         elif remaining[shard] > 0 and (inp.out / shard).is_file():
             output.reopen_shard(inp.out, shard)  # a finalised shard that no longer verifies
     committer = _Committer(inp.out)
-    todo = [e for e in inp.plan.entries if e.name not in done]
-    total_bytes = sum(e.ft.nbytes for e in todo)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="repair",
+    units = make_units([e for e in inp.plan.entries if e.name not in done], cfg.batch_mb << 20)
+    bar = tqdm(total=sum(u.nbytes for u in units), unit="B", unit_scale=True, unit_divisor=1024, desc="repair",
                disable=not cfg.progress, file=stream or sys.stderr, dynamic_ncols=True)
     t_repair = time.perf_counter()
+    finished = len(done)
+    policy = cpu_thread_policy(settings.threads) if device == "cpu" else nullcontext()
     try:
-        for i, entry in enumerate(todo):
-            base_file = inp.base.entry(entry.name)[0] if entry.base is not None else None
-            ft_file = inp.ft.entry(entry.name)[0]
-            rows = execute_entry(entry, base_file, ft_file, output.partial_path(inp.out, entry.shard), params,
-                                 cfg.kernel, inp.plan.plan_id)
-            committer.add(rows)
-            remaining[entry.shard] -= 1
-            if remaining[entry.shard] == 0:
-                committer.flush()
-                output.finalize_shard(inp.out, entry.shard)
-            bar.update(entry.ft.nbytes)
-            bar.set_postfix_str(f"tensors {len(done) + i + 1}/{len(inp.plan.entries)}", refresh=False)
+        with policy:
+            for unit in units:
+                jobs = [EntryJob(e, inp.base.entry(e.name)[0] if e.base is not None else None,
+                                 inp.ft.entry(e.name)[0], output.partial_path(inp.out, e.shard)) for e in unit.entries]
+                committer.add(execute_unit(jobs, settings))
+                for e in unit.entries:
+                    remaining[e.shard] -= 1
+                    if remaining[e.shard] == 0:
+                        committer.flush()
+                        output.finalize_shard(inp.out, e.shard)
+                finished += len(unit.entries)
+                bar.update(unit.nbytes)
+                bar.set_postfix_str(f"tensors {finished}/{len(inp.plan.entries)}", refresh=False)
     finally:
         committer.flush()
         bar.close()

@@ -1,0 +1,116 @@
+"""Accuracy contract of the spectral backends (kernels issue) against the float64 numpy SVD.
+
+Contract: identical rank except for singular values within 1e-6 (relative) of τ;
+‖Δ* − Δ*_exact‖_F / ‖Δ*_exact‖_F ≤ 1e-6 for float64 paths and ≤ 1e-3 for guarded float32;
+degenerate cases identical across backends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference
+import torch
+
+from dgrepair.kernels.spectral import repair_batch
+from dgrepair.kernels.threads import cpu_thread_policy, threads_per_worker
+from dgrepair.kernels.threshold import ThresholdParams, threshold_spectrum
+
+SHAPES = [(2000, 40), (40, 2000), (600, 300), (300, 600), (500, 125), (400, 400)]  # beta 0.02 .. 1
+
+
+def with_spectrum(shape, s: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    u, _ = np.linalg.qr(rng.standard_normal((m, len(s))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, len(s))))
+    return ((u * s) @ v.T).astype(np.float32)
+
+
+def bulk_plus_spikes(shape, seed: int, kappa: float | None = None, near_tau: float | None = None) -> np.ndarray:
+    """MP-like bulk, 6 spikes, optionally a spike of κ·s_med and a value at τ·(1 + near_tau)."""
+    m, n = shape
+    p, big = min(shape), max(shape)
+    rng = np.random.default_rng(seed)
+    s = np.sort(np.linalg.svd(rng.standard_normal((p, big)), compute_uv=False))[::-1].copy()
+    s[:6] = np.linspace(12, 4, 6) * np.sqrt(big)
+    if kappa is not None:
+        s[0] = kappa * s[(p - 1) - (p - 1) // 2]
+    if near_tau is not None:
+        tau = threshold_spectrum(s, m, n, ThresholdParams()).tau
+        s[6] = tau * (1 + near_tau)
+        s = np.sort(s)[::-1]
+    return with_spectrum(shape, s, seed + 1)
+
+
+def check(delta: np.ndarray, backend: str, tol: float) -> tuple[int, str | None]:
+    want, r_want, tau = reference.dg_hard(delta)
+    s = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
+    got, stats = repair_batch(torch.from_numpy(delta)[None], ThresholdParams(), backend)
+    near = int(np.sum(np.abs(s - tau) <= 1e-6 * tau))
+    assert abs(stats[0].rank_kept - r_want) <= near
+    if stats[0].rank_kept == r_want:
+        err = np.linalg.norm(got[0].numpy().astype(np.float64) - want) / np.linalg.norm(want)
+        assert err <= tol, (backend, err)
+    return stats[0].rank_kept, stats[0].fallback
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kappa", [None, 1e3, 1e5])
+def test_float64_paths_on_spiked_spectra(shape, kappa):
+    delta = bulk_plus_spikes(shape, seed=sum(shape), kappa=kappa)
+    for backend in ("gram64", "auto"):
+        check(delta, backend, 1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_cluster_near_tau(shape):
+    # a value 1e-3 away from τ must be decided exactly as the reference does
+    delta = bulk_plus_spikes(shape, seed=7, near_tau=1e-3)
+    rank64, _ = check(delta, "gram64", 1e-6)
+    rank32, why = check(delta, "gram32", 1e-3)
+    assert rank32 == rank64 == reference.dg_hard(delta)[1]
+    # a value 1e-9 from τ may go either way, but nothing else may change
+    check(bulk_plus_spikes(shape, seed=8, near_tau=1e-9), "gram64", 1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_guarded_float32(shape):
+    plain = bulk_plus_spikes(shape, seed=11)
+    rank, why = check(plain, "gram32", 1e-3)
+    assert why is None  # a well-conditioned delta stays in float32
+    spiky = bulk_plus_spikes(shape, seed=12, kappa=1e4)
+    rank, why = check(spiky, "gram32", 1e-6)  # the fallback is the float64 path
+    assert why == "kappa>1000"
+
+
+@pytest.mark.parametrize("backend", ["exact", "gram64", "gram32", "auto"])
+def test_degenerate_cases_identical_across_backends(backend):
+    zero, _ = repair_batch(torch.zeros(2, 80, 50), ThresholdParams(), backend)
+    assert torch.count_nonzero(zero) == 0
+    low = torch.from_numpy(with_spectrum((80, 50), np.array([5.0, 2.0, 1.0]), 3))[None]
+    got, stats = repair_batch(low, ThresholdParams(), backend)
+    assert stats[0].degenerate == "median_zero" and stats[0].rank_kept == 3 and torch.equal(got, low)
+
+
+def test_thread_policy_restores_torch_threads_and_splits_cores():
+    before = torch.get_num_threads()
+    with cpu_thread_policy(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert threads_per_worker(2, cores=2) == 1
+    assert threads_per_worker(3, cores=16) == 5
+    assert threads_per_worker(8, cores=2) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["exact", "gram64", "gram32"])
+def test_cuda_paths_meet_the_same_contract(backend):
+    for shape in SHAPES:
+        delta = bulk_plus_spikes(shape, seed=21)
+        want, r_want, _ = reference.dg_hard(delta)
+        got, stats = repair_batch(torch.from_numpy(delta)[None], ThresholdParams(), backend, device="cuda")
+        assert stats[0].rank_kept == r_want
+        err = np.linalg.norm(got[0].numpy().astype(np.float64) - want) / np.linalg.norm(want)
+        assert err <= (1e-3 if backend == "gram32" else 1e-6)
