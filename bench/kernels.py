@@ -76,7 +76,7 @@ def main() -> None:
         proxy = max(m, n) * min(m, n) ** 2
         est = ref[1] * proxy / ref[0] if ref else 0.0
         if est <= args.baseline_budget:
-            svd_s = timed(lambda: torch.linalg.svd(one, full_matrices=False), dev, args.repeats)
+            svd_s = timed(lambda x=one: torch.linalg.svd(x, full_matrices=False), dev, args.repeats)
             ref = ref or (proxy, svd_s)
         else:
             svd_s = None
@@ -87,8 +87,8 @@ def main() -> None:
                     continue
                 result: dict = {}
 
-                def run() -> None:
-                    result["out"] = repair_batch(stack, ThresholdParams(), backend, device=dev)
+                def run(x=stack, b=backend, res=result) -> None:
+                    res["out"] = repair_batch(x, ThresholdParams(), b, device=dev)
 
                 seconds = timed(run, dev, args.repeats) / batch
                 rank = result["out"][1][0].rank_kept
