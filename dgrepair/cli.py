@@ -81,15 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
                                         "temporary directory, kept and printed)")
     demo.add_argument("--dtype", choices=("F32", "BF16", "F16"), default="F32", help="storage dtype (default F32)")
     demo.add_argument("--kernel", choices=BACKENDS, default="auto", help="spectral backend")
+    demo.add_argument("--in-process", action="store_true", help="run without Ray")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
-def cmd_repair(args: argparse.Namespace) -> int:
-    from .engine.runner import run_repair
+def run(cfg: RepairConfig) -> dict[str, Any]:
+    """One code path: the Ray driver (embedded local Ray unless an address is given), or the engine
+    alone with --in-process."""
+    if cfg.in_process:
+        from .engine.runner import run_repair
 
+        return run_repair(cfg)
+    from .cluster.driver import run_distributed
+
+    return run_distributed(cfg)
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    summary = run_repair(cfg)
+    summary = run(cfg)
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors "
           f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.out}")
@@ -138,7 +149,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .engine.demo import run_demo
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dgrepair-demo-"))
-    run_demo(workdir, dtype=args.dtype, kernel=args.kernel, stream=sys.stdout)
+    run_demo(workdir, dtype=args.dtype, kernel=args.kernel, stream=sys.stdout, executor=run,
+             in_process=args.in_process)
     return 0
 
 

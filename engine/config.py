@@ -46,6 +46,13 @@ class RepairConfig:
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N")
     threads: int = _opt(0, "BLAS threads for CPU work (0 = every core this process may use)")
     batch_mb: int = _opt(256, "memory budget (MiB) for batching same-shape matrices into one kernel call")
+    address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray)")
+    workers: int = _opt(0, "worker actors (0 = one per GPU, or one per CPU core without GPUs)")
+    in_process: bool = _opt(False, "run in this process without Ray (small models, debugging)")
+    max_attempts: int = _opt(3, "a unit that kills its worker this many times is marked failed")
+    inflight_per_worker: int = _opt(2, "units in flight per worker (the second overlaps I/O with compute)")
+    unit_timeout_s: float = _opt(600.0, "base deadline per unit; a cost-proportional allowance is added")
+    commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
     force: bool = _opt(False, "overwrite an output directory that holds a different dgrepair run")
     progress: bool = _opt(True, "show a progress bar on stderr")
 
@@ -56,6 +63,8 @@ class RepairConfig:
             raise InputError(f"min_numel must be >= 0, got {self.min_numel!r}.")
         if self.median not in ("lower", "mean"):
             raise InputError(f"median must be 'lower' or 'mean', got {self.median!r}.")
+        if self.workers < 0 or self.max_attempts < 1 or self.inflight_per_worker < 1 or self.unit_timeout_s <= 0:
+            raise InputError("workers must be >= 0, max_attempts and inflight_per_worker >= 1, unit_timeout_s > 0.")
         if self.threads < 0 or self.batch_mb < 1:
             raise InputError(f"threads must be >= 0 and batch_mb >= 1 (got {self.threads}, {self.batch_mb}).")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -44,6 +44,7 @@ SCHEMA = pa.schema([
     ("sha256", pa.string()),
     ("seconds", pa.float64()),
     ("plan_id", pa.string()),
+    ("node", pa.string()),
 ])
 
 
@@ -79,6 +80,7 @@ class ManifestRow:
     sha256: str
     seconds: float
     plan_id: str
+    node: str = ""
 
 
 def manifest_dir(out: Path) -> Path:

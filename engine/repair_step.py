@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,7 @@ def _row(entry: PlanEntry, expert: int | None, status: str, st: SpectralStats | 
         rho=st.rho if st else None, frob_delta=st.frob_delta if st else None,
         frob_kept=st.rho * st.frob_delta if st else None,
         kernel=kernel, byte_begin=begin, byte_end=end, sha256=digest, seconds=seconds, plan_id=plan_id,
+        node=socket.gethostname(),
     )
 
 

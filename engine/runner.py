@@ -34,7 +34,7 @@ from .errors import InputError
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, Plan, PlanEntry, build_plan
 from .repair_step import EntryJob, StepSettings, execute_unit, sha256_range
-from .units import make_units
+from .units import WorkUnit, make_units
 
 FLUSH_ROWS = 256
 FLUSH_SECONDS = 10.0
@@ -80,10 +80,11 @@ def verified_done(inp: Inputs) -> set[str]:
 
 
 @dataclass
-class _Committer:
+class Committer:
     """Buffers manifest rows; fsyncs touched shards before each part file is written."""
 
     out: Path
+    interval_s: float = FLUSH_SECONDS
     rows: list[ManifestRow] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
     last: float = field(default_factory=time.monotonic)
@@ -91,7 +92,7 @@ class _Committer:
     def add(self, rows: list[ManifestRow]) -> None:
         self.rows.extend(rows)
         self.touched.update(r.shard for r in rows)
-        if len(self.rows) >= FLUSH_ROWS or time.monotonic() - self.last >= FLUSH_SECONDS:
+        if len(self.rows) >= FLUSH_ROWS or time.monotonic() - self.last >= self.interval_s:
             self.flush()
 
     def flush(self) -> None:
@@ -106,59 +107,88 @@ class _Committer:
         self.rows, self.touched, self.last = [], set(), time.monotonic()
 
 
+class RunSession:
+    """What every executor shares: the plan, the output folder, the commit protocol, the summary.
+
+    The in-process loop below and the Ray driver (dgrepair.cluster) differ only in who executes
+    `jobs(unit)`; committing rows, finalising shards, progress and the summary happen here.
+    """
+
+    def __init__(self, cfg: RepairConfig, stream: TextIO | None = None) -> None:
+        self.t0 = time.perf_counter()
+        self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.cfg = cfg
+        self.inp = load_inputs(cfg)
+        self.inp.plan.check_runnable()
+        state = output.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.force)
+        self.complete = state == "complete"
+        self.done = verified_done(self.inp) if state == "resume" else set()
+        try:
+            device = resolve_device(cfg.device)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        self.settings = StepSettings(ThresholdParams(scale=cfg.scale, median=cfg.median), cfg.kernel,
+                                     self.inp.plan.plan_id, device=device, threads=cfg.threads or None)
+        todo = [e for e in self.inp.plan.entries if e.name not in self.done]
+        self.remaining = Counter(e.shard for e in todo)
+        if not self.complete:
+            for shard in {e.shard for e in self.inp.plan.entries}:
+                if self.remaining[shard] == 0 and not (self.inp.out / shard).is_file():
+                    output.finalize_shard(self.inp.out, shard)  # all committed before an interruption
+                elif self.remaining[shard] > 0 and (self.inp.out / shard).is_file():
+                    output.reopen_shard(self.inp.out, shard)  # a finalised shard that no longer verifies
+        self.units = make_units(todo, cfg.batch_mb << 20)
+        self.committer = Committer(self.inp.out, interval_s=cfg.commit_interval_s)
+        self.finished = len(self.done)
+        self.bar = tqdm(total=sum(u.nbytes for u in self.units), unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="repair", disable=not cfg.progress or self.complete, file=stream or sys.stderr,
+                        dynamic_ncols=True)
+        self.t_plan = time.perf_counter() - self.t0
+
+    def jobs(self, unit: WorkUnit) -> list[EntryJob]:
+        inp = self.inp
+        return [EntryJob(e, inp.base.entry(e.name)[0] if e.base is not None else None, inp.ft.entry(e.name)[0],
+                         output.partial_path(inp.out, e.shard)) for e in unit.entries]
+
+    def commit(self, unit: WorkUnit, rows: list[ManifestRow], note: str = "") -> None:
+        """Record a finished unit; finalise every shard whose last tensor this was."""
+        self.committer.add(rows)
+        for e in unit.entries:
+            self.remaining[e.shard] -= 1
+            if self.remaining[e.shard] == 0:
+                self.committer.flush()
+                output.finalize_shard(self.inp.out, e.shard)
+        self.finished += len(unit.entries)
+        self.bar.update(unit.nbytes)
+        self.bar.set_postfix_str(f"tensors {self.finished}/{len(self.inp.plan.entries)}{note}", refresh=False)
+
+    def close(self) -> None:
+        self.committer.flush()
+        self.bar.close()
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write sidecars, the index and summary.json (in that order); call only when all is done."""
+        self.close()
+        summary = build_summary(self.inp, self.started, resumed=len(self.done),
+                                timings={"plan_s": self.t_plan, "total_s": time.perf_counter() - self.t0})
+        summary.update(extra or {})
+        output.finalize_run(self.inp.out, self.inp.ft, summary)
+        return summary
+
+
 def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
     """Run (or resume) a repair in this process; returns the summary written to summary.json."""
-    t0 = time.perf_counter()
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    inp = load_inputs(cfg)
-    inp.plan.check_runnable()
-    state = output.prepare(inp.out, inp.plan, inp.ft, cfg.force)
-    if state == "complete":
-        return output.read_summary(inp.out)
-    done = verified_done(inp) if state == "resume" else set()
-    t_plan = time.perf_counter() - t0
-
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    settings = StepSettings(ThresholdParams(scale=cfg.scale, median=cfg.median), cfg.kernel, inp.plan.plan_id,
-                            device=device, threads=cfg.threads or None)
-    remaining = Counter(e.shard for e in inp.plan.entries if e.name not in done)
-    for shard in {e.shard for e in inp.plan.entries}:
-        if remaining[shard] == 0 and not (inp.out / shard).is_file():
-            output.finalize_shard(inp.out, shard)  # every tensor was committed before an interruption
-        elif remaining[shard] > 0 and (inp.out / shard).is_file():
-            output.reopen_shard(inp.out, shard)  # a finalised shard that no longer verifies
-    committer = _Committer(inp.out)
-    units = make_units([e for e in inp.plan.entries if e.name not in done], cfg.batch_mb << 20)
-    bar = tqdm(total=sum(u.nbytes for u in units), unit="B", unit_scale=True, unit_divisor=1024, desc="repair",
-               disable=not cfg.progress, file=stream or sys.stderr, dynamic_ncols=True)
-    t_repair = time.perf_counter()
-    finished = len(done)
-    policy = cpu_thread_policy(settings.threads) if device == "cpu" else nullcontext()
+    session = RunSession(cfg, stream)
+    if session.complete:
+        return output.read_summary(session.inp.out)
+    policy = cpu_thread_policy(session.settings.threads) if session.settings.device == "cpu" else nullcontext()
     try:
         with policy:
-            for unit in units:
-                jobs = [EntryJob(e, inp.base.entry(e.name)[0] if e.base is not None else None,
-                                 inp.ft.entry(e.name)[0], output.partial_path(inp.out, e.shard)) for e in unit.entries]
-                committer.add(execute_unit(jobs, settings))
-                for e in unit.entries:
-                    remaining[e.shard] -= 1
-                    if remaining[e.shard] == 0:
-                        committer.flush()
-                        output.finalize_shard(inp.out, e.shard)
-                finished += len(unit.entries)
-                bar.update(unit.nbytes)
-                bar.set_postfix_str(f"tensors {finished}/{len(inp.plan.entries)}", refresh=False)
+            for unit in session.units:
+                session.commit(unit, execute_unit(session.jobs(unit), session.settings))
     finally:
-        committer.flush()
-        bar.close()
-    t_repair = time.perf_counter() - t_repair
-    summary = build_summary(inp, started, resumed=len(done),
-                            timings={"plan_s": t_plan, "repair_s": t_repair, "total_s": time.perf_counter() - t0})
-    output.finalize_run(inp.out, inp.ft, summary)
-    return summary
+        session.close()
+    return session.finish({"executor": {"kind": "in-process", "device": session.settings.device}})
 
 
 def build_summary(inp: Inputs, started: str, resumed: int, timings: dict[str, float]) -> dict[str, Any]:

@@ -112,8 +112,8 @@ def _gram(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, chunk_ele
     tall = rows >= cols
     work = d if tall else d.T  # (N, p)
     name = "gram64" if dtype == torch.float64 else "gram32"
-    g = linalg.gram(work, dtype, dev, chunk_elems)
-    s = linalg.singular_values_from_gram(g)
+    eig = linalg.GramEigen(linalg.gram(work, dtype, dev, chunk_elems))
+    s = eig.singular_values()
     st = threshold_spectrum(s, rows, cols, params).with_backend(name)
     if dtype == torch.float32:
         reason = _float32_unsafe(s, st)
@@ -125,7 +125,7 @@ def _gram(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, chunk_ele
     if st.rank_kept == 0:
         dst.zero_()
         return st
-    v_r = linalg.top_eigenvectors(g, st.rank_kept).to(device=dev, dtype=dtype)
+    v_r = eig.top_vectors(st.rank_kept).to(device=dev, dtype=dtype)
     linalg.project(work, v_r, dst if tall else dst.T, chunk_elems)
     return st
 

@@ -31,7 +31,8 @@ def small_pair(tmp_path: Path):
 def run_and_check(capsys, base: Path, ft: Path, out: Path, *needles: str, code: int | None = None,
                   extra: tuple[str, ...] = ()) -> str:
     snapshot = {p: tree_digest(p) for p in (base, ft) if p.is_dir()}
-    rc = main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress", *extra])
+    rc = main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress",
+               "--in-process", *extra])
     err = capsys.readouterr().err
     assert rc != 0 and (code is None or rc == code), err
     assert err.startswith("dgrepair: error:") and "Traceback" not in err
@@ -185,20 +186,22 @@ def test_out_equal_to_inside_or_containing_an_input(small_pair, tmp_path, capsys
 def test_out_with_a_different_run_needs_force(small_pair, tmp_path, capsys):
     base, ft = small_pair
     out = tmp_path / "out"
-    assert main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress"]) == 0
+    assert main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress",
+                 "--in-process"]) == 0
     capsys.readouterr()
     snapshot = tree_digest(out)
     err = run_and_check_existing(capsys, base, ft, out, "--scale", "2")
     assert "different dgrepair run" in err and "--force" in err
     assert tree_digest(out) == snapshot  # refused runs touch nothing
-    assert main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress",
+    assert main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress", "--in-process",
                  "--scale", "2", "--force"]) == 0
     summary = json.loads((out / "dgrepair" / "summary.json").read_text())
     assert summary["config"]["scale"] == 2.0
 
 
 def run_and_check_existing(capsys, base, ft, out, *extra):
-    rc = main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress", *extra])
+    rc = main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress",
+               "--in-process", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and str(out) in err
     return err

@@ -25,7 +25,7 @@ REQUIRED_COLUMNS = ["tensor", "expert", "shard", "shape", "dtype", "kind", "rank
 
 def repair(pair: Pair, out: Path, *extra: str) -> int:
     return main(["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--no-progress",
-                 *extra])
+                 "--in-process", *extra])
 
 
 def load_out(out: Path) -> dict[str, torch.Tensor]:
@@ -180,7 +180,7 @@ def test_single_file_without_format_metadata_gets_format_pt(tmp_path, metadata):
         save_file(tensors, str(root / "model.safetensors"), metadata=metadata)
     out = tmp_path / "out"
     assert main(["repair", "--base", str(tmp_path / "base"), "--ft", str(tmp_path / "ft"), "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--in-process"]) == 0
     with safe_open(out / "model.safetensors", framework="pt") as fh:
         assert fh.metadata() == {**(metadata or {}), "format": "pt"}
         a, bias = fh.get_tensor("a.weight"), fh.get_tensor("b.bias")

@@ -21,7 +21,7 @@ from dgrepair.engine.demo import run_demo
 
 def repair(pair, out: Path, *extra: str) -> int:
     return main(["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--no-progress",
-                 *extra])
+                 "--in-process", *extra])
 
 
 def interrupt_after(monkeypatch, n: int) -> None:

@@ -39,7 +39,7 @@ def test_repaired_llama_loads_and_matches_reference_forward(tmp_path):
 
     out = tmp_path / "repaired"
     assert main(["repair", "--base", str(tmp_path / "base"), "--ft", str(tmp_path / "ft"), "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--in-process"]) == 0
     repaired = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # the real client
 
     # Expected weights: SPEC §1 via the float64 numpy reference; 1-D and small tensors keep the fine-tune.

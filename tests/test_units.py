@@ -30,7 +30,7 @@ def test_batching_does_not_change_the_output(pair, tmp_path):
     for budget in ("1", "256"):
         out = tmp_path / f"out-{budget}"
         assert main(["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--no-progress",
-                     "--batch-mb", budget]) == 0
+                     "--in-process", "--batch-mb", budget]) == 0
         outs.append(out)
     for shard in SHARDS:
         assert (outs[0] / shard).read_bytes() == (outs[1] / shard).read_bytes()
@@ -39,7 +39,7 @@ def test_batching_does_not_change_the_output(pair, tmp_path):
 def test_kernel_choice_is_recorded_per_matrix(pair, tmp_path):
     out = tmp_path / "out"
     assert main(["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--no-progress",
-                 "--kernel", "gram32"]) == 0
+                 "--in-process", "--kernel", "gram32"]) == 0
     m = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
     repaired = m[m.status == "repaired"]
     assert set(repaired.kernel) <= {"gram32", "gram64"}

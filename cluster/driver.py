@@ -1,0 +1,211 @@
+"""The Ray driver: plan with the engine, dispatch work units to worker actors, commit, resume.
+
+- Units are sent largest-first (LPT) with at most `inflight_per_worker` per actor, in a bounded
+  `ray.wait` loop; only paths, byte ranges and small records travel through Ray.
+- Retries belong to the driver: an actor death requeues its unit; a unit that kills actors
+  `max_attempts` times is marked failed, the rest completes, and the run ends non-zero with a
+  report naming it (no index or summary is written then, so the output never looks complete).
+  A multi-tensor unit that kills an actor is split into single-tensor units first, so one poison
+  tensor cannot fail its batch-mates.
+- A unit running longer than its deadline (proportional to its cost) gets its actor killed and is
+  requeued (actor tasks cannot be cancelled by force).
+- The manifest is written by the driver only; resume is the engine's (RunSession).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..engine.config import RepairConfig
+from ..engine.errors import DGRepairError, RepairFailure
+from ..engine.output import meta_dir
+from ..engine.runner import RunSession
+from ..engine.units import WorkUnit
+from ..kernels.threads import available_cores, threads_per_worker
+from .session import ray_session
+from .worker import FAULT_ENV, RepairWorker, actor_name
+
+FAILURES_FILE = "failures.json"
+NAMESPACE = "dgrepair"
+
+
+@dataclass
+class _Flight:
+    unit_id: int
+    actor: int
+    deadline: float
+
+
+@dataclass
+class _Book:
+    """Driver-side bookkeeping of units, attempts, failures and per-node totals."""
+
+    units: dict[int, WorkUnit]
+    queue: deque[int]
+    attempts: Counter[int] = field(default_factory=Counter)
+    failed: dict[int, str] = field(default_factory=dict)
+    nodes: dict[str, dict[str, float]] = field(default_factory=dict)
+    next_id: int = 0
+    requeues: int = 0
+
+    def split(self, unit_id: int) -> list[int]:
+        """Replace a multi-entry unit by single-entry units; returns their ids."""
+        unit = self.units.pop(unit_id)
+        ids = []
+        for entry in unit.entries:
+            self.next_id += 1
+            self.units[self.next_id] = WorkUnit((entry,))
+            ids.append(self.next_id)
+        return ids
+
+
+def deadline_seconds(unit: WorkUnit, floor: float) -> float:
+    """Generous: `floor` plus 20x the time at a pessimistic 0.5 GFLOP/s (costs are flop proxies)."""
+    return floor + 20.0 * (4.0 * unit.cost / 0.5e9)
+
+
+def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS."""
+    session = RunSession(cfg, stream)
+    if session.complete:
+        from ..engine.output import read_summary
+
+        return read_summary(session.inp.out)
+    env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
+    actors: list[Any] = []
+    with ray_session(cfg.address, cfg.workers) as info:
+        stop = _install_sigterm(session)
+        try:
+            book = _dispatch(session, cfg, info, actors, env)
+        finally:
+            if stop is not None:
+                signal.signal(signal.SIGTERM, stop)
+            session.close()
+            for actor in actors:
+                ray.kill(actor)
+    executor = {"kind": "ray", "address": info["address"], "workers": len(actors), "device": session.settings.device,
+                "threads_per_worker": session.settings.threads, "requeued_units": book.requeues,
+                "per_node": book.nodes}
+    if book.failed:
+        report = {"failed": [{"tensors": [e.name for e in book.units[u].entries], "shards":
+                              sorted({e.shard for e in book.units[u].entries}), "attempts": book.attempts[u],
+                              "reason": why} for u, why in sorted(book.failed.items())], "executor": executor}
+        path = meta_dir(session.inp.out) / FAILURES_FILE
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        names = ", ".join(n for f in report["failed"] for n in f["tensors"])
+        raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.max_attempts} attempts: {names}. The "
+                            f"rest is committed; details in {path}. Re-run the same command to retry them.")
+    (meta_dir(session.inp.out) / FAILURES_FILE).unlink(missing_ok=True)
+    return session.finish({"executor": executor})
+
+
+def _dispatch(session: RunSession, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
+              env: dict[str, str]) -> _Book:
+    gpus = int(info["resources"].get("GPU", 0))
+    use_gpu = session.settings.device != "cpu" and gpus > 0
+    if use_gpu:
+        n_workers = cfg.workers or gpus
+        options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+        settings = session.settings
+    else:
+        cpus = int(info["resources"].get("CPU", available_cores()))
+        n_workers = cfg.workers or max(1, cpus)
+        per = cfg.threads or threads_per_worker(n_workers, cpus)
+        options = {"num_cpus": per}
+        settings = type(session.settings)(**{**session.settings.__dict__, "device": "cpu", "threads": per})
+    session.settings = settings
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    actors.extend(RepairWorker.options(scheduling_strategy="SPREAD", name=actor_name(settings.plan_id, i),
+                                       namespace=NAMESPACE, **options).remote(settings, i)
+                  for i in range(n_workers))
+    order = sorted(range(len(session.units)), key=lambda i: -session.units[i].cost)
+    book = _Book(units=dict(enumerate(session.units)), queue=deque(order), next_id=len(session.units))
+    flights: dict[ray.ObjectRef, _Flight] = {}
+    load = Counter()
+
+    def submit(unit_id: int, actor: int) -> None:
+        unit = book.units[unit_id]
+        ref = actors[actor].run.remote(unit_id, session.jobs(unit))
+        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.unit_timeout_s))
+        load[actor] += 1
+
+    while book.queue or flights:
+        for actor in sorted(range(n_workers), key=lambda a: load[a]):
+            while book.queue and load[actor] < cfg.inflight_per_worker:
+                submit(book.queue.popleft(), actor)
+        ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
+        for ref in ready:
+            flight = flights.pop(ref)
+            load[flight.actor] -= 1
+            _collect(session, book, ref, flight, cfg)
+        now = time.monotonic()
+        for flight in list(flights.values()):
+            if now > flight.deadline:
+                flight.deadline = float("inf")  # kill once; the ref then fails and is requeued
+                ray.kill(actors[flight.actor], no_restart=False)
+    return book
+
+
+def _collect(session: RunSession, book: _Book, ref: ray.ObjectRef, flight: _Flight, cfg: RepairConfig) -> None:
+    unit_id = flight.unit_id
+    try:
+        result = ray.get(ref)
+    except RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+        if isinstance(cause, DGRepairError):
+            raise cause from None  # bad input (NaN, truncated file): stop like the in-process engine
+        _retry(book, unit_id, f"error: {exc}", cfg.max_attempts, split=False)
+        return
+    except RayActorError as exc:
+        _retry(book, unit_id, f"worker died: {type(exc).__name__}", cfg.max_attempts, split=True)
+        return
+    unit = book.units[unit_id]
+    node = book.nodes.setdefault(result["node"], {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
+                                                  "bytes_written": 0})
+    node["units"] += 1
+    node["tensors"] += len(unit.entries)
+    node["seconds"] += result["seconds"]
+    node["bytes_read"] += result["bytes_read"]
+    node["bytes_written"] += result["bytes_written"]
+    read_gb = sum(n["bytes_read"] for n in book.nodes.values()) / 1e9
+    written_gb = sum(n["bytes_written"] for n in book.nodes.values()) / 1e9
+    session.commit(unit, result["rows"], note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
+                                              f"failed {len(book.failed)}")
+
+
+def _retry(book: _Book, unit_id: int, why: str, max_attempts: int, split: bool) -> None:
+    book.requeues += 1
+    if split and len(book.units[unit_id].entries) > 1:
+        book.queue.extendleft(reversed(book.split(unit_id)))
+        return
+    book.attempts[unit_id] += 1
+    if book.attempts[unit_id] >= max_attempts:
+        book.failed[unit_id] = why
+    else:
+        book.queue.appendleft(unit_id)
+
+
+def _install_sigterm(session: RunSession):
+    """`ray job stop` sends SIGTERM: commit what is done, then stop (resume picks up the rest).
+
+    Only a driver on the main thread can own signals; elsewhere (a driver embedded in a thread)
+    this is a no-op and the embedding program handles termination."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):  # noqa: ARG001
+        session.close()
+        raise SystemExit(143)
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,73 @@
+"""The Ray worker actor: executes work units with the engine's repair step, reading and writing
+shared storage itself (only paths and small records cross Ray, never tensor data).
+
+Fault-injection hooks for tests (environment variables, forwarded to actors by the driver):
+- `DGREPAIR_FAULT_CRASH_ON=<tensor name>`: the actor process exits abruptly (`os._exit`) when a
+  unit containing that tensor starts, every time (a poison tensor).
+- `DGREPAIR_FAULT_SLEEP_ON=<tensor name>:<seconds>:<marker file>`: the first time (the marker file
+  does not exist yet) a unit containing that tensor starts, the actor writes "<index> <node id>" into
+  the marker file and sleeps, so a test can kill the actor or its node mid-unit.
+- `DGREPAIR_FAULT_UNIT_DELAY=<seconds>`: every unit sleeps that long first (slows a run down so a
+  test can kill the driver part-way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from typing import Any
+
+import ray
+
+from ..engine.repair_step import EntryJob, StepSettings, execute_unit
+from ..kernels.threads import cpu_thread_policy
+
+FAULT_ENV = ("DGREPAIR_FAULT_CRASH_ON", "DGREPAIR_FAULT_SLEEP_ON", "DGREPAIR_FAULT_UNIT_DELAY")
+
+
+def actor_name(plan_id: str, index: int) -> str:
+    return f"dgrepair-{plan_id}-worker-{index}"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class RepairWorker:
+    """One per GPU (num_gpus=1) or one per CPU slot; retries belong to the driver."""
+
+    def __init__(self, settings: StepSettings, index: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+    def where(self) -> dict[str, Any]:
+        return {"node": self.node, "pid": os.getpid(), "index": self.index}
+
+    def run(self, unit_id: int, jobs: list[EntryJob]) -> dict[str, Any]:
+        names = {j.entry.name for j in jobs}
+        self._faults(names)
+        start = time.perf_counter()
+        if self.settings.device == "cpu":
+            with cpu_thread_policy(self.settings.threads):
+                rows = execute_unit(jobs, self.settings)
+        else:
+            rows = execute_unit(jobs, self.settings)
+        rows = [dataclasses.replace(r, node=self.node) for r in rows]
+        return {"unit": unit_id, "rows": rows, "node": self.node, "seconds": time.perf_counter() - start,
+                "bytes_read": sum(j.entry.ft.nbytes + (j.entry.base.nbytes if j.entry.base else 0) for j in jobs),
+                "bytes_written": sum(j.entry.ft.nbytes for j in jobs)}
+
+    def _faults(self, names: set[str]) -> None:
+        crash = os.environ.get("DGREPAIR_FAULT_CRASH_ON")
+        if crash and crash in names:
+            os._exit(17)
+        delay = os.environ.get("DGREPAIR_FAULT_UNIT_DELAY")
+        if delay:
+            time.sleep(float(delay))
+        sleep = os.environ.get("DGREPAIR_FAULT_SLEEP_ON")
+        if sleep:
+            name, seconds, marker = sleep.rsplit(":", 2)
+            if name in names and not os.path.exists(marker):
+                with open(marker, "w") as fh:
+                    fh.write(f"{self.index} {ray.get_runtime_context().get_node_id()}")
+                time.sleep(float(seconds))

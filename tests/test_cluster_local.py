@@ -1,0 +1,117 @@
+"""The Ray driver on a real local Ray (2 CPUs): byte-identical to the in-process engine whatever the
+number of workers, survives an actor killed mid-unit, and contains a poison tensor."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import SHARDS
+
+ray = pytest.importorskip("ray")
+
+from dgrepair.cluster.driver import NAMESPACE, run_distributed  # noqa: E402
+from dgrepair.cluster.worker import actor_name  # noqa: E402
+from dgrepair.engine.config import RepairConfig  # noqa: E402
+from dgrepair.engine.errors import RepairFailure  # noqa: E402
+from dgrepair.engine.runner import run_repair  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
+             logging_level="ERROR", _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def cfg(pair, out: Path, **kw) -> RepairConfig:
+    return RepairConfig(base=str(pair.base), ft=str(pair.ft), out=str(out), progress=False, **kw)
+
+
+def same_bytes(a: Path, b: Path) -> None:
+    for shard in SHARDS:
+        assert (a / shard).read_bytes() == (b / shard).read_bytes(), shard
+    assert (a / "model.safetensors.index.json").read_bytes() == (b / "model.safetensors.index.json").read_bytes()
+
+
+def test_two_workers_one_worker_and_in_process_write_identical_bytes(pair, tmp_path):
+    run_repair(cfg(pair, tmp_path / "engine", in_process=True))
+    two = run_distributed(cfg(pair, tmp_path / "two", workers=2))
+    run_distributed(cfg(pair, tmp_path / "one", workers=1))
+    same_bytes(tmp_path / "engine", tmp_path / "two")
+    same_bytes(tmp_path / "engine", tmp_path / "one")
+    assert two["executor"]["kind"] == "ray" and two["executor"]["workers"] == 2
+    assert sum(n["tensors"] for n in two["executor"]["per_node"].values()) == len(pair.ft_tensors)
+    m = pd.read_parquet(tmp_path / "two" / "dgrepair" / "manifest.parquet")
+    assert m.node.str.len().min() > 0 and len(m) == len(pd.read_parquet(tmp_path / "engine" / "dgrepair" /
+                                                                           "manifest.parquet"))
+
+
+def test_actor_killed_mid_unit_is_replaced_and_the_output_is_identical(pair, tmp_path, monkeypatch):
+    run_repair(cfg(pair, tmp_path / "clean", in_process=True))
+    marker = tmp_path / "sleeping"
+    victim_tensor = "model.layers.0.mlp.experts.down_proj"
+    monkeypatch.setenv("DGREPAIR_FAULT_SLEEP_ON", f"{victim_tensor}:30:{marker}")
+    config = cfg(pair, tmp_path / "out", workers=2)
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(summary=run_distributed(config)))
+    driver.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the slow unit never started"
+    time.sleep(0.5)
+    from dgrepair.engine.checkpoint import open_checkpoint
+    from dgrepair.engine.plan import build_plan
+
+    plan_id = build_plan(open_checkpoint(pair.base, "b"), open_checkpoint(pair.ft, "f"), config).plan_id
+    victim = ray.get_actor(actor_name(plan_id, int(marker.read_text().split()[0])), namespace=NAMESPACE)
+    ray.kill(victim, no_restart=False)
+    driver.join(timeout=120)
+    assert not driver.is_alive()
+    summary = result["summary"]
+    assert summary["executor"]["requeued_units"] >= 1
+    same_bytes(tmp_path / "clean", tmp_path / "out")
+
+
+def test_poison_tensor_fails_alone_and_a_rerun_finishes(pair, tmp_path, monkeypatch):
+    run_repair(cfg(pair, tmp_path / "clean", in_process=True))
+    poison = "model.layers.1.self_attn.q_proj.weight"  # batched with other 64x64 matrices at first
+    monkeypatch.setenv("DGREPAIR_FAULT_CRASH_ON", poison)
+    out = tmp_path / "out"
+    with pytest.raises(RepairFailure, match=poison) as info:
+        run_distributed(cfg(pair, out, workers=2, max_attempts=2))
+    assert info.value.exit_code == 3
+    report = json.loads((out / "dgrepair" / "failures.json").read_text())
+    assert [f["tensors"] for f in report["failed"]] == [[poison]] and report["failed"][0]["attempts"] == 2
+    assert not (out / "dgrepair" / "summary.json").exists() and not (out / "model.safetensors.index.json").exists()
+    committed = set(pd.read_parquet(out / "dgrepair" / "manifest.parquet").tensor)
+    assert committed == set(pair.ft_tensors) - {poison}  # everything else finished
+    monkeypatch.delenv("DGREPAIR_FAULT_CRASH_ON")
+    summary = run_distributed(cfg(pair, out, workers=2))
+    assert summary["resumed_entries"] == len(pair.ft_tensors) - 1
+    assert not (out / "dgrepair" / "failures.json").exists()
+    same_bytes(tmp_path / "clean", out)
+
+
+def test_bad_input_found_by_a_worker_stops_the_run_with_the_engine_error(tmp_path):
+    import torch
+    from ckpt import write_single
+
+    from dgrepair.engine.errors import RepairFailure as Failure
+
+    bad = torch.ones(64, 32)
+    bad[0, 0] = float("nan")
+    write_single(tmp_path / "b", {"w.weight": torch.zeros(64, 32)})
+    write_single(tmp_path / "f", {"w.weight": bad})
+    c = RepairConfig(base=str(tmp_path / "b"), ft=str(tmp_path / "f"), out=str(tmp_path / "o"), progress=False)
+    with pytest.raises(Failure, match="w.weight.*NaN/Inf"):
+        run_distributed(c)
+    assert not (tmp_path / "o" / "dgrepair" / "summary.json").exists()
