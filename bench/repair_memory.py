@@ -1,4 +1,5 @@
-"""Wall time and peak RSS of `dgrepair repair` on synthetic bf16 pairs of growing size.
+"""Wall time and peak RSS of `dgrepair repair --in-process` (the engine alone, one process) on
+synthetic bf16 pairs of growing size. The Ray path is measured by bench/ray_overhead.py.
 
 Prints figures; asserts nothing. The pairs use TinyLlama-1.1B shapes (hidden 2048, intermediate
 5632, 32 heads / 4 KV heads, vocab 32000); `--layers` scales the parameter count while the largest
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dgrepair.engine.synthetic import SyntheticSpec, write_pair
+from dgrepair.engine.synthetic import tinyllama_spec, write_pair
 
 # RUSAGE_CHILDREN is a high-water mark over all children ever waited for, so each measured command
 # runs under its own one-child wrapper process that reports that child's peak alone.
@@ -53,8 +54,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated pair and outputs")
     args = ap.parse_args()
 
-    spec = SyntheticSpec(layers=args.layers, hidden=2048, intermediate=5632, vocab=32000, heads=32, kv_heads=4,
-                         dtype="BF16", noise=1e-4, shard_bytes=int(args.shard_gb * 2**30), seed=0)
+    spec = tinyllama_spec(args.layers, shard_bytes=int(args.shard_gb * 2**30))
     work = Path(args.workdir) / f"L{args.layers}"
     largest = max(math.prod(s) for _, s in spec.tensors())
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -70,7 +70,7 @@ def main() -> None:
         out = work / f"out-{kernel}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "dgrepair", "repair", "--base", str(work / "base"), "--ft", str(work / "ft"),
-               "--out", str(out), "--kernel", kernel, "--no-progress"]
+               "--out", str(out), "--kernel", kernel, "--no-progress", "--in-process"]
         wall, peak = measure(cmd)
         summary = json.loads((out / "dgrepair" / "summary.json").read_text())
         ranks = summary["totals"]["by_kind"]["svd"]["rank_kept"]

@@ -60,6 +60,14 @@ class SyntheticSpec:
         return sum(math.prod(s) for _, s in self.tensors())
 
 
+def tinyllama_spec(layers: int = 22, **overrides) -> SyntheticSpec:
+    """TinyLlama-1.1B shapes (hidden 2048, intermediate 5632, 32/4 heads, vocab 32000) in BF16;
+    22 layers give 1.10B parameters per checkpoint. Used by the benchmarks."""
+    return SyntheticSpec(**{"layers": layers, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "heads": 32,
+                            "kv_heads": 4, "dtype": "BF16", "noise": 1e-4, "shard_bytes": 2 << 30, "seed": 0,
+                            **overrides})
+
+
 def _gen(name: str, seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{salt}/{name}".encode()))
 
