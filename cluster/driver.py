@@ -114,15 +114,17 @@ def _dispatch(session: RunSession, cfg: RepairConfig, info: dict[str, Any], acto
     gpus = int(info["resources"].get("GPU", 0))
     use_gpu = session.settings.device != "cpu" and gpus > 0
     if use_gpu:
-        n_workers = cfg.workers or gpus
+        n_workers = min(cfg.workers or gpus, gpus)  # an actor beyond the GPUs would never be scheduled
         options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
         settings = session.settings
     else:
-        cpus = int(info["resources"].get("CPU", available_cores()))
-        n_workers = cfg.workers or max(1, cpus)
-        per = cfg.threads or threads_per_worker(n_workers, cpus)
-        options = {"num_cpus": per}
-        settings = type(session.settings)(**{**session.settings.__dict__, "device": "cpu", "threads": per})
+        cpus = float(info["resources"].get("CPU", available_cores()))
+        n_workers = cfg.workers or max(1, int(cpus))
+        # Reserve at most one CPU (a fraction when oversubscribed) so every actor fits on any node
+        # and is always schedulable; how many BLAS threads it uses is set separately.
+        options = {"num_cpus": min(1.0, cpus / n_workers)}
+        threads = cfg.threads or threads_per_worker(n_workers, int(cpus))
+        settings = type(session.settings)(**{**session.settings.__dict__, "device": "cpu", "threads": threads})
     session.settings = settings
     if env:
         options["runtime_env"] = {"env_vars": env}

@@ -104,6 +104,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors "
           f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.out}")
+    for kind, agg in totals["by_kind"].items():
+        print(f"  {kind:<8} {agg['matrices']:>7} matrices, kept rank {agg['rank_kept']} of {agg['rank_total']}")
+    for node, agg in summary.get("executor", {}).get("per_node", {}).items():
+        print(f"  node {node}: {agg['tensors']} tensors in {agg['units']} units, {agg['seconds']:.1f} s busy, "
+              f"read {agg['bytes_read'] / 1e9:.2f} GB, wrote {agg['bytes_written'] / 1e9:.2f} GB")
     print(f"manifest: {Path(cfg.out) / 'dgrepair' / 'manifest.parquet'}  summary: "
           f"{Path(cfg.out) / 'dgrepair' / 'summary.json'}")
     return 0

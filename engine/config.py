@@ -44,7 +44,7 @@ class RepairConfig:
                        "float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram guarded "
                        "by a float64 fallback", choices=BACKENDS)
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N")
-    threads: int = _opt(0, "BLAS threads for CPU work (0 = every core this process may use)")
+    threads: int = _opt(0, "BLAS threads per CPU worker (0 = all cores in-process; cores / workers on Ray)")
     batch_mb: int = _opt(256, "memory budget (MiB) for batching same-shape matrices into one kernel call")
     address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray)")
     workers: int = _opt(0, "worker actors (0 = one per GPU, or one per CPU core without GPUs)")

@@ -161,7 +161,7 @@ def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,
     if len(t.shape) == 3 and EXPERT_STACK.search(t.name):
         return ("experts", f"expert stack of {t.shape[0]}, repaired per expert", (t.shape[1], t.shape[2]),
                 t.shape[0])
-    if len(t.shape) >= 4 or "conv" in t.name.split(".")[-2:][0]:
+    if len(t.shape) >= 4 or any("conv" in part for part in t.name.split(".")[-2:]):
         cols = math.prod(t.shape[1:])
         note = "convolution, reshaped to [out, in*k]"
         if t.shape[1] == 1:

@@ -19,14 +19,21 @@ from threadpoolctl import threadpool_limits
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32}
 
 
-def gram(work: torch.Tensor, dtype: torch.dtype, device: torch.device, chunk_elems: int) -> torch.Tensor:
+def uses_lapack(device: torch.device) -> bool:
+    """LAPACK/BLAS through scipy on the CPU; torch (cuSOLVER/cuBLAS) elsewhere. The torch path also
+    runs on CPU tensors, which is how CI tests the code that a GPU runs."""
+    return device.type == "cpu"
+
+
+def gram(work: torch.Tensor, dtype: torch.dtype, device: torch.device, chunk_elems: int,
+         lapack: bool | None = None) -> torch.Tensor:
     """WᵀW for an (N, p) view W, accumulated over row blocks so W is never converted in full.
 
-    CPU: the lower triangle is filled (what LAPACK reads). CUDA: the full product.
+    LAPACK path: the lower triangle is filled (what LAPACK reads). torch path: the full product.
     """
     big, small = work.shape
     step = max(1, chunk_elems // max(small, 1))
-    if device.type == "cpu":
+    if uses_lapack(device) if lapack is None else lapack:
         syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
         acc = np.zeros((small, small), dtype=_NUMPY[dtype], order="F")
         for lo in range(0, big, step):
@@ -50,10 +57,11 @@ class GramEigen:
     twice); eigenvalues bit-identical, vectors equal to 4e-16. CUDA: torch `eigvalsh`, then `eigh`.
     """
 
-    def __init__(self, g: torch.Tensor) -> None:
+    def __init__(self, g: torch.Tensor, lapack: bool | None = None) -> None:
         self.g = g
         self.p = g.shape[0]
-        if g.device.type == "cpu" and self.p > 1:
+        self.lapack = uses_lapack(g.device) if lapack is None else lapack
+        if self.lapack and self.p > 1:
             a = g.numpy()
             sytrd, sytrd_lwork = scipy.linalg.lapack.get_lapack_funcs(("sytrd", "sytrd_lwork"), (a,))
             with threadpool_limits(limits=1, user_api="blas"):  # threaded sytrd is up to 10x slower here
@@ -64,7 +72,7 @@ class GramEigen:
 
     def singular_values(self) -> np.ndarray:
         """Descending float64 singular values sqrt(max(eig(G), 0))."""
-        if self.g.device.type != "cpu":
+        if not self.lapack:
             w = torch.linalg.eigvalsh(self.g).cpu().numpy()
         elif self.p == 1:
             w = self.g.numpy().reshape(1)
@@ -78,7 +86,7 @@ class GramEigen:
     def top_vectors(self, r: int) -> torch.Tensor:
         """Eigenvectors of the r largest eigenvalues, largest first, as columns (p, r)."""
         p = self.p
-        if self.g.device.type != "cpu":
+        if not self.lapack:
             _, v = torch.linalg.eigh(self.g)
             return v[:, p - r:].flip(1).contiguous()
         if p == 1:
@@ -98,11 +106,12 @@ class GramEigen:
         return torch.from_numpy(z.copy(order="C"))
 
 
-def project(work: torch.Tensor, v_r: torch.Tensor, out: torch.Tensor, chunk_elems: int) -> None:
+def project(work: torch.Tensor, v_r: torch.Tensor, out: torch.Tensor, chunk_elems: int,
+            lapack: bool | None = None) -> None:
     """out[block] = (W[block] V_r) V_rᵀ for every row block of the (N, p) view W."""
     big, small = work.shape
     step = max(1, chunk_elems // max(small, 1))
-    if v_r.device.type == "cpu":  # stay in the BLAS pool (see threads.py)
+    if uses_lapack(v_r.device) if lapack is None else lapack:  # stay in the BLAS pool (see threads.py)
         gemm = blas.dgemm if v_r.dtype == torch.float64 else blas.sgemm
         v = np.asfortranarray(v_r.numpy())
         for lo in range(0, big, step):

@@ -106,19 +106,22 @@ def _exact(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, dev: tor
 
 
 def _gram(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, chunk_elems: int, dev: torch.device,
-          dtype: torch.dtype) -> SpectralStats:
-    """Tall (m ≥ n): G = ΔᵀΔ over row blocks, Δ* = (ΔV_r)V_rᵀ. Wide: the same on Δᵀ."""
+          dtype: torch.dtype, lapack: bool | None = None) -> SpectralStats:
+    """Tall (m ≥ n): G = ΔᵀΔ over row blocks, Δ* = (ΔV_r)V_rᵀ. Wide: the same on Δᵀ.
+
+    `lapack` None picks by device (linalg.uses_lapack); False forces the torch path (what CUDA runs).
+    """
     rows, cols = d.shape
     tall = rows >= cols
     work = d if tall else d.T  # (N, p)
     name = "gram64" if dtype == torch.float64 else "gram32"
-    eig = linalg.GramEigen(linalg.gram(work, dtype, dev, chunk_elems))
+    eig = linalg.GramEigen(linalg.gram(work, dtype, dev, chunk_elems, lapack), lapack)
     s = eig.singular_values()
     st = threshold_spectrum(s, rows, cols, params).with_backend(name)
     if dtype == torch.float32:
         reason = _float32_unsafe(s, st)
         if reason:
-            st = _gram(d, params, dst, chunk_elems, dev, torch.float64)
+            st = _gram(d, params, dst, chunk_elems, dev, torch.float64, lapack)
             return st.with_backend("gram64", fallback=reason)
     if st.degenerate:
         return st
@@ -126,7 +129,7 @@ def _gram(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, chunk_ele
         dst.zero_()
         return st
     v_r = eig.top_vectors(st.rank_kept).to(device=dev, dtype=dtype)
-    linalg.project(work, v_r, dst if tall else dst.T, chunk_elems)
+    linalg.project(work, v_r, dst if tall else dst.T, chunk_elems, lapack)
     return st
 
 

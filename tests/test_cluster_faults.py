@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import SHARDS
+from raytools import start_driver_with_a_slow_unit
 
 ray = pytest.importorskip("ray")
 
@@ -81,7 +81,6 @@ def test_sigkill_driver_then_resume(pair, tmp_path, kill_after):
 def test_node_removed_mid_run(pair, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
-    from dgrepair.cluster.driver import run_distributed
 
     clean = clean_copy(pair, tmp_path)
     for key, value in {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
@@ -91,19 +90,9 @@ def test_node_removed_mid_run(pair, tmp_path, monkeypatch):
     nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 << 20) for _ in range(3)]
     try:
         ray.init(address=cluster.address, logging_level="ERROR")
-        marker = tmp_path / "sleeping"
-        monkeypatch.setenv("DGREPAIR_FAULT_SLEEP_ON", f"model.layers.0.mlp.experts.down_proj:60:{marker}")
         config = RepairConfig(base=str(pair.base), ft=str(pair.ft), out=str(tmp_path / "out"), progress=False,
                               workers=2, threads=1)
-        result: dict = {}
-        driver = threading.Thread(target=lambda: result.update(summary=run_distributed(config)))
-        driver.start()
-        deadline = time.monotonic() + 90
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists()
-        time.sleep(0.2)  # the marker is written just before the sleep starts
-        _, node_id = marker.read_text().split()
+        driver, result, _, node_id = start_driver_with_a_slow_unit(config, tmp_path / "sleeping", monkeypatch, 60)
         victim = next(n for n in nodes if n.node_id == node_id)
         cluster.remove_node(victim, allow_graceful=False)
         driver.join(timeout=180)

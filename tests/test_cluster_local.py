@@ -4,13 +4,12 @@ number of workers, survives an actor killed mid-unit, and contains a poison tens
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import SHARDS
+from raytools import start_driver_with_a_slow_unit
 
 ray = pytest.importorskip("ray")
 
@@ -55,29 +54,17 @@ def test_two_workers_one_worker_and_in_process_write_identical_bytes(pair, tmp_p
 
 
 def test_actor_killed_mid_unit_is_replaced_and_the_output_is_identical(pair, tmp_path, monkeypatch):
-    run_repair(cfg(pair, tmp_path / "clean", in_process=True))
-    marker = tmp_path / "sleeping"
-    victim_tensor = "model.layers.0.mlp.experts.down_proj"
-    monkeypatch.setenv("DGREPAIR_FAULT_SLEEP_ON", f"{victim_tensor}:30:{marker}")
-    config = cfg(pair, tmp_path / "out", workers=2)
-    result: dict = {}
-    driver = threading.Thread(target=lambda: result.update(summary=run_distributed(config)))
-    driver.start()
-    deadline = time.monotonic() + 60
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), "the slow unit never started"
-    time.sleep(0.5)
     from dgrepair.engine.checkpoint import open_checkpoint
     from dgrepair.engine.plan import build_plan
 
+    run_repair(cfg(pair, tmp_path / "clean", in_process=True))
+    config = cfg(pair, tmp_path / "out", workers=2)
+    driver, result, index, _ = start_driver_with_a_slow_unit(config, tmp_path / "sleeping", monkeypatch, 30)
     plan_id = build_plan(open_checkpoint(pair.base, "b"), open_checkpoint(pair.ft, "f"), config).plan_id
-    victim = ray.get_actor(actor_name(plan_id, int(marker.read_text().split()[0])), namespace=NAMESPACE)
-    ray.kill(victim, no_restart=False)
+    ray.kill(ray.get_actor(actor_name(plan_id, index), namespace=NAMESPACE), no_restart=False)
     driver.join(timeout=120)
     assert not driver.is_alive()
-    summary = result["summary"]
-    assert summary["executor"]["requeued_units"] >= 1
+    assert result["summary"]["executor"]["requeued_units"] >= 1
     same_bytes(tmp_path / "clean", tmp_path / "out")
 
 
@@ -115,3 +102,21 @@ def test_bad_input_found_by_a_worker_stops_the_run_with_the_engine_error(tmp_pat
     with pytest.raises(Failure, match="w.weight.*NaN/Inf"):
         run_distributed(c)
     assert not (tmp_path / "o" / "dgrepair" / "summary.json").exists()
+
+
+def test_oversubscribed_workers_and_threads_still_complete(pair, tmp_path):
+    # 4 workers x 2 threads on 2 CPUs: every actor must still be schedulable (fractional CPUs)
+    run_repair(cfg(pair, tmp_path / "engine", in_process=True))
+    summary = run_distributed(cfg(pair, tmp_path / "four", workers=4, threads=2))
+    assert summary["executor"]["workers"] == 4
+    same_bytes(tmp_path / "engine", tmp_path / "four")
+
+
+def test_unit_past_its_deadline_gets_its_worker_restarted_and_is_requeued(pair, tmp_path, monkeypatch):
+    run_repair(cfg(pair, tmp_path / "clean", in_process=True))
+    marker = tmp_path / "sleeping"
+    monkeypatch.setenv("DGREPAIR_FAULT_SLEEP_ON", f"model.layers.0.mlp.experts.down_proj:120:{marker}")
+    summary = run_distributed(cfg(pair, tmp_path / "out", workers=2, unit_timeout_s=3.0))
+    assert marker.exists()  # the first attempt did hang
+    assert summary["executor"]["requeued_units"] >= 1
+    same_bytes(tmp_path / "clean", tmp_path / "out")

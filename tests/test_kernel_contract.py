@@ -114,3 +114,24 @@ def test_cuda_paths_meet_the_same_contract(backend):
         assert stats[0].rank_kept == r_want
         err = np.linalg.norm(got[0].numpy().astype(np.float64) - want) / np.linalg.norm(want)
         assert err <= (1e-3 if backend == "gram32" else 1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("shape", [(600, 300), (300, 600), (2000, 40)])
+def test_torch_path_that_cuda_runs_meets_the_contract_on_cpu(shape, dtype, tol):
+    """The torch branch of kernels.linalg (addmm Gram, eigvalsh, eigh, matmul projection) is what a
+    GPU executes; run it on CPU tensors against the reference and the LAPACK path."""
+    from dgrepair.kernels import spectral
+
+    delta = bulk_plus_spikes(shape, seed=31)
+    want, r_want, _ = reference.dg_hard(delta)
+    d = torch.from_numpy(delta)
+    outs = {}
+    for lapack in (True, False):
+        dst = torch.empty_like(d)
+        st = spectral._gram(d, ThresholdParams(), dst, 1 << 12, torch.device("cpu"), dtype, lapack=lapack)
+        assert st.rank_kept == r_want and st.fallback is None
+        err = np.linalg.norm(dst.numpy().astype(np.float64) - want) / np.linalg.norm(want)
+        assert err <= tol, (lapack, err)
+        outs[lapack] = (st, dst)
+    assert outs[True][0].tau == pytest.approx(outs[False][0].tau, rel=1e-9 if dtype == torch.float64 else 1e-4)

@@ -38,17 +38,23 @@ def interrupt_after(monkeypatch, n: int) -> None:
     monkeypatch.setattr(runner, "execute_unit", flaky)
 
 
-def test_interrupted_run_resumes_without_redoing_committed_work(pair, tmp_path, monkeypatch):
+def clean_and_interrupted(pair, tmp_path: Path, monkeypatch, units: int) -> tuple[Path, Path]:
+    """A complete run in clean/, and a run in out/ interrupted as its (units+1)-th unit starts."""
     clean = tmp_path / "clean"
     assert repair(pair, clean) == 0
     out = tmp_path / "out"
-    interrupt_after(monkeypatch, 5)
+    interrupt_after(monkeypatch, units)
     assert repair(pair, out) == 130
+    monkeypatch.undo()
+    return clean, out
+
+
+def test_interrupted_run_resumes_without_redoing_committed_work(pair, tmp_path, monkeypatch):
+    clean, out = clean_and_interrupted(pair, tmp_path, monkeypatch, 5)
     assert not (out / "dgrepair" / "summary.json").exists()
     assert not (out / "model.safetensors.index.json").exists()
     committed = set(pd.read_parquet(out / "dgrepair" / "manifest.parquet").tensor)
     assert 5 <= len(committed) < len(pair.ft_tensors)
-    monkeypatch.undo()
     assert repair(pair, out) == 0
     rows = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
     per_tensor = rows[rows.expert.isna() | (rows.expert == 0)].groupby("tensor").size()
@@ -62,12 +68,7 @@ def test_interrupted_run_resumes_without_redoing_committed_work(pair, tmp_path, 
 
 
 def test_resume_rechecks_bytes_and_redoes_a_corrupted_tensor(pair, tmp_path, monkeypatch):
-    clean = tmp_path / "clean"
-    assert repair(pair, clean) == 0
-    out = tmp_path / "out"
-    interrupt_after(monkeypatch, 6)
-    assert repair(pair, out) == 130
-    monkeypatch.undo()
+    clean, out = clean_and_interrupted(pair, tmp_path, monkeypatch, 6)
     rows = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
     victim = rows[rows.kind == "svd"].iloc[0]
     where = out / victim.shard if (out / victim.shard).exists() else out / "dgrepair" / "partial" / victim.shard
