@@ -32,6 +32,15 @@ class Checkpoint:
         shard = self.shards[self.locations[name]]
         return shard.path, shard.tensors[name]
 
+    @property
+    def model_type(self) -> str | None:
+        """config.json's model_type (read leniently: a missing or unreadable config gives None)."""
+        try:
+            value = json.loads((self.root / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
     def fingerprint(self) -> dict[str, object]:
         """Cheap identity of the inputs: sizes and header digests, never the tensor data."""
         return {

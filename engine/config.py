@@ -15,10 +15,11 @@ import yaml
 
 from ..kernels.spectral import BACKENDS
 from .errors import InputError
+from .layouts import FUSED_LAYOUTS
 from .scope import MASK_PRESETS, LayerMask
 
 # Fields that change the output bytes; they (and the inputs' fingerprints) make the plan id.
-OUTPUT_AFFECTING = ("scale", "min_numel", "mask", "include", "exclude", "median", "kernel")
+OUTPUT_AFFECTING = ("scale", "min_numel", "mask", "include", "exclude", "median", "kernel", "fused_layout")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -43,6 +44,9 @@ class RepairConfig:
     kernel: str = _opt("auto", "spectral backend: auto (gram64; exact SVD when min(m, n) <= 32), exact = "
                        "float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram guarded "
                        "by a float64 fallback", choices=BACKENDS)
+    fused_layout: str = _opt("auto", "layout of fused experts.gate_up_proj stacks: auto (from config.json "
+                             "model_type), out_in_concat [E,2I,H], in_out_concat [E,H,2I], in_out_interleaved",
+                             choices=("auto", *FUSED_LAYOUTS))
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N")
     threads: int = _opt(0, "BLAS threads per CPU worker (0 = all cores in-process; cores / workers on Ray)")
     batch_mb: int = _opt(256, "memory budget (MiB) for batching same-shape matrices into one kernel call")
@@ -69,6 +73,8 @@ class RepairConfig:
             raise InputError(f"threads must be >= 0 and batch_mb >= 1 (got {self.threads}, {self.batch_mb}).")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.fused_layout not in ("auto", *FUSED_LAYOUTS):
+            raise InputError(f"fused_layout must be auto or one of {', '.join(FUSED_LAYOUTS)}.")
         if self.kernel not in BACKENDS:
             raise InputError(f"kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}.")
         self.include = list(self.include)

@@ -58,7 +58,7 @@ def run_demo(workdir: Path, dtype: str, kernel: str, stream: TextIO,
 def _kept_rank(out: Path, name: str) -> int:
     from .manifest import latest_by_key, read_rows
 
-    row = latest_by_key(read_rows(out))[(name, None)]
+    row = latest_by_key(read_rows(out))[(name, None, None)]
     return int(row.rank_kept or 0)
 
 

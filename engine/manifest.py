@@ -2,7 +2,7 @@
 
 `OUT/dgrepair/manifest.parquet/` is a directory dataset of part files, each written to a temporary
 name and renamed, so a crash never leaves a half-written part. Readers (`pandas.read_parquet`,
-`read_manifest`) see every committed row; on resume the last row per (tensor, expert) wins.
+`read_manifest`) see every committed row; on resume the last row per (tensor, expert, part) wins.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 SCHEMA = pa.schema([
     ("tensor", pa.string()),
     ("expert", pa.int32()),
+    ("part", pa.string()),
     ("shard", pa.string()),
     ("shape", pa.list_(pa.int64())),
     ("dtype", pa.string()),
@@ -54,6 +55,7 @@ class ManifestRow:
 
     tensor: str
     expert: int | None
+    part: str | None
     shard: str
     shape: list[int]
     dtype: str
@@ -115,6 +117,6 @@ def read_rows(out: Path) -> list[ManifestRow]:
     return rows
 
 
-def latest_by_key(rows: list[ManifestRow]) -> dict[tuple[str, int | None], ManifestRow]:
-    """Last row per (tensor, expert): what resume trusts."""
-    return {(r.tensor, r.expert): r for r in rows}
+def latest_by_key(rows: list[ManifestRow]) -> dict[tuple[str, int | None, str | None], ManifestRow]:
+    """Last row per (tensor, expert, part): what resume trusts."""
+    return {(r.tensor, r.expert, r.part): r for r in rows}

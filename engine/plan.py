@@ -4,6 +4,7 @@ Kinds (SPEC.md §2–3):
 - `svd`: a 2-D matrix repaired as is.
 - `conv`: a convolution kernel `[out, in, k...]`, repaired as `[out, in·Πk]`.
 - `experts`: a stacked expert tensor `[E, a, b]`, repaired per expert (E matrices, own τ each).
+- `experts_fused`: a fused gate/up stack, repaired per expert and per half (engine/layouts.py).
 - `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only).
 - `refuse`: cannot be repaired correctly by this version; `repair` stops before writing.
 """
@@ -22,9 +23,10 @@ from .. import __version__
 from .checkpoint import Checkpoint
 from .config import RepairConfig
 from .errors import InputError
+from .layouts import fused_layout_for, fused_matrix_shape
 from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
-REPAIR_KINDS = ("svd", "conv", "experts")
+REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused")
 QUANTIZED_SUFFIXES = ("_scale_inv", "weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales",
                       "weight_zero_point")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
@@ -45,6 +47,7 @@ class PlanEntry:
     matrix_shape: tuple[int, int] | None  # shape of each repaired matrix
     n_matrices: int
     out_begin: int  # absolute offset of the tensor in the output shard
+    layout: str | None = None  # fused gate/up layout (experts_fused only)
 
     @property
     def out_end(self) -> int:
@@ -126,8 +129,19 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                   f"{list(t.shape)} in {ft.root / shard_name}; the checkpoints are not a base/"
                                   "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
             kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name))
+            layout = None
+            if kind == "experts_fused":
+                layout, assumed = fused_layout_for(cfg.fused_layout, ft.model_type)
+                mshape = fused_matrix_shape(t.shape, layout)
+                if mshape is None:
+                    kind, reason = "refuse", (f"fused gate/up stack {list(t.shape)} has an odd fused axis for layout "
+                                              f"{layout}; set --fused-layout or exclude it")
+                else:
+                    reason = (f"fused gate/up stack of {t.shape[0]} experts, {layout}"
+                              f"{' (assumed: no model_type in config.json)' if assumed else ''}; repaired per "
+                              "expert and half")
             entries.append(PlanEntry(t.name, kind, reason, shard_name, t, base_shard, b, mshape, count,
-                                     out_begin=t.begin + shift))
+                                     out_begin=t.begin + shift, layout=layout))
     base_only = sorted(set(base.locations) - set(ft.locations))
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
                 config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()})
@@ -155,9 +169,8 @@ def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,
         return (passthrough[0], "empty", None, 0)
     if len(t.shape) == 2:
         return ("svd", "2-D matrix", (t.shape[0], t.shape[1]), 1)
-    if FUSED_GATE_UP.search(t.name):
-        return ("refuse", "fused gate/up expert stacks need the gate and up halves split before repair, which "
-                "this version does not do; exclude the tensor or save the checkpoint with per-expert keys", None, 0)
+    if len(t.shape) == 3 and FUSED_GATE_UP.search(t.name):
+        return ("experts_fused", "", None, 2 * t.shape[0])  # layout and halves are resolved by build_plan
     if len(t.shape) == 3 and EXPERT_STACK.search(t.name):
         return ("experts", f"expert stack of {t.shape[0]}, repaired per expert", (t.shape[1], t.shape[2]),
                 t.shape[0])

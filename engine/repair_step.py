@@ -19,6 +19,7 @@ import torch
 from ..kernels.spectral import repair_batch
 from ..kernels.threshold import SpectralStats, ThresholdParams
 from .errors import RepairFailure
+from .layouts import from_matrices, row_identity, to_matrices
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, PlanEntry
 from .safetensors_format import TORCH_DTYPES, read_tensor
@@ -77,11 +78,10 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
     for job in jobs:
         e = job.entry
         assert job.base_file is not None and e.base is not None and e.matrix_shape is not None
-        batch = (e.n_matrices, *e.matrix_shape)
         # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
         # values are consumed here and re-read below only for degenerate matrices.
-        delta = read_tensor(job.ft_file, e.ft).to(torch.float32).reshape(batch)
-        base32 = read_tensor(job.base_file, e.base).to(torch.float32).reshape(batch)
+        delta = to_matrices(read_tensor(job.ft_file, e.ft).to(torch.float32), e.kind, e.matrix_shape, e.layout)
+        base32 = to_matrices(read_tensor(job.base_file, e.base).to(torch.float32), e.kind, e.matrix_shape, e.layout)
         _check_finite(delta, e.name, job.ft_file)
         _check_finite(base32, e.name, job.base_file)
         deltas.append(delta.sub_(base32))
@@ -100,19 +100,22 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
         repaired = d_star[first:first + e.n_matrices].add_(base32).to(TORCH_DTYPES[e.ft.dtype])
         first += e.n_matrices
         if any(st.degenerate for st in mine):  # Δ = 0 or Δ* = Δ: the fine-tuned matrix, bit for bit
-            ft_mats = read_tensor(job.ft_file, e.ft).reshape(repaired.shape)
+            ft_mats = to_matrices(read_tensor(job.ft_file, e.ft), e.kind, e.matrix_shape, e.layout)
             for i, st in enumerate(mine):
                 if st.degenerate:
                     repaired[i] = ft_mats[i]
-        payload = repaired.reshape(-1).view(torch.uint8).numpy()
+        payload = from_matrices(repaired, e.kind, e.ft.shape, e.layout).reshape(-1).view(torch.uint8).numpy()
         _pwrite(job.out_file, e.out_begin, payload)
-        per = payload.size // e.n_matrices
+        # One byte range per matrix; the two halves of a fused expert share that expert's slab.
+        slabs = e.ft.shape[0] if e.kind in ("experts", "experts_fused") else 1
+        per = payload.size // slabs
         for i, st in enumerate(mine):
-            lo = e.out_begin + i * per
-            rows.append(_row(e, i if e.kind == "experts" else None, st.degenerate or "repaired", st,
-                             kernel=st.backend, begin=lo, end=lo + per,
-                             digest=hashlib.sha256(payload[i * per:(i + 1) * per]).hexdigest(),
-                             seconds=seconds, plan_id=settings.plan_id))
+            expert, part = row_identity(e.kind, i)
+            slab = expert if expert is not None else 0
+            lo = e.out_begin + slab * per
+            rows.append(_row(e, expert, st.degenerate or "repaired", st, kernel=st.backend, begin=lo, end=lo + per,
+                             digest=hashlib.sha256(payload[slab * per:(slab + 1) * per]).hexdigest(),
+                             seconds=seconds, plan_id=settings.plan_id, part=part))
     return rows
 
 
@@ -125,9 +128,10 @@ def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:
 
 
 def _row(entry: PlanEntry, expert: int | None, status: str, st: SpectralStats | None, *, kernel: str | None,
-         begin: int, end: int, digest: str, seconds: float, plan_id: str) -> ManifestRow:
+         begin: int, end: int, digest: str, seconds: float, plan_id: str, part: str | None = None) -> ManifestRow:
     return ManifestRow(
-        tensor=entry.name, expert=expert, shard=entry.shard, shape=list(entry.ft.shape), dtype=entry.ft.dtype,
+        tensor=entry.name, expert=expert, part=part, shard=entry.shard, shape=list(entry.ft.shape),
+        dtype=entry.ft.dtype,
         kind=entry.kind, reason=entry.reason, status=status,
         rank_total=st.rank_total if st else None, rank_kept=st.rank_kept if st else None,
         beta=st.beta if st else None, omega=st.omega if st else None, s_max=st.s_max if st else None,

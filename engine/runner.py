@@ -31,6 +31,7 @@ from . import manifest, output
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import RepairConfig
 from .errors import InputError
+from .layouts import row_identity
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, Plan, PlanEntry, build_plan
 from .repair_step import EntryJob, StepSettings, execute_unit, sha256_range
@@ -59,10 +60,10 @@ def load_inputs(cfg: RepairConfig, need_out: bool = True) -> Inputs:
     return Inputs(cfg, base, ft, out, build_plan(base, ft, cfg))
 
 
-def expected_keys(entry: PlanEntry) -> list[tuple[str, int | None]]:
-    if entry.kind == "experts":
-        return [(entry.name, i) for i in range(entry.n_matrices)]
-    return [(entry.name, None)]
+def expected_keys(entry: PlanEntry) -> list[tuple[str, int | None, str | None]]:
+    if entry.kind in ("experts", "experts_fused"):
+        return [(entry.name, *row_identity(entry.kind, i)) for i in range(entry.n_matrices)]
+    return [(entry.name, None, None)]
 
 
 def verified_done(inp: Inputs) -> set[str]:

@@ -44,7 +44,7 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES)
     for e in entries:
         if e.kind == "svd":
             key: tuple = ("svd", e.matrix_shape)
-        elif e.kind in ("experts", "conv"):
+        elif e.kind in ("experts", "experts_fused", "conv"):
             key = ("alone", e.name)
         else:
             key = ("copy", e.shard)

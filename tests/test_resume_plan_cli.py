@@ -119,8 +119,9 @@ def test_plan_text_and_its_exit_code_on_a_refused_tensor(pair, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "experts" in text and "model.layers.0.mlp.experts.down_proj" in text and "[expert stack of 4" in text
     assert "base-only keys (1): mtp.only_in_base.weight" in text
-    # A fused gate/up stack cannot be repaired correctly yet: plan says so, repair stops before writing.
-    fused = {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 64, 32)}
+    # A fused gate/up stack whose fused axis is odd is not a gate/up pair: plan says so, repair stops
+    # before writing anything.
+    fused = {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 63, 32)}
     write_single(tmp_path / "fb", fused)
     write_single(tmp_path / "ff", {k: v + 1 for k, v in fused.items()})
     assert main(["plan", "--base", str(tmp_path / "fb"), "--ft", str(tmp_path / "ff")]) == 2
