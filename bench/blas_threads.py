@@ -1,0 +1,63 @@
+"""Why the CPU kernels pin threads: two measurements behind docs/adr/0004 (prints, asserts nothing).
+
+1. Alternating a torch op (OpenMP pool) with a scipy LAPACK call (OpenBLAS pool), with both pools at
+   their defaults versus under dgrepair's cpu_thread_policy.
+2. LAPACK eigenvalues (`syev`) and the tridiagonalisation (`sytrd`) with 1 versus 2 BLAS threads.
+
+    python bench/blas_threads.py
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import scipy.linalg
+import torch
+from scipy.linalg import blas, lapack
+from threadpoolctl import threadpool_limits
+
+from dgrepair.kernels.threads import cpu_thread_policy
+
+
+def best(fn, repeats: int = 3) -> float:
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    print(f"cores {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((1024, 256))
+    g = np.asfortranarray(g.T @ g)
+    a = torch.randn(1024, 256, dtype=torch.float64)
+
+    def alternate() -> None:
+        for _ in range(20):
+            _ = a.T @ a
+            scipy.linalg.eigh(g, driver="evr", subset_by_index=[252, 255])
+
+    print(f"alternating torch matmul + scipy eigh (256): defaults {best(alternate) / 20 * 1e3:.1f} ms/iter; ", end="")
+    with cpu_thread_policy():
+        print(f"under cpu_thread_policy {best(alternate) / 20 * 1e3:.1f} ms/iter")
+    for p in (256, 1024, 2048):
+        x = np.asfortranarray(rng.standard_normal((p, 3 * p)))
+        gram = blas.dsyrk(1.0, x, lower=1)
+        lwork = int(lapack.dsytrd_lwork(p, lower=1)[0])
+        row = []
+        for threads in (1, 2):
+            with threadpool_limits(threads, user_api="blas"):
+                ev = best(lambda: scipy.linalg.eigh(gram, lower=True, eigvals_only=True, driver="ev",
+                                                    check_finite=False))
+                trd = best(lambda: lapack.dsytrd(gram, lower=1, lwork=lwork))
+            row.append(f"{threads} thread(s): syev {ev:.3f} s, sytrd {trd:.3f} s")
+        print(f"p={p}: " + "; ".join(row))
+
+
+if __name__ == "__main__":
+    main()
