@@ -52,9 +52,9 @@ def main() -> None:
         row = []
         for threads in (1, 2):
             with threadpool_limits(threads, user_api="blas"):
-                ev = best(lambda: scipy.linalg.eigh(gram, lower=True, eigvals_only=True, driver="ev",
-                                                    check_finite=False))
-                trd = best(lambda: lapack.dsytrd(gram, lower=1, lwork=lwork))
+                ev = best(lambda m=gram: scipy.linalg.eigh(m, lower=True, eigvals_only=True, driver="ev",
+                                                           check_finite=False))
+                trd = best(lambda m=gram, w=lwork: lapack.dsytrd(m, lower=1, lwork=w))
             row.append(f"{threads} thread(s): syev {ev:.3f} s, sytrd {trd:.3f} s")
         print(f"p={p}: " + "; ".join(row))
 
