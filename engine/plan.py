@@ -24,6 +24,7 @@ from .checkpoint import Checkpoint
 from .config import RepairConfig
 from .errors import InputError
 from .layouts import fused_layout_for, fused_matrix_shape
+from .names import EMBEDDING, HEAD, base_partner, canonical
 from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
 REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused")
@@ -48,6 +49,15 @@ class PlanEntry:
     n_matrices: int
     out_begin: int  # absolute offset of the tensor in the output shard
     layout: str | None = None  # fused gate/up layout (experts_fused only)
+    base_name: str | None = None  # the paired base tensor (differs from `name` across prefixes / tying)
+    resized_rows: int | None = None  # resized vocabulary: rows [0, resized_rows) are repaired, the rest copied
+
+    @property
+    def repair_shape(self) -> tuple[int, ...]:
+        """The part of the stored tensor that is repaired (all of it, or the base's rows)."""
+        if self.resized_rows is None:
+            return self.ft.shape
+        return (self.resized_rows, *self.ft.shape[1:])
 
     @property
     def out_end(self) -> int:
@@ -119,15 +129,25 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     mask = cfg.layer_mask()
     entries: list[PlanEntry] = []
     mismatches: list[str] = []
+    base_names = {canonical(n): n for n in sorted(base.locations)}
+    base_names.update({n: n for n in base.locations if canonical(n) == n})  # exact names win a collision
+    used: set[str] = set()
     for shard_name, header in sorted(ft.shards.items()):
         shift = len(output_prefix(header)) - header.data_start
         for t in sorted(header.tensors.values(), key=lambda e: e.begin):
-            base_shard = base.locations.get(t.name)
-            b = base.shards[base_shard].tensors[t.name] if base_shard else None
+            base_name, note = base_partner(t.name, base.locations, base_names)
+            base_shard = base.locations.get(base_name) if base_name else None
+            b = base.shards[base_shard].tensors[base_name] if base_shard and base_name else None
+            resized = None
             if b is not None and b.shape != t.shape:
-                mismatches.append(f"tensor {t.name!r}: shape {list(b.shape)} in {base.root / base_shard} but "
-                                  f"{list(t.shape)} in {ft.root / shard_name}; the checkpoints are not a base/"
-                                  "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
+                if _is_vocab_growth(t, b):
+                    resized = b.shape[0]
+                else:
+                    mismatches.append(f"tensor {t.name!r}: shape {list(b.shape)} in {base.root / base_shard} but "
+                                      f"{list(t.shape)} in {ft.root / shard_name}; the checkpoints are not a base/"
+                                      "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
+            if base_name:
+                used.add(base_name)
             kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name))
             layout = None
             if kind == "experts_fused":
@@ -140,11 +160,24 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                     reason = (f"fused gate/up stack of {t.shape[0]} experts, {layout}"
                               f"{' (assumed: no model_type in config.json)' if assumed else ''}; repaired per "
                               "expert and half")
+            if resized is not None and kind == "svd":
+                mshape = (resized, t.shape[1])
+                reason = (f"resized vocabulary: rows 0-{resized - 1} repaired, {t.shape[0] - resized} new rows "
+                          "copied from the fine-tune")
+            if note and kind != "passthrough":
+                reason = f"{reason}; {note}"
             entries.append(PlanEntry(t.name, kind, reason, shard_name, t, base_shard, b, mshape, count,
-                                     out_begin=t.begin + shift, layout=layout))
-    base_only = sorted(set(base.locations) - set(ft.locations))
+                                     out_begin=t.begin + shift, layout=layout, base_name=base_name,
+                                     resized_rows=resized if kind == "svd" else None))
+    base_only = sorted(set(base.locations) - used)
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
                 config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()})
+
+
+def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
+    """A fine-tune that added tokens: same width, more rows, in an embedding or head."""
+    return (len(t.shape) == 2 and len(b.shape) == 2 and t.shape[1] == b.shape[1] and t.shape[0] > b.shape[0]
+            and canonical(t.name) in (HEAD, EMBEDDING))
 
 
 def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,

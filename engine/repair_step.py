@@ -74,13 +74,16 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
     if len({j.entry.matrix_shape for j in jobs}) != 1 or (len(jobs) > 1 and any(j.entry.n_matrices != 1
                                                                                 for j in jobs)):
         raise ValueError("a kernel batch needs 2-D entries of one matrix shape (stacks go alone)")
-    deltas, bases = [], []
+    deltas, bases, extras = [], [], []
     for job in jobs:
         e = job.entry
         assert job.base_file is not None and e.base is not None and e.matrix_shape is not None
         # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
         # values are consumed here and re-read below only for degenerate matrices.
-        delta = to_matrices(read_tensor(job.ft_file, e.ft).to(torch.float32), e.kind, e.matrix_shape, e.layout)
+        ft_t = read_tensor(job.ft_file, e.ft)
+        rows_kept = e.repair_shape[0]
+        extras.append(ft_t[rows_kept:].clone())  # new vocabulary rows (empty unless resized)
+        delta = to_matrices(ft_t[:rows_kept].to(torch.float32), e.kind, e.matrix_shape, e.layout)
         base32 = to_matrices(read_tensor(job.base_file, e.base).to(torch.float32), e.kind, e.matrix_shape, e.layout)
         _check_finite(delta, e.name, job.ft_file)
         _check_finite(base32, e.name, job.base_file)
@@ -94,17 +97,21 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
     seconds = (time.perf_counter() - start) / len(stats)
     rows: list[ManifestRow] = []
     first = 0
-    for job, base32 in zip(jobs, bases, strict=True):
+    for job, base32, extra in zip(jobs, bases, extras, strict=True):
         e = job.entry
         mine = stats[first:first + e.n_matrices]
         repaired = d_star[first:first + e.n_matrices].add_(base32).to(TORCH_DTYPES[e.ft.dtype])
         first += e.n_matrices
         if any(st.degenerate for st in mine):  # Δ = 0 or Δ* = Δ: the fine-tuned matrix, bit for bit
-            ft_mats = to_matrices(read_tensor(job.ft_file, e.ft), e.kind, e.matrix_shape, e.layout)
+            ft_mats = to_matrices(read_tensor(job.ft_file, e.ft)[:e.repair_shape[0]], e.kind, e.matrix_shape,
+                                  e.layout)
             for i, st in enumerate(mine):
                 if st.degenerate:
                     repaired[i] = ft_mats[i]
-        payload = from_matrices(repaired, e.kind, e.ft.shape, e.layout).reshape(-1).view(torch.uint8).numpy()
+        whole = from_matrices(repaired, e.kind, e.repair_shape, e.layout)
+        if extra.numel():
+            whole = torch.cat([whole, extra])
+        payload = whole.reshape(-1).view(torch.uint8).numpy()
         _pwrite(job.out_file, e.out_begin, payload)
         # One byte range per matrix; the two halves of a fused expert share that expert's slab.
         slabs = e.ft.shape[0] if e.kind in ("experts", "experts_fused") else 1
