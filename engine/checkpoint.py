@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .hub import looks_like_repo
+from .hub import resolve as resolve_hub
 from .safetensors_format import ShardHeader, TensorEntry, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -60,7 +62,9 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
-    """Open `path` (role is 'base' or 'fine-tune', used in messages)."""
+    """Open a local folder, or an `org/name[@revision]` Hub repo (role is used in messages)."""
+    if isinstance(path, str) and looks_like_repo(path):
+        path = resolve_hub(path, role)
     root = Path(path).expanduser()
     if not root.exists():
         raise InputError(f"{role} checkpoint {root}: no such directory.")
@@ -124,14 +128,9 @@ def _shard_path(root: Path, index_path: Path, shard_name: str, weight_map: dict[
     if rel.is_absolute() or ".." in rel.parts or shard_name.strip() == "":
         raise InputError(f"{index_path}: shard {shard_name!r} (for tensor {example!r}) is outside the checkpoint "
                          "directory; shard names must be relative paths inside it.")
+    # Checked lexically: a shard may be a symlink elsewhere (the Hugging Face cache links snapshot
+    # files to blobs), but the index may not name a path outside the folder.
     path = root / rel
-    try:
-        inside = path.resolve().is_relative_to(root)
-    except OSError:
-        inside = False
-    if not inside:
-        raise InputError(f"{index_path}: shard {shard_name!r} (for tensor {example!r}) resolves outside the "
-                         "checkpoint directory.")
     if not path.is_file():
         raise InputError(f"{index_path}: shard {shard_name!r} (for tensor {example!r}) does not exist in {root}; "
                          "the checkpoint is incomplete. Re-download the missing shard.")
