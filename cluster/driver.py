@@ -81,6 +81,9 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
         from ..engine.output import read_summary
 
         return read_summary(session.inp.out)
+    if not session.units:  # everything was committed by an earlier attempt: nothing to distribute
+        (meta_dir(session.inp.out) / FAILURES_FILE).unlink(missing_ok=True)
+        return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     actors: list[Any] = []
     with ray_session(cfg.address, cfg.workers) as info:

@@ -142,3 +142,29 @@ def test_ray_job_submit_end_to_end(pair, tmp_path):
         same_bytes(clean, out)
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_sigterm_commits_finished_work_and_exits_143_then_resumes(pair, tmp_path):
+    """`ray job stop` sends SIGTERM to the driver: it commits what is done, exits 143, and the same
+    command resumes."""
+    clean = clean_copy(pair, tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "DGREPAIR_FAULT_UNIT_DELAY": "0.4"}
+    proc = subprocess.Popen(cli(pair, out), env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    part = out / "dgrepair" / "partial"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "dgrepair" / "manifest.parquet").is_dir() and committed_rows(out).tensor.nunique() >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    committed = committed_rows(out).tensor.nunique()
+    assert committed >= 2 and part.is_dir() and not (out / "dgrepair" / "summary.json").exists()
+    done = subprocess.run(cli(pair, out), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    same_bytes(clean, out)
+    assert json.loads((out / "dgrepair" / "summary.json").read_text())["resumed_entries"] == committed
