@@ -3,6 +3,8 @@
 1. Alternating a torch op (OpenMP pool) with a scipy LAPACK call (OpenBLAS pool), with both pools at
    their defaults versus under dgrepair's cpu_thread_policy.
 2. LAPACK eigenvalues (`syev`) and the tridiagonalisation (`sytrd`) with 1 versus 2 BLAS threads.
+3. The float64 Gram (`syrk`) of a 7168x2048 expert matrix with 1 and 2 threads, and its GFLOP/s:
+   the floor under any float64 Gram-based kernel at that shape.
 
     python bench/blas_threads.py
 """
@@ -57,6 +59,12 @@ def main() -> None:
                 trd = best(lambda m=gram, w=lwork: lapack.dsytrd(m, lower=1, lwork=w))
             row.append(f"{threads} thread(s): syev {ev:.3f} s, sytrd {trd:.3f} s")
         print(f"p={p}: " + "; ".join(row))
+    expert = np.asfortranarray(rng.standard_normal((2048, 7168)))  # F (2048, 7168): syrk gives 2048x2048
+    flops = 7168 * 2048 * 2048  # syrk: half of the 2mnp of a full product
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="blas"):
+            t = best(lambda x=expert: blas.dsyrk(1.0, x, lower=1))
+        print(f"float64 syrk of a 7168x2048 delta, {threads} thread(s): {t:.3f} s ({flops / t / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 Measured on the 2-core CPU at 7168×2048 (docs/benchmarks.md): BLAS `syrk` forms the Gram in about
 half the time of a general matmul, and one tridiagonalisation serves both the eigenvalues and the
 top-r eigenvectors, about a tenth of a full `eigh` with all vectors. The LAPACK eigen calls run on
-one BLAS thread: threaded `syev` was 10-130x slower on the 2-core machine (tridiagonalisation is
-memory-bound BLAS-2 with a sync per column). On CUDA the torch (cuSOLVER) calls are used as they
-are. No I/O here.
+one BLAS thread: on an idle 2-core machine two threads make `sytrd` about 1.6x faster at p = 2048,
+but with another process on the cores it collapsed (0.48 s -> 5.1 s observed), because the
+tridiagonalisation synchronises its threads once per column. Cores are used instead by one
+single-threaded worker per core (the Ray default). On CUDA the torch (cuSOLVER) calls are used as
+they are. No I/O here.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class GramEigen:
         if self.lapack and self.p > 1:
             a = g.numpy()
             sytrd, sytrd_lwork = scipy.linalg.lapack.get_lapack_funcs(("sytrd", "sytrd_lwork"), (a,))
-            with threadpool_limits(limits=1, user_api="blas"):  # threaded sytrd is up to 10x slower here
+            with threadpool_limits(limits=1, user_api="blas"):  # threaded sytrd collapses under contention
                 lwork = int(sytrd_lwork(self.p, lower=1)[0])
                 self.c, self.d, self.e, self.tau, info = sytrd(a, lower=1, lwork=max(lwork, 1))
             if info != 0:

@@ -2,7 +2,7 @@
 
 Two thread pools live in one process: torch's OpenMP pool and scipy's OpenBLAS pool. On a small
 machine, alternating between them is slow because the idle pool's threads spin while the other
-works (measured: 0.10 s vs 0.02 s per alternation on 2 cores; docs/benchmarks.md). So CPU kernels
+works (bench/blas_threads.py: 11.4 ms vs 4.3 ms per alternation on 2 cores). So CPU kernels
 run all heavy linear algebra in the BLAS pool with `threads` threads and keep torch at 1 thread for
 the duration; `threads_per_worker` splits the cores between workers so N workers on N cores do not
 oversubscribe (measured collapse: a 6 s SVD took 40–55 s under contention, research/kernels.md).
