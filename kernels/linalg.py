@@ -3,7 +3,7 @@
 Measured on the 2-core CPU at 7168×2048 (docs/benchmarks.md): BLAS `syrk` forms the Gram in about
 half the time of a general matmul, and one tridiagonalisation serves both the eigenvalues and the
 top-r eigenvectors, about a tenth of a full `eigh` with all vectors. The LAPACK eigen calls run on
-one BLAS thread: on an idle 2-core machine two threads make `sytrd` about 1.6x faster at p = 2048,
+one BLAS thread: on an idle 2-core machine two threads make `sytrd` about 1.8x faster at p = 2048,
 but with another process on the cores it collapsed (0.48 s -> 5.1 s observed), because the
 tridiagonalisation synchronises its threads once per column. Cores are used instead by one
 single-threaded worker per core (the Ray default). On CUDA the torch (cuSOLVER) calls are used as
