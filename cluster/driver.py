@@ -2,11 +2,14 @@
 
 - Units are sent largest-first (LPT) with at most `inflight_per_worker` per actor, in a bounded
   `ray.wait` loop; only paths, byte ranges and small records travel through Ray.
-- Retries belong to the driver: an actor death requeues its unit; a unit that kills actors
+- Retries belong to the driver: an actor death requeues its units; a unit that kills actors
   `max_attempts` times is marked failed, the rest completes, and the run ends non-zero with a
   report naming it (no index or summary is written then, so the output never looks complete).
-  A multi-tensor unit that kills an actor is split into single-tensor units first, so one poison
-  tensor cannot fail its batch-mates.
+- Blame is only assigned when it is unambiguous. A unit that dies while other units were in flight
+  on the same actor is requeued without charge and *isolated*: it then runs only on an idle actor
+  with nothing else submitted beside it. A death while alone (or past the unit's own deadline)
+  costs an attempt; a multi-tensor unit is then split into isolated single-tensor units, so one
+  poison tensor can fail neither its batch-mates nor the units that shared its actor.
 - A unit running longer than its deadline (proportional to its cost) gets its actor killed and is
   requeued (actor tasks cannot be cancelled by force).
 - The manifest is written by the driver only; resume is the engine's (RunSession).
@@ -44,6 +47,9 @@ class _Flight:
     unit_id: int
     actor: int
     deadline: float
+    shared: bool = False  # another unit was in flight on the same actor at some point
+    solo: bool = False  # an isolated unit: nothing else may be submitted to its actor meanwhile
+    expired: bool = False  # killed by the driver for passing its own deadline
 
 
 @dataclass
@@ -54,6 +60,7 @@ class _Book:
     queue: deque[int]
     attempts: Counter[int] = field(default_factory=Counter)
     failed: dict[int, str] = field(default_factory=dict)
+    isolated: set[int] = field(default_factory=set)
     nodes: dict[str, dict[str, float]] = field(default_factory=dict)
     next_id: int = 0
     requeues: int = 0
@@ -65,8 +72,19 @@ class _Book:
         for entry in unit.entries:
             self.next_id += 1
             self.units[self.next_id] = WorkUnit((entry,))
+            self.isolated.add(self.next_id)
             ids.append(self.next_id)
         return ids
+
+    def next_for(self, busy: bool) -> int | None:
+        """The next unit for an actor: anything for an idle actor, a non-isolated unit for a busy one."""
+        if not busy:
+            return self.queue.popleft() if self.queue else None
+        for i, unit_id in enumerate(self.queue):
+            if unit_id not in self.isolated:
+                del self.queue[i]
+                return unit_id
+        return None
 
 
 def deadline_seconds(unit: WorkUnit, floor: float) -> float:
@@ -142,13 +160,22 @@ def _dispatch(session: RunSession, cfg: RepairConfig, info: dict[str, Any], acto
     def submit(unit_id: int, actor: int) -> None:
         unit = book.units[unit_id]
         ref = actors[actor].run.remote(unit_id, session.jobs(unit))
-        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.unit_timeout_s))
+        shared = load[actor] > 0
+        for other in flights.values():
+            if other.actor == actor:
+                other.shared = True
+        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.unit_timeout_s),
+                               shared=shared, solo=unit_id in book.isolated)
         load[actor] += 1
 
     while book.queue or flights:
         for actor in sorted(range(n_workers), key=lambda a: load[a]):
-            while book.queue and load[actor] < cfg.inflight_per_worker:
-                submit(book.queue.popleft(), actor)
+            while load[actor] < cfg.inflight_per_worker and not any(f.solo and f.actor == actor
+                                                                     for f in flights.values()):
+                unit_id = book.next_for(busy=load[actor] > 0)
+                if unit_id is None:
+                    break
+                submit(unit_id, actor)
         ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
         for ref in ready:
             flight = flights.pop(ref)
@@ -158,6 +185,7 @@ def _dispatch(session: RunSession, cfg: RepairConfig, info: dict[str, Any], acto
         for flight in list(flights.values()):
             if now > flight.deadline:
                 flight.deadline = float("inf")  # kill once; the ref then fails and is requeued
+                flight.expired = True
                 ray.kill(actors[flight.actor], no_restart=False)
     return book
 
@@ -173,7 +201,13 @@ def _collect(session: RunSession, book: _Book, ref: ray.ObjectRef, flight: _Flig
         _retry(book, unit_id, f"error: {exc}", cfg.max_attempts, split=False)
         return
     except RayActorError as exc:
-        _retry(book, unit_id, f"worker died: {type(exc).__name__}", cfg.max_attempts, split=True)
+        if flight.shared and not flight.expired:  # the death may be another unit's doing
+            book.requeues += 1
+            book.isolated.add(unit_id)
+            book.queue.appendleft(unit_id)
+            return
+        why = "past its deadline" if flight.expired else f"worker died: {type(exc).__name__}"
+        _retry(book, unit_id, why, cfg.max_attempts, split=True)
         return
     unit = book.units[unit_id]
     node = book.nodes.setdefault(result["node"], {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,

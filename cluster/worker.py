@@ -40,9 +40,6 @@ class RepairWorker:
         self.index = index
         self.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
-    def where(self) -> dict[str, Any]:
-        return {"node": self.node, "pid": os.getpid(), "index": self.index}
-
     def run(self, unit_id: int, jobs: list[EntryJob]) -> dict[str, Any]:
         names = {j.entry.name for j in jobs}
         self._faults(names)

@@ -188,12 +188,6 @@ def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(entry.shape)
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """Little-endian row-major bytes of a tensor (the safetensors data layout)."""
-    flat = t.detach().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-
-
 def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
     """8-byte length + JSON header for tensors laid out in the given order, padded to 8 bytes."""
     obj: dict[str, object] = {"__metadata__": metadata if metadata is not None else {"format": "pt"}}

@@ -48,19 +48,26 @@ def cli(pair, out: Path, *extra: str) -> list[str]:
             str(out), "--workers", "2", "--no-progress", "--commit-interval-s", "0", *extra]
 
 
-@pytest.mark.parametrize("kill_after", [1, 8, 16])  # committed tensors before the kill: early, middle, late
-def test_sigkill_driver_then_resume(pair, tmp_path, kill_after):
-    clean = clean_copy(pair, tmp_path)
-    out = tmp_path / "out"
+def start_slowed_driver(pair, out: Path, committed: int) -> subprocess.Popen:
+    """`dgrepair repair` on Ray in its own session, each unit slowed; returns once `committed`
+    tensors are in the manifest and the run is still going."""
     env = {**os.environ, "DGREPAIR_FAULT_UNIT_DELAY": "0.4"}
     proc = subprocess.Popen(cli(pair, out), env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "dgrepair" / "manifest.parquet").is_dir() and committed_rows(out).tensor.nunique() >= kill_after:
+        if (out / "dgrepair" / "manifest.parquet").is_dir() and committed_rows(out).tensor.nunique() >= committed:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    assert proc.poll() is None, "the run ended before it could be stopped: " + proc.stdout.read().decode()[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("kill_after", [1, 8, 16])  # committed tensors before the kill: early, middle, late
+def test_sigkill_driver_then_resume(pair, tmp_path, kill_after):
+    clean = clean_copy(pair, tmp_path)
+    out = tmp_path / "out"
+    proc = start_slowed_driver(pair, out, kill_after)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only
     proc.wait()
     time.sleep(1.0)
@@ -149,16 +156,8 @@ def test_sigterm_commits_finished_work_and_exits_143_then_resumes(pair, tmp_path
     command resumes."""
     clean = clean_copy(pair, tmp_path)
     out = tmp_path / "out"
-    env = {**os.environ, "DGREPAIR_FAULT_UNIT_DELAY": "0.4"}
-    proc = subprocess.Popen(cli(pair, out), env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    proc = start_slowed_driver(pair, out, 2)
     part = out / "dgrepair" / "partial"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "dgrepair" / "manifest.parquet").is_dir() and committed_rows(out).tensor.nunique() >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
