@@ -35,6 +35,15 @@ class Checkpoint:
         return shard.path, shard.tensors[name]
 
     @property
+    def scale_fmt(self) -> str | None:
+        """config.json's quantization_config.scale_fmt (`ue8m0`: power-of-two FP8 block scales)."""
+        try:
+            value = json.loads((self.root / "config.json").read_text()).get("quantization_config", {})
+            return value.get("scale_fmt") if isinstance(value, dict) else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    @property
     def model_type(self) -> str | None:
         """config.json's model_type (read leniently: a missing or unreadable config gives None)."""
         try:

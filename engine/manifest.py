@@ -46,6 +46,7 @@ SCHEMA = pa.schema([
     ("seconds", pa.float64()),
     ("plan_id", pa.string()),
     ("node", pa.string()),
+    ("requant_error", pa.float64()),
 ])
 
 
@@ -83,6 +84,7 @@ class ManifestRow:
     seconds: float
     plan_id: str
     node: str = ""
+    requant_error: float | None = None
 
 
 def manifest_dir(out: Path) -> Path:

@@ -5,12 +5,15 @@ Kinds (SPEC.md §2–3):
 - `conv`: a convolution kernel `[out, in, k...]`, repaired as `[out, in·Πk]`.
 - `experts`: a stacked expert tensor `[E, a, b]`, repaired per expert (E matrices, own τ each).
 - `experts_fused`: a fused gate/up stack, repaired per expert and per half (engine/layouts.py).
+- `fp8`: a block-FP8 weight (F8_E4M3 + `<name>_scale_inv`), dequantised, repaired, re-quantised;
+  its scale tensor (`fp8_scale`) is rewritten by the same unit.
 - `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only).
 - `refuse`: cannot be repaired correctly by this version; `repair` stops before writing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,9 +30,9 @@ from .layouts import fused_layout_for, fused_matrix_shape
 from .names import EMBEDDING, HEAD, base_partner, canonical
 from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
-REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused")
-QUANTIZED_SUFFIXES = ("_scale_inv", "weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales",
-                      "weight_zero_point")
+REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8")
+FP8_SCALE = "_scale_inv"
+QUANTIZED_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales", "weight_zero_point")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
 FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")
 
@@ -50,6 +53,10 @@ class PlanEntry:
     out_begin: int  # absolute offset of the tensor in the output shard
     layout: str | None = None  # fused gate/up layout (experts_fused only)
     base_name: str | None = None  # the paired base tensor (differs from `name` across prefixes / tying)
+    companion: str | None = None  # fp8: the fine-tune scale tensor; fp8_scale: its weight
+    base_companion: str | None = None  # fp8: the base's scale tensor (None when the base is not FP8)
+    base_scale: TensorEntry | None = None  # fp8: that tensor's header entry
+    power_of_two_scales: bool = False  # fp8: `ue8m0` scales
     resized_rows: int | None = None  # resized vocabulary: rows [0, resized_rows) are repaired, the rest copied
 
     @property
@@ -149,6 +156,10 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
             if base_name:
                 used.add(base_name)
             kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name))
+            companion = base_companion = None
+            if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
+                kind, reason, mshape, count, companion, base_companion = _classify_fp8(
+                    t, b, base_name, ft, base, cfg, mask.selects(t.name))
             layout = None
             if kind == "experts_fused":
                 layout, assumed = fused_layout_for(cfg.fused_layout, ft.model_type)
@@ -168,10 +179,47 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                 reason = f"{reason}; {note}"
             entries.append(PlanEntry(t.name, kind, reason, shard_name, t, base_shard, b, mshape, count,
                                      out_begin=t.begin + shift, layout=layout, base_name=base_name,
-                                     resized_rows=resized if kind == "svd" else None))
-    base_only = sorted(set(base.locations) - used)
+                                     resized_rows=resized if kind == "svd" else None, companion=companion,
+                                     base_companion=base_companion,
+                                     base_scale=base.entry(base_companion)[1] if base_companion else None,
+                                     power_of_two_scales=ft.scale_fmt == "ue8m0"))
+    repaired_fp8 = {e.name for e in entries if e.kind == "fp8"}
+    entries = [dataclasses.replace(e, kind="passthrough", reason=f"block scales of {e.companion}, kept with it")
+               if e.kind == "fp8_scale" and e.companion not in repaired_fp8 else e for e in entries]
+    base_only = sorted(set(base.locations) - used - {e.base_companion for e in entries if e.base_companion})
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
                 config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()})
+
+
+def _classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
+                  cfg: RepairConfig, in_mask: bool) -> tuple:
+    """Block-FP8 weights and their `_scale_inv` companions (SPEC §4); anything else FP8 is refused."""
+    refuse = ("refuse",)
+    if t.name.endswith(FP8_SCALE):
+        weight = t.name[: -len(FP8_SCALE)]
+        if weight in ft.locations and ft.entry(weight)[1].dtype == "F8_E4M3":
+            return ("fp8_scale", f"block scales of {weight}, rewritten with it", None, 0, weight, None)
+        return ("passthrough", "scale of a non-FP8 tensor", None, 0, None, None)
+    scale = t.name + FP8_SCALE
+    if len(t.shape) != 2 or scale not in ft.locations:
+        return (*refuse, f"{t.dtype} tensor without a 2-D weight + {FP8_SCALE} block-scale pair is not supported",
+                None, 0, None, None)
+    grid = (-(-t.shape[0] // 128), -(-t.shape[1] // 128))
+    if ft.entry(scale)[1].shape != grid or ft.entry(scale)[1].dtype not in ("F32", "BF16"):
+        return (*refuse, f"{scale} must be F32 or BF16 of shape {list(grid)} (128x128 blocks)", None, 0, None, None)
+    if b is None:
+        return ("passthrough", "fine-tune only", None, 0, scale, None)
+    base_scale = None
+    if b.dtype == "F8_E4M3":
+        base_scale = (base_name or t.name) + FP8_SCALE
+        if base_scale not in base.locations or base.entry(base_scale)[1].shape != grid:
+            return (*refuse, f"base FP8 weight has no matching {FP8_SCALE} block scales", None, 0, None, None)
+    elif b.dtype not in FLOAT_DTYPES_REPAIRABLE:
+        return (*refuse, f"base dtype {b.dtype} cannot be paired with an FP8 fine-tune", None, 0, None, None)
+    if t.numel < cfg.min_numel or not in_mask:
+        return ("passthrough", "FP8 weight kept (numel < min_numel or outside mask)", None, 0, scale, None)
+    return ("fp8", "block-FP8 weight: dequantised, repaired, re-quantised to the same layout",
+            (t.shape[0], t.shape[1]), 1, scale, base_scale)
 
 
 def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:

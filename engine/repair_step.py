@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import fp8
 from ..kernels.spectral import repair_batch
 from ..kernels.threshold import SpectralStats, ThresholdParams
 from .errors import RepairFailure
@@ -46,18 +47,61 @@ class EntryJob:
     base_file: Path | None
     ft_file: Path
     out_file: Path
+    base_scale_file: Path | None = None  # fp8: where the base's block scales live
 
 
 def execute_unit(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRow]:
     """Execute a work unit: copies for passthrough entries, one kernel batch for repair entries."""
     rows: list[ManifestRow] = []
+    scales = {j.entry.companion: j for j in jobs if j.entry.kind == "fp8_scale"}
     for job in jobs:
-        if job.entry.kind not in REPAIR_KINDS:
+        if job.entry.kind not in REPAIR_KINDS and job.entry.kind != "fp8_scale":
             rows.extend(_copy_entry(job, settings))
-    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS]
+        elif job.entry.kind == "fp8":
+            rows.extend(_repair_fp8(job, scales[job.entry.name], settings))
+    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind != "fp8"]
     if repairs:
         rows.extend(_repair_entries(repairs, settings))
     return rows
+
+
+def _repair_fp8(job: EntryJob, scale_job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
+    """Dequantise both checkpoints with their own block scales, repair in float32, re-quantise to the
+    fine-tune's layout and scale convention; Δ = 0 or Δ* = Δ keeps the fine-tune's bytes."""
+    start = time.perf_counter()
+    e, se = job.entry, scale_job.entry
+    assert job.base_file is not None and e.base is not None
+    w1 = fp8.dequantize(read_tensor(job.ft_file, e.ft), read_tensor(scale_job.ft_file, se.ft))
+    w0_raw = read_tensor(job.base_file, e.base)
+    if e.base.dtype == "F8_E4M3":
+        assert job.base_scale_file is not None and e.base_scale is not None
+        base_scale = read_tensor(job.base_scale_file, e.base_scale)
+        w0 = fp8.dequantize(w0_raw, base_scale)
+    else:
+        w0 = w0_raw.to(torch.float32)
+    _check_finite(w1, e.name, job.ft_file)
+    _check_finite(w0, e.name, job.base_file)
+    d_star, stats = repair_batch((w1 - w0)[None], settings.params, settings.kernel, device=settings.device,
+                                 threads=settings.threads)
+    st = stats[0]
+    if st.degenerate:
+        w_digest = _copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
+        s_digest = _copy_range(scale_job.ft_file, se.ft.begin, se.ft.end, scale_job.out_file, se.out_begin)
+        error = 0.0
+    else:
+        w_star = d_star[0].add_(w0)
+        codes, scale = fp8.quantize(w_star, TORCH_DTYPES[se.ft.dtype], e.power_of_two_scales)
+        error = float((fp8.dequantize(codes, scale) - w_star).norm() / w_star.norm().clamp_min(1e-30))
+        w_bytes = codes.reshape(-1).view(torch.uint8).numpy()
+        s_bytes = scale.reshape(-1).view(torch.uint8).numpy()
+        _pwrite(job.out_file, e.out_begin, w_bytes)
+        _pwrite(scale_job.out_file, se.out_begin, s_bytes)
+        w_digest, s_digest = hashlib.sha256(w_bytes).hexdigest(), hashlib.sha256(s_bytes).hexdigest()
+    seconds = time.perf_counter() - start
+    return [_row(e, None, st.degenerate or "repaired", st, kernel=st.backend, begin=e.out_begin, end=e.out_end,
+                 digest=w_digest, seconds=seconds, plan_id=settings.plan_id, requant_error=error),
+            _row(se, None, "rewritten" if not st.degenerate else "passthrough", None, kernel=None,
+                 begin=se.out_begin, end=se.out_end, digest=s_digest, seconds=0.0, plan_id=settings.plan_id)]
 
 
 def _copy_entry(job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
@@ -135,7 +179,8 @@ def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:
 
 
 def _row(entry: PlanEntry, expert: int | None, status: str, st: SpectralStats | None, *, kernel: str | None,
-         begin: int, end: int, digest: str, seconds: float, plan_id: str, part: str | None = None) -> ManifestRow:
+         begin: int, end: int, digest: str, seconds: float, plan_id: str, part: str | None = None,
+         requant_error: float | None = None) -> ManifestRow:
     return ManifestRow(
         tensor=entry.name, expert=expert, part=part, shard=entry.shard, shape=list(entry.ft.shape),
         dtype=entry.ft.dtype,
@@ -148,7 +193,7 @@ def _row(entry: PlanEntry, expert: int | None, status: str, st: SpectralStats | 
         rho=st.rho if st else None, frob_delta=st.frob_delta if st else None,
         frob_kept=st.rho * st.frob_delta if st else None,
         kernel=kernel, byte_begin=begin, byte_end=end, sha256=digest, seconds=seconds, plan_id=plan_id,
-        node=socket.gethostname(),
+        node=socket.gethostname(), requant_error=requant_error,
     )
 
 

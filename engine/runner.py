@@ -149,7 +149,9 @@ class RunSession:
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         inp = self.inp
         return [EntryJob(e, inp.base.entry(e.base_name)[0] if e.base is not None and e.base_name else None,
-                         inp.ft.entry(e.name)[0], output.partial_path(inp.out, e.shard)) for e in unit.entries]
+                         inp.ft.entry(e.name)[0], output.partial_path(inp.out, e.shard),
+                         inp.base.entry(e.base_companion)[0] if e.base_companion else None)
+                for e in unit.entries]
 
     def commit(self, unit: WorkUnit, rows: list[ManifestRow], note: str = "") -> None:
         """Record a finished unit; finalise every shard whose last tensor this was."""

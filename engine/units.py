@@ -44,8 +44,10 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES)
     for e in entries:
         if e.kind == "svd":
             key: tuple = ("svd", e.matrix_shape)
-        elif e.kind in ("experts", "experts_fused", "conv"):
+        elif e.kind in ("experts", "experts_fused", "conv", "fp8"):
             key = ("alone", e.name)
+        elif e.kind == "fp8_scale":  # rewritten by its weight's unit
+            key = ("alone", e.companion)
         else:
             key = ("copy", e.shard)
         if key not in groups:
@@ -53,6 +55,9 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES)
         groups[key].append(e)
     units: list[WorkUnit] = []
     for key in order:
+        if key[0] == "alone":  # never split (an FP8 weight travels with its scales)
+            units.append(WorkUnit(tuple(groups[key])))
+            continue
         # float32 working copies per matrix: about 4 (delta, base, Δ*, output) of 4 bytes per element
         weight = (lambda e: 16 * e.ft.numel) if key[0] == "svd" else (lambda e: e.ft.nbytes)
         batch: list[PlanEntry] = []
