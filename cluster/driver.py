@@ -225,7 +225,7 @@ def _collect(session: RunSession, book: _Book, ref: ray.ObjectRef, flight: _Flig
 
 def _retry(book: _Book, unit_id: int, why: str, max_attempts: int, split: bool) -> None:
     book.requeues += 1
-    if split and len(book.units[unit_id].entries) > 1:
+    if split and book.units[unit_id].splittable and len(book.units[unit_id].entries) > 1:
         book.queue.extendleft(reversed(book.split(unit_id)))
         return
     book.attempts[unit_id] += 1

@@ -1,6 +1,6 @@
-"""The in-process repair run: plan, prepare the output, repair entry by entry, commit, finalise.
+"""The in-process repair run: plan, prepare the output, repair unit by unit, commit, finalise.
 
-Memory is bounded by one entry at a time (a few float32 copies of the largest tensor). Rows are
+Memory is bounded by one work unit at a time (a few float32 copies of its matrices). Rows are
 committed to the manifest in batches; before a batch is committed the shards it touched are
 fsynced, so a committed row always describes bytes on disk. Re-running the same command resumes:
 entries whose manifest rows verify against the bytes on disk are skipped.
@@ -75,8 +75,14 @@ def verified_done(inp: Inputs) -> set[str]:
         if any(r is None or r.plan_id != inp.plan.plan_id for r in rows):
             continue
         where = output.shard_location(inp.out, entry.shard)
-        if all(sha256_range(where, r.byte_begin, r.byte_end) == r.sha256 for r in rows if r is not None):
+        ranges = {(r.byte_begin, r.byte_end): r.sha256 for r in rows if r is not None}  # fused halves share one
+        if all(sha256_range(where, lo, hi) == digest for (lo, hi), digest in ranges.items()):
             done.add(entry.name)
+    # An FP8 weight and its scales are written together, so they are done (or redone) together.
+    for entry in inp.plan.entries:
+        if entry.kind in ("fp8", "fp8_scale") and not {entry.name, entry.companion} <= done:
+            done.discard(entry.name)
+            done.discard(entry.companion)
     return done
 
 

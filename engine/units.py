@@ -22,6 +22,7 @@ class WorkUnit:
     """Entries executed together; `key` names the unit in logs and the Ray driver."""
 
     entries: tuple[PlanEntry, ...]
+    splittable: bool = True  # False for entries that must be executed together (an FP8 weight and its scales)
 
     @property
     def cost(self) -> float:
@@ -56,7 +57,7 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES)
     units: list[WorkUnit] = []
     for key in order:
         if key[0] == "alone":  # never split (an FP8 weight travels with its scales)
-            units.append(WorkUnit(tuple(groups[key])))
+            units.append(WorkUnit(tuple(groups[key]), splittable=False))
             continue
         # float32 working copies per matrix: about 4 (delta, base, Δ*, output) of 4 bytes per element
         weight = (lambda e: 16 * e.ft.numel) if key[0] == "svd" else (lambda e: e.ft.nbytes)

@@ -120,3 +120,23 @@ def test_unit_past_its_deadline_gets_its_worker_restarted_and_is_requeued(pair, 
     assert marker.exists()  # the first attempt did hang
     assert summary["executor"]["requeued_units"] >= 1
     same_bytes(tmp_path / "clean", tmp_path / "out")
+
+
+def test_poison_fp8_weight_fails_together_with_its_scales(tmp_path, monkeypatch):
+    from test_fp8 import fp8_pair
+
+    fp8_pair(tmp_path)
+    weight = "model.layers.0.mlp.down_proj.weight"
+    c = RepairConfig(base=str(tmp_path / "base"), ft=str(tmp_path / "ft"), out=str(tmp_path / "out"),
+                     progress=False, workers=2, max_attempts=2)
+    monkeypatch.setenv("DGREPAIR_FAULT_CRASH_ON", weight)
+    with pytest.raises(RepairFailure, match=weight):
+        run_distributed(c)
+    report = json.loads((tmp_path / "out" / "dgrepair" / "failures.json").read_text())
+    assert [sorted(f["tensors"]) for f in report["failed"]] == [[weight, weight + "_scale_inv"]]
+    monkeypatch.delenv("DGREPAIR_FAULT_CRASH_ON")
+    run_distributed(c)
+    run_repair(RepairConfig(base=str(tmp_path / "base"), ft=str(tmp_path / "ft"), out=str(tmp_path / "clean"),
+                            progress=False, in_process=True))
+    for shard in ("a.safetensors", "b.safetensors"):
+        assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "clean" / shard).read_bytes()

@@ -115,3 +115,22 @@ def test_unchanged_fp8_weight_keeps_its_bytes(tmp_path):
     assert (out / "m.safetensors").read_bytes() == (tmp_path / "ft" / "m.safetensors").read_bytes()
     assert math.isclose(pd.read_parquet(out / "dgrepair" / "manifest.parquet").set_index("tensor")
                         .loc["w.weight", "requant_error"], 0.0)
+
+
+def test_resume_redoes_an_fp8_weight_whose_scales_no_longer_verify(tmp_path):
+    fp8_pair(tmp_path)
+    args = ["repair", "--base", str(tmp_path / "base"), "--ft", str(tmp_path / "ft"), "--no-progress", "--in-process"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 0
+    (out / "dgrepair" / "summary.json").unlink()  # as if interrupted before the end: the next run resumes
+    rows = pd.read_parquet(out / "dgrepair" / "manifest.parquet").set_index("tensor")
+    scale = rows.loc["model.layers.0.mlp.down_proj.weight_scale_inv"]
+    raw = bytearray((out / scale.shard).read_bytes())
+    raw[scale.byte_begin:scale.byte_begin + 4] = b"\x00" * 4  # only the scales are damaged
+    (out / scale.shard).write_bytes(bytes(raw))
+    assert main([*args, "--out", str(out)]) == 0
+    after = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
+    assert (after.tensor == "model.layers.0.mlp.down_proj.weight").sum() == 2  # the weight was redone with them
+    for shard in ("a.safetensors", "b.safetensors"):
+        assert (out / shard).read_bytes() == (tmp_path / "clean" / shard).read_bytes()

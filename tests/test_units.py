@@ -44,3 +44,15 @@ def test_kernel_choice_is_recorded_per_matrix(pair, tmp_path):
     repaired = m[m.status == "repaired"]
     assert set(repaired.kernel) <= {"gram32", "gram64"}
     assert (repaired.kernel == "gram64").sum() == repaired.fallback.notna().sum()
+
+
+def test_an_fp8_weight_and_its_scales_form_one_unsplittable_unit(tmp_path):
+    from test_fp8 import fp8_pair
+
+    fp8_pair(tmp_path)
+    plan = build_plan(open_checkpoint(tmp_path / "base", "base"), open_checkpoint(tmp_path / "ft", "ft"),
+                      RepairConfig())
+    units = [u for u in make_units(plan.entries) if any(e.kind == "fp8" for e in u.entries)]
+    assert len(units) == 2
+    for unit in units:
+        assert sorted(e.kind for e in unit.entries) == ["fp8", "fp8_scale"] and not unit.splittable
