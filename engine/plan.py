@@ -139,6 +139,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     base_names = {canonical(n): n for n in sorted(base.locations)}
     base_names.update({n: n for n in base.locations if canonical(n) == n})  # exact names win a collision
     used: set[str] = set()
+    model_type, ue8m0 = ft.model_type, ft.scale_fmt == "ue8m0"  # config.json, read once
     for shard_name, header in sorted(ft.shards.items()):
         shift = len(output_prefix(header)) - header.data_start
         for t in sorted(header.tensors.values(), key=lambda e: e.begin):
@@ -162,7 +163,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                     t, b, base_name, ft, base, cfg, mask.selects(t.name))
             layout = None
             if kind == "experts_fused":
-                layout, assumed = fused_layout_for(cfg.fused_layout, ft.model_type)
+                layout, assumed = fused_layout_for(cfg.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)
                 if mshape is None:
                     kind, reason = "refuse", (f"fused gate/up stack {list(t.shape)} has an odd fused axis for layout "
@@ -182,7 +183,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                      resized_rows=resized if kind == "svd" else None, companion=companion,
                                      base_companion=base_companion,
                                      base_scale=base.entry(base_companion)[1] if base_companion else None,
-                                     power_of_two_scales=ft.scale_fmt == "ue8m0"))
+                                     power_of_two_scales=ue8m0))
     repaired_fp8 = {e.name for e in entries if e.kind == "fp8"}
     entries = [dataclasses.replace(e, kind="passthrough", reason=f"block scales of {e.companion}, kept with it")
                if e.kind == "fp8_scale" and e.companion not in repaired_fp8 else e for e in entries]

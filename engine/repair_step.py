@@ -1,8 +1,8 @@
-"""Execute one plan entry: read its byte ranges, repair, write the output bytes in place.
+"""Execute one work unit: read its byte ranges, repair, write the output bytes in place.
 
-This is the unit of work shared by the in-process runner and the Ray actors: it takes paths and a
-plan entry (small, picklable) and writes straight into the preallocated output shard, so tensor
-data never travels between processes. It returns the manifest rows for the entry.
+This is the step shared by the in-process runner and the Ray actors: it takes paths and plan
+entries (small, picklable) and writes straight into the preallocated output shards, so tensor data
+never travels between processes. It returns the manifest rows for the unit.
 """
 
 from __future__ import annotations
@@ -198,14 +198,19 @@ def _row(entry: PlanEntry, expert: int | None, status: str, st: SpectralStats | 
 
 
 def _pwrite(path: Path, offset: int, data) -> None:
-    view = memoryview(data).cast("B")
     fd = os.open(path, os.O_WRONLY)
     try:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        _pwrite_fd(fd, offset, data)
     finally:
         os.close(fd)
+
+
+def _pwrite_fd(fd: int, offset: int, data) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _copy_range(src: Path, begin: int, end: int, dst: Path, dst_begin: int) -> str:
@@ -220,10 +225,7 @@ def _copy_range(src: Path, begin: int, end: int, dst: Path, dst_begin: int) -> s
             if not chunk:
                 raise RepairFailure(f"{src}: unexpected end of file at byte {pos}; the file is truncated.")
             digest.update(chunk)
-            view = memoryview(chunk)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fout, view[done:], dst_begin + pos - begin + done)
+            _pwrite_fd(fout, dst_begin + pos - begin, chunk)
             pos += len(chunk)
     finally:
         os.close(fin)
