@@ -209,7 +209,8 @@ def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: d
     return book
 
 
-def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.ObjectRef, flight: _Flight, cfg: RepairConfig) -> None:
+def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
+             cfg: RepairConfig) -> None:
     unit_id = flight.unit_id
     try:
         result = ray.get(ref)

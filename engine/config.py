@@ -52,7 +52,8 @@ class RepairConfig:
     rank: int = _opt(16, "fixed_rank: singular components kept per matrix")
     target_rho: float | None = _opt(None, "bisect the method's knob (dg_hard/mp_edge scale, wise_ft alpha, ties "
                                     "keep-ratio, dare drop-prob, fixed_rank rank) so the global "
-                                    "||delta*||_F / ||delta||_F equals this, from cached spectra and curves", type=float)
+                                    "||delta*||_F / ||delta||_F equals this, from cached spectra and curves",
+                                    type=float)
     emit_adapter: str | None = _opt(None, "also write delta* as a PEFT LoRA adapter into this directory "
                                     "(spectral methods; plain Linear / Embedding weights)")
     min_numel: int = _opt(1024, "tensors with fewer elements keep the fine-tuned value")
@@ -104,9 +105,10 @@ class RepairConfig:
     def check_method(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if not (0.0 <= self.keep_ratio <= 1.0) or not (0.0 <= self.drop_prob < 1.0) or self.rank < 0:
-            raise InputError("keep_ratio must be in [0, 1], drop_prob in [0, 1) and rank >= 0 "
-                             f"(got {self.keep_ratio}, {self.drop_prob}, {self.rank}).")
+        p_max_ok = self.drop_prob < 1.0 or not self.dare_rescale
+        if not (0.0 <= self.keep_ratio <= 1.0) or not (0.0 <= self.drop_prob <= 1.0 and p_max_ok) or self.rank < 0:
+            raise InputError("keep_ratio must be in [0, 1], drop_prob in [0, 1) ([0, 1] with --no-dare-rescale) and "
+                             f"rank >= 0 (got {self.keep_ratio}, {self.drop_prob}, {self.rank}).")
         if self.target_rho is not None:
             if not (0.0 < self.target_rho <= 1.0):
                 raise InputError(f"target_rho must be in (0, 1], got {self.target_rho!r}.")

@@ -205,7 +205,7 @@ class RunSession:
         if self.cfg.emit_adapter:
             summary["adapter"] = adapter.finalize(adapter_parts(self.inp), self.inp.plan,
                                                   Path(self.cfg.emit_adapter).expanduser().resolve(),
-                                                  str(self.cfg.base))
+                                                  self.inp.base, self.inp.ft)
         summary.update(extra or {})
         output.finalize_run(self.inp.out, self.inp.ft, summary)
         return summary

@@ -29,8 +29,8 @@ class Dare(ElementwiseMethod):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.drop_prob < 1.0):
-            raise ValueError(f"drop_prob must be in [0, 1), got {self.drop_prob}")
+        if not (0.0 <= self.drop_prob <= 1.0) or (self.dare_rescale and self.drop_prob == 1.0):
+            raise ValueError(f"drop_prob must be in [0, 1] (below 1 with rescaling), got {self.drop_prob}")
 
     def uniforms(self, d: torch.Tensor, key: str) -> torch.Tensor:
         return torch.rand(tuple(d.shape), generator=matrix_generator(self.seed, key), dtype=torch.float32)
@@ -45,7 +45,7 @@ class Dare(ElementwiseMethod):
         bins = (self.uniforms(d, key).double() * (CURVE_POINTS - 1)).floor().long().reshape(-1)
         energy = torch.bincount(bins, weights=(d.double() ** 2).reshape(-1).cpu(), minlength=CURVE_POINTS)
         kept = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # Σ over bins ≥ j
-        return (kept / kept[0]).numpy()
+        return (kept / kept[0]).numpy() if float(kept[0]) > 0 else np.zeros(CURVE_POINTS)
 
     def check_target(self) -> None:
         if self.dare_rescale:

@@ -41,6 +41,8 @@ class Ties(ElementwiseMethod):
         sq = torch.sort((d.double() ** 2).reshape(-1), descending=True).values
         cum = torch.cumsum(sq, 0)
         total = float(cum[-1])
+        if total == 0.0:
+            return np.zeros(CURVE_POINTS)
         x = np.linspace(0.0, 1.0, CURVE_POINTS)
         idx = np.ceil(x * d.numel()).astype(np.int64)
         frac = np.zeros(CURVE_POINTS)
