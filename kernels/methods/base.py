@@ -1,5 +1,5 @@
 """What every repair method provides, so the engine, the calibration pass and --target-rho can treat
-all methods alike (docs/adr/0006-methods-and-target-rho.md).
+all methods alike (docs/adr/0007-methods-and-target-rho.md).
 
 A method is a frozen dataclass of its parameters. It is either *spectral* (it supplies a rule on
 the singular values, run by kernels.spectral's backends) or *element-wise* (it maps Δ entry by
