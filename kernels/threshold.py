@@ -56,14 +56,16 @@ class SpectralRule(Protocol):
 
 @dataclass(frozen=True)
 class ThresholdParams:
-    """The DG-Hard rule (SPEC §1.4–5): keep s_i > τ = scale · ω(β) · s_med."""
+    """The DG-Hard rule (SPEC §1.4–5): keep s_i > τ = scale · ω(β) · s_med. With `at="mp_edge"` the
+    same hard cut sits at scale · λ_MP instead (the mp_edge method)."""
 
     scale: float = 1.0
     median: MedianRule = "lower"
     needs_noise_scale: bool = True
+    at: Literal["dg", "mp_edge"] = "dg"
 
     def cut(self, s: np.ndarray, noise: NoiseScale) -> Cut:
-        tau = self.scale * noise.omega * noise.s_med
+        tau = self.scale * (noise.mp_edge if self.at == "mp_edge" else noise.omega * noise.s_med)
         return Cut(tau, int(np.count_nonzero(s > tau)))
 
 

@@ -6,31 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from ..threshold import Cut, MedianRule, NoiseScale, SpectralRule
-from .base import SpectralMethod
+from ..threshold import SpectralRule, ThresholdParams
+from .dg_hard import DGHard
 
 
 @dataclass(frozen=True)
-class MPEdgeRule:
-    scale: float = 1.0
-    median: MedianRule = "lower"
-    needs_noise_scale: bool = True
+class MPEdge(DGHard):
+    """DG-Hard's parameters and knob; only where the hard cut sits differs."""
 
-    def cut(self, s: np.ndarray, noise: NoiseScale) -> Cut:
-        tau = self.scale * noise.mp_edge
-        return Cut(tau, int(np.count_nonzero(s > tau)))
-
-
-@dataclass(frozen=True)
-class MPEdge(SpectralMethod):
     name: ClassVar[str] = "mp_edge"
-    knob: ClassVar[str | None] = "scale"
-    knob_bounds: ClassVar[tuple[float, float]] = (1e-4, 1e4)
-
-    scale: float = 1.0
-    median: MedianRule = "lower"
 
     def rule(self) -> SpectralRule:
-        return MPEdgeRule(scale=self.scale, median=self.median)
+        return ThresholdParams(scale=self.scale, median=self.median, at="mp_edge")
