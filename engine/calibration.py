@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -88,13 +90,23 @@ class Solution:
 
 def global_rho(method: Method, rows: list[CalibrationRow]) -> float:
     """sqrt(Σ kept energy / Σ energy) over every matrix, from the calibration curves alone."""
-    import numpy as np
-
     total = sum(r.energy for r in rows)
     if total <= 0:
         return 1.0
     kept = sum(method.kept_energy(np.asarray(r.curve), r.energy, r.rows, r.cols) for r in rows if r.energy > 0)
     return math.sqrt(kept / total)
+
+
+def rho_function(method: Method, rows: list[CalibrationRow]) -> Callable[[float], float]:
+    """knob value -> global ρ; the method's precomputed energy model when it has one."""
+    total = sum(r.energy for r in rows)
+    curves = [(np.asarray(r.curve), r.energy, r.rows, r.cols) for r in rows if r.energy > 0]
+    model = method.energy_model(curves)
+    if total <= 0:
+        return lambda v: 1.0
+    if model is None:
+        return lambda v: global_rho(method.with_knob(v), rows)
+    return lambda v: math.sqrt(model(v) / total)
 
 
 def solve_knob(method: Method, rows: list[CalibrationRow], target: float) -> Solution:
@@ -106,9 +118,11 @@ def solve_knob(method: Method, rows: list[CalibrationRow], target: float) -> Sol
     lo, hi = method.knob_bounds
     at = {}
 
+    evaluate = rho_function(method, rows)
+
     def rho(v: float) -> float:
         if v not in at:
-            at[v] = global_rho(method.with_knob(v), rows)
+            at[v] = evaluate(v)
         return at[v]
 
     r_lo, r_hi = rho(lo), rho(hi)
@@ -129,8 +143,7 @@ def solve_knob(method: Method, rows: list[CalibrationRow], target: float) -> Sol
             a = mid
         else:
             b = mid
-        if abs(rho(mid) - target) < 1e-9:
-            a = b = mid
+        if abs(rho(mid) - target) < 1e-9 or (not method.knob_integer and b - a <= 1e-12 * max(abs(b), 1e-300)):
             break
     best = min((a, b), key=lambda v: abs(rho(v) - target))
     value = float(int(best)) if method.knob_integer else best

@@ -74,3 +74,31 @@ def test_calibration_resumes_without_recomputing(tmp_path):
     assert victim.read_bytes() == before
     assert again["target_rho"]["value"] == first["target_rho"]["value"]
     assert json.loads((out / "dgrepair" / "summary.json").read_text())["resumed_entries"] > 0
+
+
+def test_fast_energy_model_equals_the_rule_matrix_by_matrix():
+    """DG-Hard's precomputed searchsorted model gives the same global ρ as the rule itself."""
+    import numpy as np
+    import reference
+
+    from dgrepair.engine.calibration import CalibrationRow, global_rho, rho_function
+    from dgrepair.kernels.methods import build_method
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (m, n) in enumerate([(96, 64), (64, 64), (40, 120), (30, 30)]):
+        s = np.linalg.svd(reference.spiked(m, n, 3, rng), compute_uv=False)
+        rows.append(CalibrationRow(f"t{i}", None, None, m, n, float(np.sum(s ** 2)), list(s), "p", 0.0))
+    rows.append(CalibrationRow("zero", None, None, 50, 40, 0.0, [0.0] * 40, "p", 0.0))
+    for name in ("dg_hard", "mp_edge"):
+        method = build_method(name, {})
+        fast = rho_function(method, rows)
+        for scale in (0.3, 0.9, 1.0, 1.7, 4.0):
+            assert fast(scale) == pytest.approx(global_rho(method.with_knob(scale), rows), abs=1e-12)
+    for i, r in enumerate(rows):  # element-wise curves on the shared grid: the model is one weighted curve
+        r.curve = list(np.linspace(0.0, 1.0, 2048) ** (0.3 + 0.2 * i))
+    for name, knob in (("ties", (0.05, 0.2, 0.77)), ("dare", (0.1, 0.5, 0.9)), ("wise_ft", (0.2, 0.6))):
+        method = build_method(name, {"dare_rescale": False})
+        fast = rho_function(method, rows)
+        for v in knob:
+            assert fast(v) == pytest.approx(global_rho(method.with_knob(v), rows), abs=1e-12)

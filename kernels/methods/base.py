@@ -10,6 +10,7 @@ curve from which the kept energy at any knob value is computed without touching 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -47,6 +48,11 @@ class Method:
         """Σ Δ*² of one matrix under this method's current knob, from its calibration curve."""
         raise NotImplementedError
 
+    def energy_model(self, curves: list[tuple[np.ndarray, float, int, int]]) -> Callable[[float], float] | None:
+        """Optionally, a fast knob -> Σ kept energy over all matrices (precomputed once); None = use
+        `kept_energy` matrix by matrix."""
+        return None
+
 
 @dataclass(frozen=True)
 class SpectralMethod(Method):
@@ -75,6 +81,15 @@ class ElementwiseMethod(Method):
     def curve(self, d: torch.Tensor, key: str) -> np.ndarray:
         """Calibration curve of one matrix (float64); empty when the kept energy has a closed form."""
         return np.zeros(0)
+
+    def energy_model(self, curves: list[tuple[np.ndarray, float, int, int]]) -> Callable[[float], float]:
+        """Element-wise kept energies are linear in curve × energy on a shared grid, so the whole model
+        collapses to one energy-weighted curve (or to Σ energy for a closed form with no curve)."""
+        total = sum(e for _, e, _, _ in curves)
+        if not curves or curves[0][0].size == 0:
+            return lambda v: self.with_knob(v).kept_energy(np.zeros(0), total, 0, 0)
+        combined = np.sum([c * e for c, e, _, _ in curves], axis=0)
+        return lambda v: self.with_knob(v).kept_energy(combined, 1.0, 0, 0)
 
     def apply(self, delta: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, list[SpectralStats]]:
         out = torch.empty_like(delta)
