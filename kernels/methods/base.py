@@ -73,6 +73,7 @@ class ElementwiseMethod(Method):
     """Maps Δ entry by entry; `keys` name each matrix (seeds for random methods)."""
 
     spectral: ClassVar[bool] = False
+    has_curve: ClassVar[bool] = True  # False: the kept energy has a closed form in Σ Δ² alone
 
     def apply_one(self, d: torch.Tensor, key: str) -> torch.Tensor:
         """Δ* of one float32 matrix (a new tensor)."""
@@ -86,7 +87,7 @@ class ElementwiseMethod(Method):
         """Element-wise kept energies are linear in curve × energy on a shared grid, so the whole model
         collapses to one energy-weighted curve (or to Σ energy for a closed form with no curve)."""
         total = sum(e for _, e, _, _ in curves)
-        if not curves or curves[0][0].size == 0:
+        if not self.has_curve or not curves:
             return lambda v: self.with_knob(v).kept_energy(np.zeros(0), total, 0, 0)
         combined = np.sum([c * e for c, e, _, _ in curves], axis=0)
         return lambda v: self.with_knob(v).kept_energy(combined, 1.0, 0, 0)

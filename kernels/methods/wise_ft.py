@@ -16,6 +16,7 @@ class WiseFT(ElementwiseMethod):
     name: ClassVar[str] = "wise_ft"
     knob: ClassVar[str | None] = "alpha"
     knob_bounds: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    has_curve: ClassVar[bool] = False
 
     alpha: float = 0.5  # the paper's App. H.1 / I.3 canonical mixing weight
 
