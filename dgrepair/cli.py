@@ -238,7 +238,29 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
-    pass
+    report = sub.add_parser(
+        "report", help="write a Markdown/HTML report with figures for a finished run (noise per layer class, "
+                       "kept ranks, rho per layer, spectra)",
+        description="Render OUT/dgrepair/report/report.md (or .html), report.json and PNG figures from a finished "
+                    "run's manifest and summary.json. Spectra are recomputed from the run's base and fine-tune.")
+    report.add_argument("out", metavar="OUT", help="output directory of a finished dgrepair repair run")
+    report.add_argument("--format", choices=("md", "html"), default="md", help="report format (default: md)")
+    report.add_argument("--tensors", nargs="+", action="extend", metavar="REGEX",
+                        help="plot the spectrum of the repaired tensors matching any of these regexes (searched in "
+                             "the names; default: the 2-D matrix with the largest ||delta||_F)")
+    report.add_argument("--max-spectra", type=int, default=8, metavar="N",
+                        help="plot at most N matrices (stacked experts count one per expert) (default: 8)")
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .engine.report import build_report
+
+    if args.max_spectra < 1:
+        raise InputError(f"--max-spectra must be >= 1, got {args.max_spectra}.")
+    target = build_report(Path(args.out), args.format, args.tensors, args.max_spectra)
+    print(f"wrote {target} (figures and report.json beside it)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,3 +142,18 @@ def _float32_unsafe(s: np.ndarray, st: SpectralStats) -> str | None:
     if np.any(np.abs(s - st.tau) <= NEAR_TAU_F32 * st.tau):
         return "near_tau"
     return None
+
+
+def singular_values(d: torch.Tensor, backend: str = "auto", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                    device: torch.device | str | None = None) -> np.ndarray:
+    """Descending float64 singular values of one float32 delta `(m, n)`, from the spectrum the repair
+    backends use (exact SVD, or the float64 Gram; `gram32` is read in float64 here). For reports:
+    the repair itself goes through `repair_batch`."""
+    if d.ndim != 2 or d.dtype != torch.float32:
+        raise ValueError(f"singular_values takes one float32 (m, n) matrix; got {d.dtype} {tuple(d.shape)}")
+    rows, cols = d.shape
+    dev = torch.device(device) if device is not None else d.device
+    if resolve_backend(backend, rows, cols) == "exact":
+        return torch.linalg.svdvals(d.to(device=dev, dtype=torch.float64)).cpu().numpy()
+    work = d if rows >= cols else d.T
+    return linalg.GramEigen(linalg.gram(work, torch.float64, dev, chunk_elems)).singular_values()
