@@ -179,9 +179,9 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--cohort-column", action="append", default=[], metavar="NAME",
                        help="CSV column holding a cohort label per (cell, benchmark); population scores are also "
                             "given per label (repeatable)")
-    score.add_argument("--lm-eval", action="append", default=[], metavar="METHOD=PATH",
-                       help="lm-eval results JSON (or the folder holding one) of a method; base=PATH and ft=PATH "
-                            "are required with it (repeatable)")
+    score.add_argument("--lm-eval", nargs="+", action="extend", default=[], metavar="METHOD=PATH",
+                       help="lm-eval results JSON (or the folder holding one) per method, e.g. --lm-eval "
+                            "base=PATH ft=PATH dg_hard=PATH; base and ft are required (repeatable)")
     score.add_argument("--cell", default="lm-eval", help="cell name for the --lm-eval results (default: lm-eval)")
     score.add_argument("--task-benchmark", metavar="TASK",
                        help="the lm-eval task that is the fine-tuning (on-task) benchmark; required with --lm-eval")

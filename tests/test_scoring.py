@@ -319,14 +319,14 @@ def test_lm_eval_inputs_match_the_csv_path(tmp_path, capsys):
         scores = {names[b]: v for c, m, b, v in HAND if m == method}
         paths[method] = lm_eval_file(tmp_path / method / "model" / "results_2026-01-01.json", scores, keys)
     argv = ["score", "--cell", "c", "--task-benchmark", "medqa_4options", "--json",
-            "--lm-eval", f"base={paths['base']}", "--lm-eval", f"ft={tmp_path / 'ft'}",  # a folder works too
+            "--lm-eval", f"base={paths['base']}", f"ft={tmp_path / 'ft'}",  # a folder works too
             "--lm-eval", f"m={paths['m']}"]
     assert main(argv) == 0
     records = json.loads(capsys.readouterr().out)
     assert records[0]["cell"] == "c" and records[0]["method"] == "m"
     assert records[0]["combined"] == pytest.approx(0.6)
     assert records[0]["balance"] == pytest.approx(630 / 656)  # mmlu_anatomy (a subtask) left out
-    assert main([*argv[:-2]]) == 2  # only base and ft: nothing to score
+    assert main(argv[:-2]) == 2  # only base and ft: nothing to score
     assert "only the references" in capsys.readouterr().err
     bad = lm_eval_file(tmp_path / "bad.json", {"arc_challenge": 0.5, "gsm8k": 0.5, "mmlu": 0.5,
                                                "medqa_4options": 0.5}, {"gsm8k": "bleu,none"})
