@@ -208,3 +208,45 @@ def test_report_errors(run, tmp_path, capsys):
 def test_layer_class_names(name, part, cls, layer):
     assert report_stats.layer_class(name, part) == cls
     assert report_stats.layer_index(name) == layer
+
+
+def test_spectra_of_fused_gate_up_and_fp8_tensors(tmp_path):
+    """The recompute follows the run's own reshape rules: fused gate/up halves (gpt-oss interleaved
+    layout) and block-FP8 weights dequantised with each checkpoint's scales."""
+    from ckpt import write_single
+    from test_fp8 import fp8_pair
+    from test_fused_experts import PREFIX, E, fused, halves, split
+
+    from dgrepair.kernels import fp8
+
+    base_h, ft_h = halves(5)
+    for role, w in (("base", base_h), ("ft", ft_h)):
+        write_single(tmp_path / "moe" / role, {f"{PREFIX}.gate_up_proj": fused(w, "in_out_interleaved")})
+        (tmp_path / "moe" / role / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
+    base8, ft8 = fp8_pair(tmp_path / "f8")
+    cases = [(tmp_path / "moe", "gate_up_proj"), (tmp_path / "f8", r"down_proj\.weight$")]
+    for root, pattern in cases:
+        out = root / "out"
+        assert main(["repair", "--base", str(root / "base"), "--ft", str(root / "ft"), "--out", str(out),
+                     "--in-process", "--no-progress"]) == 0
+        assert main(["report", str(out), "--tensors", pattern, "--max-spectra", "16"]) == 0
+        data = json.loads((out / "dgrepair" / "report" / "report.json").read_text())
+        for s in data["spectra"]:
+            if s["part"] is not None:  # fused: matrix = that expert's half, as the per-expert layout stores it
+                f1, f0 = (fused(w, "in_out_interleaved") for w in (ft_h, base_h))
+                delta = split(f1, "in_out_interleaved", s["expert"], s["part"]) - \
+                    split(f0, "in_out_interleaved", s["expert"], s["part"])
+            else:
+                name = s["tensor"]
+                delta = fp8.dequantize(ft8[name], ft8[name + "_scale_inv"]) - \
+                    fp8.dequantize(base8[name], base8[name + "_scale_inv"])
+            ref = np.linalg.svd(delta.double().numpy(), compute_uv=False)
+            np.testing.assert_allclose(s["singular_values"], ref, rtol=0, atol=1e-6 * ref[0])
+            assert s["rank_kept_recomputed"] == s["rank_kept_run"]
+            assert s["tau_recomputed"] == pytest.approx(s["tau_run"], rel=1e-9)
+        if root.name == "moe":
+            assert [(s["expert"], s["part"]) for s in data["spectra"]] == [
+                (e, p) for e in range(E) for p in ("gate", "up")]
+            assert {c["layer_class"] for c in data["classes"]} == {"mlp.experts.gate_proj", "mlp.experts.up_proj"}
+        else:
+            assert [s["tensor"] for s in data["spectra"]] == ["model.layers.0.mlp.down_proj.weight"]

@@ -249,6 +249,8 @@ def test_cli_table_and_percent_units(tmp_path, capsys):
     ([r for r in HAND if not (r[1] == "m" and r[2] == "B")], "method 'm' has no score for B"),
     ([*HAND, ("c", "m", "Z", 0.5)], "scores Z, which base and ft do not"),
     ([r for r in HAND if r[1] != "m"], "has only the references"),
+    ([r if r[:3] != ("c", "ft", "task") else ("c", "ft", "task", 0.0) for r in HAND], "ft scores 0 on 'task'"),
+    ([r if r[1] != "base" or r[2] == "task" else (*r[:3], 0.0) for r in HAND], "base scores 0 on every held-out"),
 ])
 def test_structural_errors(tmp_path, capsys, rows, message):
     path = write_csv(tmp_path / "s.csv", rows)
