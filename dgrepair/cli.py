@@ -1,4 +1,4 @@
-"""`dgrepair` command line: repair, plan, demo.
+"""`dgrepair` command line: repair, plan, demo, score, report.
 
 Repair options are generated from `RepairConfig`, so the flags, the YAML file and the Ray job share
 one schema. Errors the user can act on print one message and exit non-zero without a traceback.
@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .engine.config import RepairConfig
-from .engine.errors import DGRepairError
+from .engine.errors import DGRepairError, InputError
 from .kernels.spectral import BACKENDS
 
 EXAMPLES = """examples:
@@ -24,6 +24,8 @@ EXAMPLES = """examples:
   dgrepair plan   --base ./llama-base --ft ./llama-sft
   dgrepair repair --base ./llama-base --ft ./llama-sft --out ./llama-sft-repaired
   dgrepair repair --config repair.yaml --scale 1.5
+  dgrepair score  --table scores.csv --cohort-column family
+  dgrepair report ./llama-sft-repaired --tensors 'layers.0.mlp.up_proj'
 """
 
 
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kernel", choices=BACKENDS, default="auto", help="spectral backend")
     demo.add_argument("--in-process", action="store_true", help="run without Ray")
     demo.set_defaults(func=cmd_demo)
+    _add_score_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 
@@ -157,6 +161,106 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dgrepair-demo-"))
     run_demo(workdir, dtype=args.dtype, kernel=args.kernel, stream=sys.stdout, executor=run,
              in_process=args.in_process)
+    return 0
+
+
+def _add_score_parser(sub: argparse._SubParsersAction) -> None:
+    from .engine.score_inputs import UNITS
+
+    score = sub.add_parser(
+        "score", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="score methods against base and ft from benchmark results (paper §3.4: healed, preserved, "
+             "Combined, balance; population Clean-up / Retention / Combined)",
+        description="Score repair methods the way the paper does (SPEC.md §5). Input: a long-format CSV with "
+                    "columns cell,method,benchmark,score (methods 'base' and 'ft' are the references; the "
+                    "on-task benchmark is named 'task'), and/or lm-evaluation-harness results files, one per "
+                    "method, for one cell.")
+    score.add_argument("--table", action="append", default=[], metavar="FILE.csv",
+                       help="long-format CSV: cell,method,benchmark,score[,cohort columns] (repeatable)")
+    score.add_argument("--cohort-column", action="append", default=[], metavar="NAME",
+                       help="CSV column holding a cohort label per (cell, benchmark); population scores are also "
+                            "given per label (repeatable)")
+    score.add_argument("--lm-eval", nargs="+", action="extend", default=[], metavar="METHOD=PATH",
+                       help="lm-eval results JSON (or the folder holding one) per method, e.g. --lm-eval "
+                            "base=PATH ft=PATH dg_hard=PATH; base and ft are required (repeatable)")
+    score.add_argument("--cell", default="lm-eval", help="cell name for the --lm-eval results (default: lm-eval)")
+    score.add_argument("--task-benchmark", metavar="TASK",
+                       help="the lm-eval task that is the fine-tuning (on-task) benchmark; required with --lm-eval")
+    score.add_argument("--metric", action="append", default=[], metavar="TASK=KEY",
+                       help="lm-eval metric key for a task, e.g. gsm8k=exact_match,flexible-extract (default: the "
+                            "first of acc, exact_match strict-match, prompt_level_strict_acc, acc_norm, ...)")
+    score.add_argument("--units", choices=UNITS, default="auto",
+                       help="scores are fractions in [0,1] or percentages in [0,100]; auto decides per file "
+                            "(default: auto)")
+    score.add_argument("--non-damage", choices=("one-sided", "two-sided"), default="one-sided",
+                       help="population non-damage: one-sided = M - Base >= -0.03 on unchanged triples (reproduces "
+                            "the paper's numbers), two-sided = |M - Base| < 0.03 (SPEC §5 as written) "
+                            "(default: one-sided)")
+    score.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
+    score.set_defaults(func=cmd_score)
+
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InputError(f"{flag} {v!r}: expected NAME=VALUE.")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .engine import score_inputs, scoring
+
+    if not args.table and not args.lm_eval:
+        raise InputError("score: give --table FILE.csv and/or --lm-eval METHOD=PATH (with base= and ft=).")
+    rows: list[score_inputs.RawScore] = []
+    for path in args.table:
+        rows += score_inputs.normalise_units(score_inputs.read_csv(path, tuple(args.cohort_column)), args.units,
+                                             f"score table {path}")
+    if args.lm_eval:
+        if not args.task_benchmark:
+            raise InputError("score: --lm-eval needs --task-benchmark TASK (the lm-eval task the model was "
+                             "fine-tuned for).")
+        metrics = dict(_pairs(args.metric, "--metric"))
+        for method, path in _pairs(args.lm_eval, "--lm-eval"):
+            read = score_inputs.read_lm_eval(path, method, args.cell, args.task_benchmark, metrics)
+            rows += score_inputs.normalise_units(read, args.units, f"lm-eval results {path}")
+    sources = ", ".join([*args.table, *(p for _, p in _pairs(args.lm_eval, "--lm-eval"))])
+    table = score_inputs.build_table(rows, sources)
+    cells = scoring.score_cells(table)
+    populations = scoring.score_populations(table, non_damage=args.non_damage)
+    if args.json:
+        print(json.dumps(scoring.to_records(cells, populations), indent=1))
+    else:
+        print(scoring.format_text(cells, populations))
+    return 0
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report", help="write a Markdown/HTML report with figures for a finished run (noise per layer class, "
+                       "kept ranks, rho per layer, spectra)",
+        description="Render OUT/dgrepair/report/report.md (or .html), report.json and PNG figures from a finished "
+                    "run's manifest and summary.json. Spectra are recomputed from the run's base and fine-tune.")
+    report.add_argument("out", metavar="OUT", help="output directory of a finished dgrepair repair run")
+    report.add_argument("--format", choices=("md", "html"), default="md", help="report format (default: md)")
+    report.add_argument("--tensors", nargs="+", action="extend", metavar="REGEX",
+                        help="plot the spectrum of the repaired tensors matching any of these regexes (searched in "
+                             "the names; default: the 2-D matrix with the largest ||delta||_F)")
+    report.add_argument("--max-spectra", type=int, default=8, metavar="N",
+                        help="plot at most N matrices (stacked experts count one per expert) (default: 8)")
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .engine.report import build_report
+
+    if args.max_spectra < 1:
+        raise InputError(f"--max-spectra must be >= 1, got {args.max_spectra}.")
+    target = build_report(Path(args.out), args.format, args.tensors, args.max_spectra)
+    print(f"wrote {target} (figures and report.json beside it)")
     return 0
 
 

@@ -180,7 +180,10 @@ def _float32_unsafe(s: np.ndarray, st: SpectralStats) -> str | None:
 def singular_values(d: torch.Tensor, backend: str = "auto", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
                     device: torch.device | str | None = None) -> np.ndarray:
     """All singular values of one float32 delta (m, n), descending, float64: the calibration pass of
-    --target-rho caches these so bisecting a spectral method's knob never repeats the decomposition."""
+    --target-rho caches these so bisecting a spectral method's knob never repeats the decomposition, and
+    `dgrepair report` plots them (the repair itself goes through `repair_batch`)."""
+    if d.ndim != 2 or d.dtype != torch.float32:
+        raise ValueError(f"singular_values takes one float32 (m, n) matrix; got {d.dtype} {tuple(d.shape)}")
     rows, cols = d.shape
     chosen = resolve_backend(backend, rows, cols)
     dev = torch.device(device) if device is not None else d.device
