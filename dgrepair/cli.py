@@ -192,10 +192,10 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--units", choices=UNITS, default="auto",
                        help="scores are fractions in [0,1] or percentages in [0,100]; auto decides per file "
                             "(default: auto)")
-    score.add_argument("--non-damage", choices=("one-sided", "two-sided"), default="one-sided",
+    score.add_argument("--non-damage", choices=("one-sided", "two-sided"), default="two-sided",
                        help="population non-damage: one-sided = M - Base >= -0.03 on unchanged triples (reproduces "
                             "the paper's numbers), two-sided = |M - Base| < 0.03 (SPEC §5 as written) "
-                            "(default: one-sided)")
+                            "(default: two-sided)")
     score.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
     score.set_defaults(func=cmd_score)
 

@@ -4,14 +4,14 @@ Input is a `ScoreTable`: benchmark scores as fractions in [0, 1] keyed by (cell,
 with `base` and `ft` as the reference methods and `task` as the on-task benchmark. Reading CSV or
 lm-evaluation-harness files lives in `score_inputs.py`; this module does no I/O.
 
-Conventions (docs/adr/0006-scoring.md):
+Conventions (docs/adr/0006-scoring-and-reports.md):
 - A benchmark is damaged when FT − Base ≤ −0.03, improved when ≥ +0.03, else unchanged. The
   comparisons allow `BOUNDARY_EPS` so that a difference of exactly 3 points in decimal (0.5320 →
   0.5020, which is −0.030000000000000027 in binary) is decided as written, so an FT effect of
   exactly 3 points is a change.
-- Non-damage (population): share of unchanged triples the method did not push more than 3 points
-  below Base (one-sided, exact −3 points kept), which reproduces the paper's printed population
-  numbers; SPEC §5's literal two-sided |M − Base| < 0.03 is available as `two-sided`.
+- Non-damage (population): by default SPEC §5 as written, the share of unchanged triples with
+  |M − Base| < 0.03 (`two-sided`; SPEC.md is authoritative). `one-sided` (M − Base ≥ −0.03, exact
+  −3 points kept) is the rule that reproduces the paper's printed population numbers.
 - Per cell: healed/preserved are means of per-benchmark ratios clipped to [0, 1]; an empty side
   counts as 1; Combined is their harmonic mean (0 when either is 0). Balance is the harmonic mean
   of mean(M)/mean(Base) over held-out benchmarks and M_task/FT_task, as a ratio (1 = parity; it
@@ -101,12 +101,12 @@ def classify(ft: float, base: float) -> str:
     return "unchanged"
 
 
-def within_threshold(method: float, base: float, mode: str = "one-sided") -> bool:
+def within_threshold(method: float, base: float, mode: str = "two-sided") -> bool:
     """Non-damage test for an unchanged triple.
 
-    `one-sided` (default): the method did not push it more than 3 points below Base, M − Base ≥ −0.03
-    with an exact −3 points counted as kept; this reproduces the paper's population numbers (Tab. 1,
-    Tab. 13, Fig. 2; docs/adr/0006-scoring.md). `two-sided`: SPEC §5's literal |M − Base| < 0.03."""
+    `two-sided` (default): SPEC §5's literal |M − Base| < 0.03. `one-sided`: the method did not push it
+    more than 3 points below Base, M − Base ≥ −0.03 with an exact −3 points counted as kept; this
+    reproduces the paper's population numbers (Tab. 1, Tab. 13, Fig. 2; docs/adr/0006-scoring-and-reports.md)."""
     if mode == "one-sided":
         return method - base >= -THRESHOLD - BOUNDARY_EPS
     if mode == "two-sided":
@@ -218,7 +218,7 @@ def _in_cohort(table: ScoreTable, cell: str, bench: str, cohort: str) -> bool:
 
 
 def score_population(table: ScoreTable, method: str, cohort: str = OVERALL,
-                     non_damage: str = "one-sided") -> PopulationScore:
+                     non_damage: str = "two-sided") -> PopulationScore:
     """Tab. 1 statistics of one method over the held-out triples of a cohort (all cells by default).
 
     A cohort's cells are those with at least one held-out triple in it; on-task retention averages
@@ -255,7 +255,7 @@ def all_methods(table: ScoreTable) -> list[str]:
 
 
 def score_populations(table: ScoreTable, cohorts: Iterable[str] | None = None,
-                      non_damage: str = "one-sided") -> list[PopulationScore]:
+                      non_damage: str = "two-sided") -> list[PopulationScore]:
     """Overall, then each cohort, for every method (in order of first appearance)."""
     validate(table)
     names = [OVERALL, *(cohort_names(table) if cohorts is None else cohorts)]
