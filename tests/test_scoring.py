@@ -206,7 +206,8 @@ def test_paper_population_combined():
 
 
 def test_spec_two_sided_non_damage_does_not_reproduce_the_paper():
-    """Why one-sided exists beside the SPEC default: SPEC §5's literal |M - Base| < 0.03 misses Knowledge by 6 points."""
+    """Why one-sided exists beside the SPEC default: SPEC §5's literal |M - Base| < 0.03 misses Knowledge by
+    6 points."""
     got = {(p.method, p.cohort): p for p in scoring.score_populations(paper_table(), non_damage="two-sided")}
     assert 100 * got[("DG-Hard", "dimension=Knowledge")].combined == pytest.approx(78.9, abs=0.05)
     assert 100 * got[("DG-Hard", "overall")].combined == pytest.approx(82.7, abs=0.05)
