@@ -11,7 +11,7 @@ import hashlib
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -214,6 +214,7 @@ def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[Calibra
             continue
         start = time.perf_counter()
         mats = (_fp8_delta(job, scales[e.name])[0][None] if e.kind == "fp8" else _load_delta(job)[0])
+        mine = []
         for i in range(mats.shape[0]):
             d = mats[i]
             key = matrix_key(e.name, e.kind, i)
@@ -222,10 +223,11 @@ def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[Calibra
             else:
                 curve = method.curve(d, key)
             expert, part = row_identity(e.kind, i)
-            out.append(CalibrationRow(tensor=e.name, expert=expert, part=part, rows=int(d.shape[0]),
-                                      cols=int(d.shape[1]), energy=float(torch.sum(d.double() ** 2)),
-                                      curve=[float(x) for x in curve], plan_id=settings.plan_id,
-                                      seconds=time.perf_counter() - start))
+            mine.append(CalibrationRow(tensor=e.name, expert=expert, part=part, rows=int(d.shape[0]),
+                                       cols=int(d.shape[1]), energy=float(torch.sum(d.double() ** 2)),
+                                       curve=[float(x) for x in curve], plan_id=settings.plan_id, seconds=0.0))
+        per = (time.perf_counter() - start) / len(mine)  # the entry's time, shared by its matrices
+        out.extend(replace(r, seconds=per) for r in mine)
     return out
 
 
