@@ -41,7 +41,7 @@ def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] |
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
-            parser.add_argument(flag, action="append", metavar="REGEX", **kw)
+            parser.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "REGEX"), **kw)
         else:
             typ = type(default) if default is not None else str
             parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="validate the pair and print the plan; writes nothing")
     _add_config_options(plan, only=("base", "ft", "scale", "min_numel", "mask", "include", "exclude", "median",
-                                    "kernel"))
+                                    "kernel", "fused_layout", "out_dtype", "packed_int4", "treat_as"))
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--tensors", action="store_true", help="list every tensor with its kind and reason")
     plan.set_defaults(func=cmd_plan)

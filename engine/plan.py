@@ -7,7 +7,11 @@ Kinds (SPEC.md §2–3):
 - `experts_fused`: a fused gate/up stack, repaired per expert and per half (engine/layouts.py).
 - `fp8`: a block-FP8 weight (F8_E4M3 + `<name>_scale_inv`), dequantised, repaired, re-quantised;
   its scale tensor (`fp8_scale`) is rewritten by the same unit.
-- `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only).
+- `mxfp4`: an MXFP4 weight (`*_blocks` U8 + `*_scales` U8, gpt-oss), dequantised, repaired per expert
+  (gate/up halves split as its fused layout says), re-quantised; its scales (`mxfp4_scales`) go with it.
+- `dequant`: a quantized weight that is not repaired but written as BF16 (`--out-dtype bf16`).
+- `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only, packed INT4
+  with `--packed-int4 passthrough`).
 - `refuse`: cannot be repaired correctly by this version; `repair` stops before writing.
 """
 
@@ -28,10 +32,14 @@ from .config import RepairConfig
 from .errors import InputError
 from .layouts import fused_layout_for, fused_matrix_shape
 from .names import EMBEDDING, HEAD, base_partner, canonical
-from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
+from .safetensors_format import DTYPE_BITS, FLOAT_DTYPES_REPAIRABLE, TensorEntry, build_header, output_prefix
 
-REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8")
+REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8", "mxfp4")
+SCALE_KINDS = ("fp8_scale", "mxfp4_scales")  # rewritten (or dropped) by their weight's unit
 FP8_SCALE = "_scale_inv"
+MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
+INT4_PACKED = "weight_packed"
+INT4_FAMILY = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 QUANTIZED_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales", "weight_zero_point")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
 FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")
@@ -58,6 +66,37 @@ class PlanEntry:
     base_scale: TensorEntry | None = None  # fp8: that tensor's header entry
     power_of_two_scales: bool = False  # fp8: `ue8m0` scales
     resized_rows: int | None = None  # resized vocabulary: rows [0, resized_rows) are repaired, the rest copied
+    out_name: str | None = None  # written under another name (MXFP4 -> BF16 drops `_blocks`)
+    out_dtype: str | None = None  # written in another dtype (--out-dtype bf16)
+    out_shape: tuple[int, ...] | None = None  # written in another shape (MXFP4 -> BF16)
+    dropped: bool = False  # not written at all (the scales of a weight written as BF16)
+
+    @property
+    def written(self) -> tuple[str, str, tuple[int, ...]]:
+        """(name, dtype, shape) of the tensor in the output."""
+        return (self.out_name or self.name, self.out_dtype or self.ft.dtype, self.out_shape or self.ft.shape)
+
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.name.endswith(MX_BLOCKS) and self.companion is not None
+
+    @property
+    def batch_kind(self) -> str:
+        """How the (dequantised) tensor splits into matrices, as engine/layouts.py names it."""
+        if self.kind == "mxfp4":
+            return "experts_fused" if self.layout else ("experts" if len(self.ft.shape) == 4 else "svd")
+        if self.kind == "fp8":
+            return "svd"
+        return self.kind
+
+    @property
+    def out_nbytes(self) -> int:
+        if self.dropped:
+            return 0
+        if self.out_dtype is None and self.out_shape is None:
+            return self.ft.nbytes
+        _, dtype, shape = self.written
+        return math.prod(shape) * DTYPE_BITS[dtype] // 8
 
     @property
     def repair_shape(self) -> tuple[int, ...]:
@@ -68,7 +107,7 @@ class PlanEntry:
 
     @property
     def out_end(self) -> int:
-        return self.out_begin + self.ft.nbytes
+        return self.out_begin + self.out_nbytes
 
     @property
     def cost(self) -> float:
@@ -88,6 +127,9 @@ class Plan:
     shape_mismatches: list[str]
     config: dict[str, Any]
     fingerprints: dict[str, Any]
+    out_shards: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # shard -> (header prefix, file size)
+    layout_changed: bool = False  # some tensor changes dtype/shape/name or is dropped: new headers and index
+    drop_quantization_config: bool = False  # --out-dtype bf16 removed every quantized weight
     plan_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +176,7 @@ class Plan:
 def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     """Pair and classify every fine-tune tensor; headers only."""
     mask = cfg.layer_mask()
+    rules = cfg.treat_as_rules()
     entries: list[PlanEntry] = []
     mismatches: list[str] = []
     base_names = {canonical(n): n for n in sorted(base.locations)}
@@ -156,12 +199,21 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                       "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
             if base_name:
                 used.add(base_name)
-            kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name))
+            kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name), rules)
             companion = base_companion = None
+            layout = None
             if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
                 kind, reason, mshape, count, companion, base_companion = _classify_fp8(
                     t, b, base_name, ft, base, cfg, mask.selects(t.name))
-            layout = None
+            elif _is_int4_family(t.name, ft):
+                kind, reason = (("passthrough", "packed INT4 (compressed-tensors), copied verbatim (--packed-int4 "
+                                 "passthrough); never repaired") if cfg.packed_int4 == "passthrough" else
+                                ("refuse", "packed INT4 (compressed-tensors weight_packed) cannot be repaired by this "
+                                 "version; pass --packed-int4 passthrough to copy the fine-tune's tensors verbatim, "
+                                 "or dequantize both checkpoints to BF16 first"))
+            elif t.name.endswith((MX_BLOCKS, MX_SCALES)):
+                kind, reason, mshape, count, companion, base_companion, layout = _classify_mxfp4(
+                    t, b, base_name, ft, base, cfg, mask.selects(t.name), model_type)
             if kind == "experts_fused":
                 layout, assumed = fused_layout_for(cfg.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)
@@ -184,12 +236,135 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                      base_companion=base_companion,
                                      base_scale=base.entry(base_companion)[1] if base_companion else None,
                                      power_of_two_scales=ue8m0))
-    repaired_fp8 = {e.name for e in entries if e.kind == "fp8"}
+    if cfg.out_dtype == "bf16":
+        entries = [_to_bf16(e) for e in entries]
+    rewritten = {e.name for e in entries if e.kind in ("fp8", "mxfp4", "dequant")}
     entries = [dataclasses.replace(e, kind="passthrough", reason=f"block scales of {e.companion}, kept with it")
-               if e.kind == "fp8_scale" and e.companion not in repaired_fp8 else e for e in entries]
+               if e.kind in SCALE_KINDS and e.companion not in rewritten else e for e in entries]
     base_only = sorted(set(base.locations) - used - {e.base_companion for e in entries if e.base_companion})
+    entries, out_shards, changed = _output_layout(entries, ft)
+    quantized_left = any(e.kind != "refuse" and (e.ft.dtype.startswith(("F8_", "F4")) or e.name.endswith(
+        (MX_BLOCKS, INT4_PACKED))) and not e.dropped and e.out_dtype is None for e in entries)
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
-                config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()})
+                config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()},
+                out_shards=out_shards, layout_changed=changed,
+                drop_quantization_config=cfg.out_dtype == "bf16" and changed and not quantized_left)
+
+
+def _to_bf16(e: PlanEntry) -> PlanEntry:
+    """--out-dtype bf16: quantized weights are written as BF16 (repaired or not); their scales are dropped."""
+    if e.kind in SCALE_KINDS or (e.kind == "passthrough" and e.name.endswith((FP8_SCALE, MX_SCALES))
+                                 and e.companion is not None):
+        return dataclasses.replace(e, dropped=True, kind=e.kind if e.kind in SCALE_KINDS else
+                                   ("fp8_scale" if e.name.endswith(FP8_SCALE) else "mxfp4_scales"),
+                                   reason=f"scales of {e.companion}, dropped: the weight is written as BF16")
+    is_fp8 = e.ft.dtype == "F8_E4M3" and e.companion is not None
+    is_mx = e.name.endswith(MX_BLOCKS) and e.companion is not None
+    if not (is_fp8 or is_mx) or e.kind == "refuse":
+        return e
+    kind, reason = e.kind, e.reason
+    if kind == "passthrough":
+        kind, reason = "dequant", f"{reason}; dequantised, not repaired"
+    if is_fp8:
+        return dataclasses.replace(e, kind=kind, reason=f"{reason}; written as BF16", out_dtype="BF16")
+    logical = _mx_logical_shape(e.ft.shape)
+    shape = (logical[0], logical[2], logical[1]) if len(logical) == 3 else logical
+    name = e.name[: -len(MX_BLOCKS)]
+    return dataclasses.replace(e, kind=kind, out_dtype="BF16", out_shape=shape, out_name=name,
+                               reason=f"{reason}; written as BF16 {name} {list(shape)}"
+                                      + (" (in, out), as transformers holds it" if len(shape) == 3 else ""))
+
+
+def _output_layout(entries: list[PlanEntry], ft: Checkpoint) -> tuple[list[PlanEntry], dict, bool]:
+    """Output headers per shard: the fine-tune's own bytes when nothing changes shape or dtype, else a
+    new header built from the plan (dropped scales removed, renamed / retyped tensors, new offsets)."""
+    by_shard: dict[str, list[PlanEntry]] = {}
+    for e in entries:
+        by_shard.setdefault(e.shard, []).append(e)
+    out: dict[str, tuple[bytes, int]] = {}
+    new_entries: dict[str, PlanEntry] = {}
+    changed_any = False
+    for shard, header in sorted(ft.shards.items()):
+        mine = sorted(by_shard.get(shard, []), key=lambda e: e.ft.begin)
+        if not any(e.dropped or e.out_dtype or e.out_shape or e.out_name for e in mine):
+            prefix = output_prefix(header)
+            out[shard] = (prefix, len(prefix) + header.file_size - header.data_start)
+            continue
+        changed_any = True
+        kept = [e for e in mine if not e.dropped]
+        if not kept:
+            new_entries.update({e.name: dataclasses.replace(e, out_begin=0) for e in mine})
+            continue  # nothing left to write: the shard is left out of the output
+        prefix = build_header([e.written for e in kept], {**(header.metadata or {}), "format": "pt"})
+        pos = len(prefix)
+        for e in mine:
+            new_entries[e.name] = dataclasses.replace(e, out_begin=pos)
+            pos += e.out_nbytes
+        out[shard] = (prefix, pos)
+    return [new_entries.get(e.name, e) for e in entries], out, changed_any
+
+
+def _is_int4_family(name: str, ft: Checkpoint) -> bool:
+    """A compressed-tensors packed-INT4 module's tensors (`weight_packed` and its siblings)."""
+    for suffix in INT4_FAMILY:
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + INT4_PACKED in ft.locations
+    return False
+
+
+def _mx_logical_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """[..., rows, cols/32, 16] U8 -> [..., rows, cols]."""
+    return (*blocks_shape[:-2], blocks_shape[-2] * 32)
+
+
+def _mx_partner(name: str | None) -> str | None:
+    """The `_scales` name of a `_blocks` name."""
+    return name[: -len(MX_BLOCKS)] + MX_SCALES if name and name.endswith(MX_BLOCKS) else None
+
+
+def _classify_mxfp4(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
+                    cfg: RepairConfig, in_mask: bool, model_type: str | None) -> tuple:
+    """MXFP4 `*_blocks` / `*_scales` pairs (gpt-oss). On disk a block tensor is (out, in); a fused
+    `gate_up_proj` interleaves gate and up along its out rows (research/formats.md §2)."""
+    none = (None, 0, None, None, None)
+    stem = t.name[: -len(MX_BLOCKS)] if t.name.endswith(MX_BLOCKS) else t.name[: -len(MX_SCALES)]
+    blocks_name, scales_name = stem + MX_BLOCKS, stem + MX_SCALES
+    if t.name == scales_name:
+        if blocks_name in ft.locations:
+            return ("mxfp4_scales", f"MXFP4 scales of {blocks_name}, rewritten with it", None, 0, blocks_name,
+                    None, None)
+        return ("refuse", f"MXFP4 scales without their {blocks_name} tensor", *none)
+    if scales_name not in ft.locations:
+        return ("refuse", f"MXFP4 blocks without their {scales_name} tensor", *none)
+    sc = ft.entry(scales_name)[1]
+    if t.dtype != "U8" or sc.dtype != "U8" or len(t.shape) not in (3, 4) or t.shape[-1] != 16 \
+            or sc.shape != t.shape[:-1]:
+        return ("refuse", f"MXFP4 pair must be U8 blocks [..., out, in/32, 16] with U8 scales [..., out, in/32]; "
+                f"got {t.dtype}{list(t.shape)} and {sc.dtype}{list(sc.shape)} ({scales_name})", *none)
+    if b is None:
+        return ("passthrough", "fine-tune only", None, 0, scales_name, None, None)
+    base_scales = _mx_partner(base_name)
+    if b.shape != t.shape or b.dtype != "U8" or base_scales not in base.locations \
+            or base.entry(base_scales)[1].shape != sc.shape:
+        return ("refuse", "the base must store the same MXFP4 blocks/scales pair (same shapes); dequantize both "
+                "checkpoints to BF16 first", *none)
+    logical = _mx_logical_shape(t.shape)
+    if math.prod(logical) < cfg.min_numel or not in_mask:
+        return ("passthrough", "MXFP4 weight kept (numel < min_numel or outside mask)", None, 0, scales_name,
+                None, None)
+    if len(logical) == 2:
+        return ("mxfp4", "MXFP4 matrix: dequantised, repaired, re-quantised", logical, 1, scales_name, base_scales,
+                None)
+    e, rows, cols = logical
+    if FUSED_GATE_UP.search(stem):
+        layout = cfg.fused_layout if cfg.fused_layout != "auto" else "out_in_interleaved"
+        mshape = fused_matrix_shape(logical, layout)
+        if mshape is None:
+            return ("refuse", f"fused MXFP4 gate/up stack {list(logical)} has an odd fused axis", *none)
+        return ("mxfp4", f"MXFP4 fused gate/up stack of {e} experts, {layout}: dequantised, repaired per expert "
+                "and half, re-quantised", mshape, 2 * e, scales_name, base_scales, layout)
+    return ("mxfp4", f"MXFP4 expert stack of {e}: dequantised, repaired per expert, re-quantised", (rows, cols), e,
+            scales_name, base_scales, None)
 
 
 def _classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
@@ -229,8 +404,8 @@ def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
             and canonical(t.name) in (HEAD, EMBEDDING))
 
 
-def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,
-              in_mask: bool) -> tuple[str, str, tuple[int, int] | None, int]:
+def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig, in_mask: bool,
+              rules: tuple = ()) -> tuple[str, str, tuple[int, int] | None, int]:
     passthrough = ("passthrough", None, 0)
     if t.dtype.startswith(("F8_", "F4", "F6")) or t.name.endswith(QUANTIZED_SUFFIXES):
         return ("refuse", f"quantized storage ({t.dtype}) is not supported by this version; dequantize the "
@@ -249,18 +424,41 @@ def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,
         return (passthrough[0], "outside mask", None, 0)
     if t.numel == 0:
         return (passthrough[0], "empty", None, 0)
+    if t.name.endswith(("_bias", ".bias")):
+        return (passthrough[0], "bias", None, 0)
     if len(t.shape) == 2:
         return ("svd", "2-D matrix", (t.shape[0], t.shape[1]), 1)
+    override = next(((rx.pattern, kind) for rx, kind in rules if rx.search(t.name)), None)
+    if override is not None:
+        return _treat_as(t, *override)
     if len(t.shape) == 3 and FUSED_GATE_UP.search(t.name):
         return ("experts_fused", "", None, 2 * t.shape[0])  # layout and halves are resolved by build_plan
     if len(t.shape) == 3 and EXPERT_STACK.search(t.name):
         return ("experts", f"expert stack of {t.shape[0]}, repaired per expert", (t.shape[1], t.shape[2]),
                 t.shape[0])
     if len(t.shape) >= 4 or any("conv" in part for part in t.name.split(".")[-2:]):
-        cols = math.prod(t.shape[1:])
-        note = "convolution, reshaped to [out, in*k]"
-        if t.shape[1] == 1:
-            note += f"; depthwise: rank at most {cols}"
-        return ("conv", note, (t.shape[0], cols), 1)
+        return _conv(t, "convolution")
     return ("refuse", f"{len(t.shape)}-D tensor {list(t.shape)} is neither a recognised expert stack nor a "
-            "convolution; exclude it with --exclude", None, 0)
+            "convolution; classify it with --treat-as 'REGEX=experts|conv|passthrough' or exclude it with "
+            "--exclude", None, 0)
+
+
+def _conv(t: TensorEntry, why: str) -> tuple[str, str, tuple[int, int] | None, int]:
+    cols = math.prod(t.shape[1:])
+    note = f"{why}, reshaped to [out, in*k]"
+    if t.shape[1] == 1:
+        note += f"; depthwise: rank at most {cols}"
+    return ("conv", note, (t.shape[0], cols), 1)
+
+
+def _treat_as(t: TensorEntry, pattern: str, kind: str) -> tuple[str, str, tuple[int, int] | None, int]:
+    """A `--treat-as REGEX=KIND` override for a tensor with more than two axes."""
+    why = f"--treat-as {pattern}={kind}"
+    if kind == "passthrough":
+        return ("passthrough", why, None, 0)
+    if kind == "conv":
+        return _conv(t, why)
+    if len(t.shape) != 3:
+        return ("refuse", f"{why}: an expert stack must be 3-D [E, a, b], got {list(t.shape)}", None, 0)
+    return ("experts", f"{why}: expert stack of {t.shape[0]}, repaired per expert", (t.shape[1], t.shape[2]),
+            t.shape[0])
