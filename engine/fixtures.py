@@ -7,7 +7,9 @@ routers and biases change a little. Used by the format tests and available to `d
 
 - `deepseek_v3`: MLA (q_a/q_b/kv_a_proj_with_mqa [72, 64]/kv_b/o), first_k_dense_replace=1, routed +
   shared experts, all Linear weights block-FP8 with F32 `weight_scale_inv` (one in another shard),
-  BF16 embeddings/norms/router, F32 e_score_correction_bias; dims match transformers' DeepseekV3.
+  BF16 embeddings/norms/router, F32 e_score_correction_bias, 2 shards named `model-N-of-2` with an
+  index whose metadata is empty; the base also has an MTP layer 2 the fine-tune dropped; dims match
+  transformers' DeepseekV3 (the BF16 output loads there).
 - `gpt_oss`: fused MXFP4 experts (`*_blocks`/`*_scales`, gate/up interleaved), BF16 biases, router,
   attention with biases and sinks.
 - `qwen3_5_moe`: `model.language_model.` prefix, fused [E, 2I, H] gate_up + [E, H, I] down stacks,
@@ -46,6 +48,7 @@ class T:
     role: str = "matrix"
     shard: int = 0
     base_name: str | None = None  # the base stores it under another name (prefix drift)
+    base_only: bool = False  # only the base has it (a fine-tune that dropped the MTP layer)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ def deepseek_v3() -> Fixture:
         for e in [*(f"experts.{i}" for i in range(4)), "shared_experts"]:
             ts += [T(p + f"mlp.{e}.{k}_proj.weight", s, role="fp8", shard=1)
                    for k, s in (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32)))]
+    # MTP layer (num_nextn_predict_layers = 1) with its stored copies of the embedding and head; fine-tunes
+    # often drop it, so only the base has it (research/formats.md §4 "Unmatched keys")
+    ts += [T("model.layers.2." + k, s, role="vector" if len(s) == 1 else "matrix", base_only=True) for k, s in (
+        ("embed_tokens.weight", (128, 64)), ("shared_head.head.weight", (128, 64)), ("eh_proj.weight", (64, 128)),
+        ("enorm.weight", (64,)), ("hnorm.weight", (64,)))]
     return Fixture("deepseek_v3", cfg, ts, shards=2)
 
 
@@ -246,6 +254,8 @@ def write_pair(name: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
         else:
             w1 = w0.clone()
         for role, w in (("base", w0), ("ft", w1)):
+            if role == "ft" and t.base_only:
+                continue
             stored = _stored(t, w)
             if role == "base" and t.base_name:
                 stored = {t.base_name + k[len(t.name):]: v for k, v in stored.items()}
