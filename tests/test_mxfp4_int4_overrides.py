@@ -175,3 +175,21 @@ def test_fp8_weight_kept_by_the_mask_is_still_written_as_bf16(tmp_path):
     assert m.loc["a.weight_scale_inv", "status"] == "dropped"
     assert json.loads((out / "config.json").read_text()) == {}
     assert not math.isnan(m.loc["a.weight", "requant_error"])
+
+
+def test_mxfp4_resume_redoes_damaged_blocks_with_their_scales(tmp_path):
+    base, ft = write_pair("gpt_oss", tmp_path)
+    args = ["repair", "--base", str(base), "--ft", str(ft), "--no-progress", "--in-process"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 0
+    (out / "dgrepair" / "summary.json").unlink()  # as if interrupted before the end
+    rows = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
+    row = rows[rows.tensor == "model.layers.0.mlp.experts.down_proj_scales"].iloc[0]
+    raw = bytearray((out / row.shard).read_bytes())
+    raw[row.byte_begin] ^= 0xFF  # damage only the scales
+    (out / row.shard).write_bytes(bytes(raw))
+    assert main([*args, "--out", str(out)]) == 0
+    after = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
+    assert len(after) == len(rows) + 3  # the two experts of down_proj_blocks and their scales, nothing else
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "clean" / "model.safetensors").read_bytes()

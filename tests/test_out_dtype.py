@@ -47,6 +47,7 @@ def test_deepseek_fp8_to_bf16_loads_in_transformers_and_matches_reference(tmp_pa
             assert m.loc[name, "rank_kept"] == ranks[0] > 0 and m.loc[name, "kind"] == "fp8"
             assert_bf16_close(o[name].float().numpy(), want)
             assert m.loc[name, "requant_error"] < 2 ** -8  # the BF16 rounding only
+            assert m.loc[name, "reason"].endswith("written as BF16")
         elif m.loc[name, "kind"] == "passthrough":
             assert torch.equal(o[name].view(torch.uint8), t.view(torch.uint8)), name
     # index: written names, their shards, new total_size; headers: contiguous offsets of the new dtypes
