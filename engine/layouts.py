@@ -14,8 +14,11 @@ Matrices come out in the order expert 0 gate, expert 0 up, expert 1 gate, ...
 
 from __future__ import annotations
 
+import re
+
 import torch
 
+FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")  # anchored: not shared_experts.*
 FUSED_LAYOUTS = ("out_in_concat", "in_out_concat", "in_out_interleaved", "out_in_interleaved")
 FUSED_PARTS = ("gate", "up")
 MODEL_TYPE_LAYOUTS = {"gpt_oss": "in_out_interleaved", "llama4": "in_out_concat", "llama4_text": "in_out_concat"}

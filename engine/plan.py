@@ -30,19 +30,25 @@ from .. import __version__
 from .checkpoint import Checkpoint
 from .config import RepairConfig
 from .errors import InputError
-from .layouts import fused_layout_for, fused_matrix_shape
+from .layouts import FUSED_GATE_UP, fused_layout_for, fused_matrix_shape
 from .names import EMBEDDING, HEAD, base_partner, canonical
-from .safetensors_format import DTYPE_BITS, FLOAT_DTYPES_REPAIRABLE, TensorEntry, build_header, output_prefix
+from .out_layout import output_layout
+from .quantized import (
+    FP8_SCALE,
+    INT4_PACKED,
+    MX_BLOCKS,
+    MX_SCALES,
+    SCALE_KINDS,
+    classify_fp8,
+    classify_mxfp4,
+    is_int4_family,
+    to_bf16,
+)
+from .safetensors_format import DTYPE_BITS, FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
 REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8", "mxfp4")
-SCALE_KINDS = ("fp8_scale", "mxfp4_scales")  # rewritten (or dropped) by their weight's unit
-FP8_SCALE = "_scale_inv"
-MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
-INT4_PACKED = "weight_packed"
-INT4_FAMILY = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 QUANTIZED_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales", "weight_zero_point")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
-FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -203,17 +209,17 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
             companion = base_companion = None
             layout = None
             if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
-                kind, reason, mshape, count, companion, base_companion = _classify_fp8(
+                kind, reason, mshape, count, companion, base_companion = classify_fp8(
                     t, b, base_name, ft, base, cfg, mask.selects(t.name))
-            elif _is_int4_family(t.name, ft):
+            elif is_int4_family(t.name, ft):
                 kind, reason = (("passthrough", "packed INT4 (compressed-tensors), copied verbatim (--packed-int4 "
                                  "passthrough); never repaired") if cfg.packed_int4 == "passthrough" else
                                 ("refuse", "packed INT4 (compressed-tensors weight_packed) cannot be repaired by this "
                                  "version; pass --packed-int4 passthrough to copy the fine-tune's tensors verbatim, "
                                  "or dequantize both checkpoints to BF16 first"))
             elif t.name.endswith((MX_BLOCKS, MX_SCALES)):
-                kind, reason, mshape, count, companion, base_companion, layout = _classify_mxfp4(
-                    t, b, base_name, ft, base, cfg, mask.selects(t.name), model_type)
+                kind, reason, mshape, count, companion, base_companion, layout = classify_mxfp4(
+                    t, b, base_name, ft, base, cfg, mask.selects(t.name))
             if kind == "experts_fused":
                 layout, assumed = fused_layout_for(cfg.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)
@@ -237,165 +243,18 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                      base_scale=base.entry(base_companion)[1] if base_companion else None,
                                      power_of_two_scales=ue8m0))
     if cfg.out_dtype == "bf16":
-        entries = [_to_bf16(e) for e in entries]
+        entries = [to_bf16(e) for e in entries]
     rewritten = {e.name for e in entries if e.kind in ("fp8", "mxfp4", "dequant")}
     entries = [dataclasses.replace(e, kind="passthrough", reason=f"block scales of {e.companion}, kept with it")
                if e.kind in SCALE_KINDS and e.companion not in rewritten else e for e in entries]
     base_only = sorted(set(base.locations) - used - {e.base_companion for e in entries if e.base_companion})
-    entries, out_shards, changed = _output_layout(entries, ft)
+    entries, out_shards, changed = output_layout(entries, ft)
     quantized_left = any(e.kind != "refuse" and (e.ft.dtype.startswith(("F8_", "F4")) or e.name.endswith(
         (MX_BLOCKS, INT4_PACKED))) and not e.dropped and e.out_dtype is None for e in entries)
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
                 config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()},
                 out_shards=out_shards, layout_changed=changed,
                 drop_quantization_config=cfg.out_dtype == "bf16" and changed and not quantized_left)
-
-
-def _to_bf16(e: PlanEntry) -> PlanEntry:
-    """--out-dtype bf16: quantized weights are written as BF16 (repaired or not); their scales are dropped."""
-    if e.kind in SCALE_KINDS or (e.kind == "passthrough" and e.name.endswith((FP8_SCALE, MX_SCALES))
-                                 and e.companion is not None):
-        return dataclasses.replace(e, dropped=True, kind=e.kind if e.kind in SCALE_KINDS else
-                                   ("fp8_scale" if e.name.endswith(FP8_SCALE) else "mxfp4_scales"),
-                                   reason=f"scales of {e.companion}, dropped: the weight is written as BF16")
-    is_fp8 = e.ft.dtype == "F8_E4M3" and e.companion is not None
-    is_mx = e.name.endswith(MX_BLOCKS) and e.companion is not None
-    if not (is_fp8 or is_mx) or e.kind == "refuse":
-        return e
-    kind, reason = e.kind, e.reason
-    if kind == "passthrough":
-        kind, reason = "dequant", f"{reason}; dequantised, not repaired"
-    if is_fp8:
-        return dataclasses.replace(e, kind=kind, reason=f"{reason}; written as BF16", out_dtype="BF16")
-    logical = _mx_logical_shape(e.ft.shape)
-    shape = (logical[0], logical[2], logical[1]) if len(logical) == 3 else logical
-    name = e.name[: -len(MX_BLOCKS)]
-    return dataclasses.replace(e, kind=kind, out_dtype="BF16", out_shape=shape, out_name=name,
-                               reason=f"{reason}; written as BF16 {name} {list(shape)}"
-                                      + (" (in, out), as transformers holds it" if len(shape) == 3 else ""))
-
-
-def _output_layout(entries: list[PlanEntry], ft: Checkpoint) -> tuple[list[PlanEntry], dict, bool]:
-    """Output headers per shard: the fine-tune's own bytes when nothing changes shape or dtype, else a
-    new header built from the plan (dropped scales removed, renamed / retyped tensors, new offsets)."""
-    by_shard: dict[str, list[PlanEntry]] = {}
-    for e in entries:
-        by_shard.setdefault(e.shard, []).append(e)
-    out: dict[str, tuple[bytes, int]] = {}
-    new_entries: dict[str, PlanEntry] = {}
-    changed_any = False
-    for shard, header in sorted(ft.shards.items()):
-        mine = sorted(by_shard.get(shard, []), key=lambda e: e.ft.begin)
-        if not any(e.dropped or e.out_dtype or e.out_shape or e.out_name for e in mine):
-            prefix = output_prefix(header)
-            out[shard] = (prefix, len(prefix) + header.file_size - header.data_start)
-            continue
-        changed_any = True
-        kept = [e for e in mine if not e.dropped]
-        if not kept:
-            new_entries.update({e.name: dataclasses.replace(e, out_begin=0) for e in mine})
-            continue  # nothing left to write: the shard is left out of the output
-        prefix = build_header([e.written for e in kept], {**(header.metadata or {}), "format": "pt"})
-        pos = len(prefix)
-        for e in mine:
-            new_entries[e.name] = dataclasses.replace(e, out_begin=pos)
-            pos += e.out_nbytes
-        out[shard] = (prefix, pos)
-    return [new_entries.get(e.name, e) for e in entries], out, changed_any
-
-
-def _is_int4_family(name: str, ft: Checkpoint) -> bool:
-    """A compressed-tensors packed-INT4 module's tensors (`weight_packed` and its siblings)."""
-    for suffix in INT4_FAMILY:
-        if name.endswith(suffix):
-            return name[: -len(suffix)] + INT4_PACKED in ft.locations
-    return False
-
-
-def _mx_logical_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """[..., rows, cols/32, 16] U8 -> [..., rows, cols]."""
-    return (*blocks_shape[:-2], blocks_shape[-2] * 32)
-
-
-def _mx_partner(name: str | None) -> str | None:
-    """The `_scales` name of a `_blocks` name."""
-    return name[: -len(MX_BLOCKS)] + MX_SCALES if name and name.endswith(MX_BLOCKS) else None
-
-
-def _classify_mxfp4(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
-                    cfg: RepairConfig, in_mask: bool, model_type: str | None) -> tuple:
-    """MXFP4 `*_blocks` / `*_scales` pairs (gpt-oss). On disk a block tensor is (out, in); a fused
-    `gate_up_proj` interleaves gate and up along its out rows (research/formats.md §2)."""
-    none = (None, 0, None, None, None)
-    stem = t.name[: -len(MX_BLOCKS)] if t.name.endswith(MX_BLOCKS) else t.name[: -len(MX_SCALES)]
-    blocks_name, scales_name = stem + MX_BLOCKS, stem + MX_SCALES
-    if t.name == scales_name:
-        if blocks_name in ft.locations:
-            return ("mxfp4_scales", f"MXFP4 scales of {blocks_name}, rewritten with it", None, 0, blocks_name,
-                    None, None)
-        return ("refuse", f"MXFP4 scales without their {blocks_name} tensor", *none)
-    if scales_name not in ft.locations:
-        return ("refuse", f"MXFP4 blocks without their {scales_name} tensor", *none)
-    sc = ft.entry(scales_name)[1]
-    if t.dtype != "U8" or sc.dtype != "U8" or len(t.shape) not in (3, 4) or t.shape[-1] != 16 \
-            or sc.shape != t.shape[:-1]:
-        return ("refuse", f"MXFP4 pair must be U8 blocks [..., out, in/32, 16] with U8 scales [..., out, in/32]; "
-                f"got {t.dtype}{list(t.shape)} and {sc.dtype}{list(sc.shape)} ({scales_name})", *none)
-    if b is None:
-        return ("passthrough", "fine-tune only", None, 0, scales_name, None, None)
-    base_scales = _mx_partner(base_name)
-    if b.shape != t.shape or b.dtype != "U8" or base_scales not in base.locations \
-            or base.entry(base_scales)[1].shape != sc.shape:
-        return ("refuse", "the base must store the same MXFP4 blocks/scales pair (same shapes); dequantize both "
-                "checkpoints to BF16 first", *none)
-    logical = _mx_logical_shape(t.shape)
-    if math.prod(logical) < cfg.min_numel or not in_mask:
-        return ("passthrough", "MXFP4 weight kept (numel < min_numel or outside mask)", None, 0, scales_name,
-                None, None)
-    if len(logical) == 2:
-        return ("mxfp4", "MXFP4 matrix: dequantised, repaired, re-quantised", logical, 1, scales_name, base_scales,
-                None)
-    e, rows, cols = logical
-    if FUSED_GATE_UP.search(stem):
-        layout = cfg.fused_layout if cfg.fused_layout != "auto" else "out_in_interleaved"
-        mshape = fused_matrix_shape(logical, layout)
-        if mshape is None:
-            return ("refuse", f"fused MXFP4 gate/up stack {list(logical)} has an odd fused axis", *none)
-        return ("mxfp4", f"MXFP4 fused gate/up stack of {e} experts, {layout}: dequantised, repaired per expert "
-                "and half, re-quantised", mshape, 2 * e, scales_name, base_scales, layout)
-    return ("mxfp4", f"MXFP4 expert stack of {e}: dequantised, repaired per expert, re-quantised", (rows, cols), e,
-            scales_name, base_scales, None)
-
-
-def _classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
-                  cfg: RepairConfig, in_mask: bool) -> tuple:
-    """Block-FP8 weights and their `_scale_inv` companions (SPEC §4); anything else FP8 is refused."""
-    refuse = ("refuse",)
-    if t.name.endswith(FP8_SCALE):
-        weight = t.name[: -len(FP8_SCALE)]
-        if weight in ft.locations and ft.entry(weight)[1].dtype == "F8_E4M3":
-            return ("fp8_scale", f"block scales of {weight}, rewritten with it", None, 0, weight, None)
-        return ("passthrough", "scale of a non-FP8 tensor", None, 0, None, None)
-    scale = t.name + FP8_SCALE
-    if len(t.shape) != 2 or scale not in ft.locations:
-        return (*refuse, f"{t.dtype} tensor without a 2-D weight + {FP8_SCALE} block-scale pair is not supported",
-                None, 0, None, None)
-    grid = (-(-t.shape[0] // 128), -(-t.shape[1] // 128))
-    if ft.entry(scale)[1].shape != grid or ft.entry(scale)[1].dtype not in ("F32", "BF16"):
-        return (*refuse, f"{scale} must be F32 or BF16 of shape {list(grid)} (128x128 blocks)", None, 0, None, None)
-    if b is None:
-        return ("passthrough", "fine-tune only", None, 0, scale, None)
-    base_scale = None
-    if b.dtype == "F8_E4M3":
-        base_scale = (base_name or t.name) + FP8_SCALE
-        if base_scale not in base.locations or base.entry(base_scale)[1].shape != grid:
-            return (*refuse, f"base FP8 weight has no matching {FP8_SCALE} block scales", None, 0, None, None)
-    elif b.dtype not in FLOAT_DTYPES_REPAIRABLE:
-        return (*refuse, f"base dtype {b.dtype} cannot be paired with an FP8 fine-tune", None, 0, None, None)
-    if t.numel < cfg.min_numel or not in_mask:
-        return ("passthrough", "FP8 weight kept (numel < min_numel or outside mask)", None, 0, scale, None)
-    return ("fp8", "block-FP8 weight: dequantised, repaired, re-quantised to the same layout",
-            (t.shape[0], t.shape[1]), 1, scale, base_scale)
 
 
 def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
