@@ -41,6 +41,7 @@ from .quantized import (
     SCALE_KINDS,
     classify_fp8,
     classify_mxfp4,
+    fp8_base,
     is_int4_family,
     to_bf16,
 )
@@ -220,6 +221,10 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
             elif t.name.endswith((MX_BLOCKS, MX_SCALES)):
                 kind, reason, mshape, count, companion, base_companion, layout = classify_mxfp4(
                     t, b, base_name, ft, base, cfg, mask.selects(t.name))
+            elif b is not None and b.dtype == "F8_E4M3" and t.dtype in FLOAT_DTYPES_REPAIRABLE:
+                kind, reason, mshape, count, base_companion = fp8_base(
+                    t, b, base_name, base, _classify(t, dataclasses.replace(b, dtype="F32"), cfg,
+                                                     mask.selects(t.name), rules))
             if kind == "experts_fused":
                 layout, assumed = fused_layout_for(cfg.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)

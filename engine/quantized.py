@@ -55,6 +55,20 @@ def classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, f
             (t.shape[0], t.shape[1]), 1, scale, base_scale)
 
 
+def fp8_base(t: TensorEntry, b: TensorEntry, base_name: str | None, base: Checkpoint, dense: tuple) -> tuple:
+    """A dense fine-tune of a block-FP8 base (a BF16 fine-tune of DeepSeek-V3): repaired as usual, the base
+    dequantised with its own `_scale_inv`. `dense` is the classification as if the base were dense."""
+    kind, reason, mshape, count = dense
+    scale = (base_name or t.name) + FP8_SCALE
+    if kind == "passthrough":  # its scales are accounted for, not reported as base-only
+        return (*dense, scale if scale in base.locations else None)
+    if kind != "svd" or len(b.shape) != 2 or scale not in base.locations \
+            or base.entry(scale)[1].shape != (-(-b.shape[0] // 128), -(-b.shape[1] // 128)):
+        return ("refuse", f"base is block-FP8 but has no 128x128 {FP8_SCALE} block scales for this 2-D weight; "
+                "dequantize the base to BF16 first", None, 0, None)
+    return (kind, f"{reason}; base block-FP8, dequantised with its {FP8_SCALE}", mshape, count, scale)
+
+
 def classify_mxfp4(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
                    cfg: RepairConfig, in_mask: bool) -> tuple:
     """MXFP4 `*_blocks` / `*_scales` pairs (gpt-oss). On disk a block tensor is (out, in); a fused
