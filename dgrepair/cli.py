@@ -121,12 +121,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     inp = load_inputs(cfg, need_out=False)
     summary = inp.plan.summary()
     entries = [{"tensor": e.name, "kind": e.kind, "reason": e.reason, "shape": list(e.ft.shape),
-                "dtype": e.ft.dtype, "shard": e.shard} for e in inp.plan.entries]
+                "dtype": e.ft.dtype, "shard": e.shard, "written": _written(e)} for e in inp.plan.entries]
     if args.json:
         print(json.dumps({**summary, "entries": entries}, indent=2))
     else:
         _print_plan(summary, entries if args.tensors else None)
     return 0 if not (summary["shape_mismatches"] or summary["refused"]) else 2
+
+
+def _written(e) -> dict[str, Any] | None:
+    """How a tensor is written when that differs from the fine-tune (--out-dtype bf16); None otherwise."""
+    if e.dropped:
+        return {"dropped": True}
+    name, dtype, shape = e.written
+    if (name, dtype, tuple(shape)) == (e.name, e.ft.dtype, tuple(e.ft.shape)):
+        return None
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
 
 
 def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -> None:

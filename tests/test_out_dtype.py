@@ -71,7 +71,7 @@ def test_deepseek_fp8_to_bf16_loads_in_transformers_and_matches_reference(tmp_pa
     assert logits.shape == (1, 12, 128) and torch.isfinite(logits).all()
 
 
-def test_gpt_oss_mxfp4_to_bf16_loads_in_transformers_with_the_reference_weights(tmp_path):
+def test_gpt_oss_mxfp4_to_bf16_loads_in_transformers_with_the_reference_weights(tmp_path, capsys):
     base, ft = write_pair("gpt_oss", tmp_path)
     out = tmp_path / "out"
     assert run(base, ft, out) == 0
@@ -84,6 +84,11 @@ def test_gpt_oss_mxfp4_to_bf16_loads_in_transformers_with_the_reference_weights(
         assert got.dtype == torch.bfloat16 and got.shape == (want.shape[0], want.shape[2], want.shape[1])
         assert_bf16_close(got.float().numpy(), np.swapaxes(want, 1, 2))  # (in, out), as transformers holds it
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["plan", "--base", str(base), "--ft", str(ft), "--out-dtype", "bf16", "--json"]) == 0
+    written = {e["tensor"]: e["written"] for e in json.loads(capsys.readouterr().out)["entries"]}
+    assert written[stem + "down_proj_blocks"] == {"name": stem + "down_proj", "dtype": "BF16", "shape": [2, 32, 64]}
+    assert written[stem + "down_proj_scales"] == {"dropped": True} and written["lm_head.weight"] is None
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     sd = model.state_dict()
     assert torch.equal(sd[stem + "gate_up_proj"], o[stem + "gate_up_proj"])
