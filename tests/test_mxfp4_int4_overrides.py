@@ -193,3 +193,14 @@ def test_mxfp4_resume_redoes_damaged_blocks_with_their_scales(tmp_path):
     after = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
     assert len(after) == len(rows) + 3  # the two experts of down_proj_blocks and their scales, nothing else
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "clean" / "model.safetensors").read_bytes()
+
+
+def test_mxfp4_outside_the_mask_passes_through_with_its_scales(tmp_path):
+    base, ft = write_pair("gpt_oss", tmp_path)
+    out = tmp_path / "out"
+    assert main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--no-progress",
+                 "--in-process", "--exclude", r"\.experts\."]) == 0
+    f, o = load_dir(ft), load_dir(out)
+    m = pd.read_parquet(out / "dgrepair" / "manifest.parquet").set_index("tensor")
+    for k in [k for k in f if k.endswith(("_blocks", "_scales"))]:
+        assert torch.equal(o[k], f[k]) and m.loc[k, "kind"] == "passthrough", k
