@@ -53,7 +53,7 @@ class RepairWorker:
             rows = [dataclasses.replace(r, node=self.node) for r in rows]
         return {"unit": unit_id, "rows": rows, "node": self.node, "seconds": time.perf_counter() - start,
                 "bytes_read": sum(j.entry.ft.nbytes + (j.entry.base.nbytes if j.entry.base else 0) for j in jobs),
-                "bytes_written": sum(j.entry.ft.nbytes for j in jobs) if self.settings.mode == "repair" else 0}
+                "bytes_written": sum(j.entry.out_nbytes for j in jobs) if self.settings.mode == "repair" else 0}
 
     def _faults(self, names: set[str]) -> None:
         crash = os.environ.get("DGREPAIR_FAULT_CRASH_ON")

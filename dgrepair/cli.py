@@ -43,7 +43,7 @@ def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] |
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
-            parser.add_argument(flag, action="append", metavar="REGEX", **kw)
+            parser.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "REGEX"), **kw)
         else:
             typ = f.metadata.get("type") or (type(default) if default is not None else str)
             parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="validate the pair and print the plan; writes nothing")
     _add_config_options(plan, only=("base", "ft", "method", "scale", "alpha", "keep_ratio", "ties_lambda",
                                     "drop_prob", "dare_rescale", "seed", "rank", "min_numel", "mask", "include",
-                                    "exclude", "median", "kernel"))
+                                    "exclude", "median", "kernel", "fused_layout", "out_dtype", "packed_int4",
+                                    "treat_as"))
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--tensors", action="store_true", help="list every tensor with its kind and reason")
     plan.set_defaults(func=cmd_plan)
@@ -126,12 +127,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     inp = load_inputs(cfg, need_out=False)
     summary = inp.plan.summary()
     entries = [{"tensor": e.name, "kind": e.kind, "reason": e.reason, "shape": list(e.ft.shape),
-                "dtype": e.ft.dtype, "shard": e.shard} for e in inp.plan.entries]
+                "dtype": e.ft.dtype, "shard": e.shard, "written": _written(e)} for e in inp.plan.entries]
     if args.json:
         print(json.dumps({**summary, "entries": entries}, indent=2))
     else:
         _print_plan(summary, entries if args.tensors else None)
     return 0 if not (summary["shape_mismatches"] or summary["refused"]) else 2
+
+
+def _written(e) -> dict[str, Any] | None:
+    """How a tensor is written when that differs from the fine-tune (--out-dtype bf16); None otherwise."""
+    if e.dropped:
+        return {"dropped": True}
+    name, dtype, shape = e.written
+    if (name, dtype, tuple(shape)) == (e.name, e.ft.dtype, tuple(e.ft.shape)):
+        return None
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
 
 
 def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -> None:

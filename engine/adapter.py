@@ -92,7 +92,7 @@ def finalize(parts: Path, plan: Plan, target: Path, base: Checkpoint, ft: Checkp
     ranks: dict[str, int] = {}
     skipped = []
     for entry in plan.entries:
-        if entry.kind not in REPAIR_KINDS or entry.kind == "fp8_scale":
+        if entry.kind not in REPAIR_KINDS:
             continue
         why = exportable(entry)
         if why is not None:

@@ -7,6 +7,7 @@ drift from it; a YAML file uses the same names (dashes or underscores).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from .scope import MASK_PRESETS, LayerMask
 # Fields that change the output bytes; they (and the inputs' fingerprints) make the plan id.
 # The method's own parameters are added by `output_affecting` (only those of the chosen method).
 OUTPUT_AFFECTING = ("method", "min_numel", "mask", "include", "exclude", "kernel", "fused_layout", "target_rho",
-                    "emit_adapter")
+                    "emit_adapter", "out_dtype", "packed_int4", "treat_as")
+TREAT_AS_KINDS = ("experts", "conv", "passthrough")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -67,6 +69,15 @@ class RepairConfig:
     fused_layout: str = _opt("auto", "layout of fused experts.gate_up_proj stacks: auto (from config.json "
                              "model_type), out_in_concat [E,2I,H], in_out_concat [E,H,2I], in_out_interleaved",
                              choices=("auto", *FUSED_LAYOUTS))
+    out_dtype: str = _opt("keep", "quantized weights (block-FP8, MXFP4): keep = re-quantize to the fine-tune's "
+                          "layout; bf16 = write BF16, drop the scale tensors and config.json's quantization_config",
+                          choices=("keep", "bf16"))
+    packed_int4: str = _opt("refuse", "packed INT4 tensors (compressed-tensors weight_packed/weight_scale): refuse, "
+                            "or passthrough = copy the fine-tune's tensors verbatim (never repaired)",
+                            choices=("refuse", "passthrough"))
+    treat_as: list[str] = _opt([], "REGEX=KIND (KIND: experts, conv, passthrough); overrides how a matching tensor "
+                               "with more than 2 axes is classified (repeatable; first match wins)",
+                               metavar="REGEX=KIND")
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N")
     threads: int = _opt(0, "BLAS threads per CPU worker (0 = all cores in-process; cores / workers on Ray)")
     batch_mb: int = _opt(256, "memory budget (MiB) for batching same-shape matrices into one kernel call")
@@ -98,8 +109,13 @@ class RepairConfig:
             raise InputError(f"fused_layout must be auto or one of {', '.join(FUSED_LAYOUTS)}.")
         if self.kernel not in BACKENDS:
             raise InputError(f"kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}.")
+        if self.out_dtype not in ("keep", "bf16") or self.packed_int4 not in ("refuse", "passthrough"):
+            raise InputError(f"out_dtype must be keep or bf16 (got {self.out_dtype!r}); packed_int4 refuse or "
+                             f"passthrough (got {self.packed_int4!r}).")
         self.include = list(self.include)
         self.exclude = list(self.exclude)
+        self.treat_as = list(self.treat_as)
+        self.treat_as_rules()  # validates REGEX=KIND
         self.layer_mask()  # validates the preset and the regexes
 
     def check_method(self) -> None:
@@ -123,6 +139,20 @@ class RepairConfig:
     def repair_method(self) -> Method:
         """The configured method with its parameters (before any --target-rho resolution)."""
         return build_method(self.method, {**self.to_dict()})
+
+    def treat_as_rules(self) -> tuple[tuple[re.Pattern[str], str], ...]:
+        """Compiled `--treat-as REGEX=KIND` overrides, in the order given."""
+        rules = []
+        for item in self.treat_as:
+            pattern, sep, kind = str(item).rpartition("=")
+            if not sep or not pattern or kind not in TREAT_AS_KINDS:
+                raise InputError(f"treat_as {item!r}: expected REGEX=KIND with KIND one of "
+                                 f"{', '.join(TREAT_AS_KINDS)}.")
+            try:
+                rules.append((re.compile(pattern), kind))
+            except re.error as exc:
+                raise InputError(f"treat_as {item!r}: invalid regular expression ({exc}).") from exc
+        return tuple(rules)
 
     def layer_mask(self) -> LayerMask:
         return LayerMask(self.mask, tuple(self.include), tuple(self.exclude))

@@ -7,15 +7,19 @@
   so the result equals the per-expert 2-D layout's bit for bit). Layouts (research/formats.md §2):
   `out_in_concat` `[E, 2I, H]`, rows gate then up (transformers v5, Qwen3.5);
   `in_out_concat` `[E, H, 2I]`, columns gate then up (Llama-4);
-  `in_out_interleaved` `[E, H, 2I]`, gate = even columns, up = odd columns (gpt-oss).
+  `in_out_interleaved` `[E, H, 2I]`, gate = even columns, up = odd columns (gpt-oss in memory);
+  `out_in_interleaved` `[E, 2I, H]`, gate = even rows, up = odd rows (gpt-oss MXFP4 on disk).
 Matrices come out in the order expert 0 gate, expert 0 up, expert 1 gate, ...
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-FUSED_LAYOUTS = ("out_in_concat", "in_out_concat", "in_out_interleaved")
+FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")  # anchored: not shared_experts.*
+FUSED_LAYOUTS = ("out_in_concat", "in_out_concat", "in_out_interleaved", "out_in_interleaved")
 FUSED_PARTS = ("gate", "up")
 MODEL_TYPE_LAYOUTS = {"gpt_oss": "in_out_interleaved", "llama4": "in_out_concat", "llama4_text": "in_out_concat"}
 
@@ -32,7 +36,7 @@ def fused_layout_for(requested: str, model_type: str | None) -> tuple[str, bool]
 def fused_matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int] | None:
     """Shape of each half, or None when the fused axis is odd (not a gate/up pair)."""
     e, a, b = shape
-    if layout == "out_in_concat":
+    if layout in ("out_in_concat", "out_in_interleaved"):
         return (a // 2, b) if a % 2 == 0 else None
     return (a, b // 2) if b % 2 == 0 else None
 
@@ -45,6 +49,8 @@ def to_matrices(t: torch.Tensor, kind: str, matrix_shape: tuple[int, int], layou
     e = t.shape[0]
     if layout == "out_in_concat":  # [E, 2I, H]: rows [gate; up]
         return t.reshape(e * 2, m, n)
+    if layout == "out_in_interleaved":  # [E, 2I, H]: rows g0 u0 g1 u1 ...
+        return t.reshape(e, m, 2, n).permute(0, 2, 1, 3).reshape(e * 2, m, n)
     if layout == "in_out_concat":  # [E, H, 2I]: columns [gate | up]
         return t.reshape(e, m, 2, n).permute(0, 2, 1, 3).reshape(e * 2, m, n)
     if layout == "in_out_interleaved":  # [E, H, 2I]: columns g0 u0 g1 u1 ...
@@ -58,6 +64,8 @@ def from_matrices(mats: torch.Tensor, kind: str, shape: tuple[int, ...], layout:
         return mats.reshape(shape).contiguous()
     e, h, two_i = shape
     m, n = mats.shape[1:]
+    if layout == "out_in_interleaved":
+        return mats.reshape(e, 2, m, n).permute(0, 2, 1, 3).reshape(e, h, two_i).contiguous()
     if layout == "in_out_concat":
         return mats.reshape(e, 2, m, n).permute(0, 2, 1, 3).reshape(e, h, two_i).contiguous()
     if layout == "in_out_interleaved":

@@ -18,7 +18,6 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import OutputError
 from .plan import Plan
-from .safetensors_format import output_prefix
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -68,12 +67,11 @@ def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool) -> str:
     partial_dir = meta_dir(out) / "partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(run_file, {"plan_id": plan.plan_id, "config": plan.config, "inputs": plan.fingerprints})
-    for shard, header in ft.shards.items():
+    for shard, (prefix, size) in plan.out_shards.items():
+        # The prefix is the fine-tune's header byte for byte unless --out-dtype bf16 changed the layout.
         if (out / shard).is_file():
             continue  # finalised by an earlier attempt; verified against the manifest by the runner
         part = partial_path(out, shard)
-        prefix = output_prefix(header)  # byte-identical to the fine-tune's: shapes and dtypes are preserved
-        size = len(prefix) + header.file_size - header.data_start
         if part.is_file() and part.stat().st_size == size and _starts_with(part, prefix):
             continue
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -105,20 +103,42 @@ def reopen_shard(out: Path, shard: str) -> None:
     os.replace(out / shard, part)
 
 
-def finalize_run(out: Path, ft: Checkpoint, summary: dict[str, Any]) -> list[str]:
+def finalize_run(out: Path, ft: Checkpoint, summary: dict[str, Any], plan: Plan) -> list[str]:
     """Sidecars, then the index, then summary.json; returns the sidecar names copied."""
     copied = []
     for src in ft.sidecar_files():
-        tmp = out / f".{src.name}.dgrepair-tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, out / src.name)
+        if src.name == "config.json" and plan.drop_quantization_config:
+            _write_bytes_atomic(out / src.name, _without_quantization_config(src))
+        else:
+            tmp = out / f".{src.name}.dgrepair-tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, out / src.name)
         copied.append(src.name)
     if ft.index_name and ft.index_bytes is not None:
-        _write_bytes_atomic(out / ft.index_name, ft.index_bytes)
+        _write_bytes_atomic(out / ft.index_name, new_index(ft.index_bytes, plan) if plan.layout_changed
+                            else ft.index_bytes)
     shutil.rmtree(meta_dir(out) / "partial", ignore_errors=True)
     summary["sidecars"] = copied
     _write_json_atomic(meta_dir(out) / SUMMARY_FILE, summary)
     return copied
+
+
+def new_index(old: bytes, plan: Plan) -> bytes:
+    """The index of an output whose layout changed: the written names, their shards, the new total_size
+    (other metadata kept; total_parameters dropped, since scales are gone)."""
+    index = json.loads(old)
+    meta = {k: v for k, v in (index.get("metadata") or {}).items() if k != "total_parameters"}
+    kept = [e for e in plan.entries if not e.dropped]
+    meta["total_size"] = sum(e.out_nbytes for e in kept)
+    weight_map = {e.written[0]: e.shard for e in sorted(kept, key=lambda e: e.written[0])}
+    return (json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n").encode()
+
+
+def _without_quantization_config(path: Path) -> bytes:
+    """config.json minus `quantization_config`: every quantized weight was written as BF16."""
+    config = json.loads(path.read_text())
+    config.pop("quantization_config", None)
+    return (json.dumps(config, indent=2) + "\n").encode()
 
 
 def read_summary(out: Path) -> dict[str, Any]:

@@ -7,7 +7,11 @@ Kinds (SPEC.md §2–3):
 - `experts_fused`: a fused gate/up stack, repaired per expert and per half (engine/layouts.py).
 - `fp8`: a block-FP8 weight (F8_E4M3 + `<name>_scale_inv`), dequantised, repaired, re-quantised;
   its scale tensor (`fp8_scale`) is rewritten by the same unit.
-- `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only).
+- `mxfp4`: an MXFP4 weight (`*_blocks` U8 + `*_scales` U8, gpt-oss), dequantised, repaired per expert
+  (gate/up halves split as its fused layout says), re-quantised; its scales (`mxfp4_scales`) go with it.
+- `dequant`: a quantized weight that is not repaired but written as BF16 (`--out-dtype bf16`).
+- `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only, packed INT4
+  with `--packed-int4 passthrough`).
 - `refuse`: cannot be repaired correctly by this version; `repair` stops before writing.
 """
 
@@ -26,15 +30,26 @@ from .. import __version__
 from .checkpoint import Checkpoint
 from .config import RepairConfig
 from .errors import InputError
-from .layouts import fused_layout_for, fused_matrix_shape
+from .layouts import FUSED_GATE_UP, fused_layout_for, fused_matrix_shape
 from .names import EMBEDDING, HEAD, base_partner, canonical
-from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
+from .out_layout import output_layout
+from .quantized import (
+    FP8_SCALE,
+    INT4_PACKED,
+    MX_BLOCKS,
+    MX_SCALES,
+    SCALE_KINDS,
+    classify_fp8,
+    classify_mxfp4,
+    fp8_base,
+    is_int4_family,
+    to_bf16,
+)
+from .safetensors_format import DTYPE_BITS, FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
-REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8")
-FP8_SCALE = "_scale_inv"
+REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8", "mxfp4")
 QUANTIZED_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales", "weight_zero_point")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
-FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,37 @@ class PlanEntry:
     base_scale: TensorEntry | None = None  # fp8: that tensor's header entry
     power_of_two_scales: bool = False  # fp8: `ue8m0` scales
     resized_rows: int | None = None  # resized vocabulary: rows [0, resized_rows) are repaired, the rest copied
+    out_name: str | None = None  # written under another name (MXFP4 -> BF16 drops `_blocks`)
+    out_dtype: str | None = None  # written in another dtype (--out-dtype bf16)
+    out_shape: tuple[int, ...] | None = None  # written in another shape (MXFP4 -> BF16)
+    dropped: bool = False  # not written at all (the scales of a weight written as BF16)
+
+    @property
+    def written(self) -> tuple[str, str, tuple[int, ...]]:
+        """(name, dtype, shape) of the tensor in the output."""
+        return (self.out_name or self.name, self.out_dtype or self.ft.dtype, self.out_shape or self.ft.shape)
+
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.name.endswith(MX_BLOCKS) and self.companion is not None
+
+    @property
+    def batch_kind(self) -> str:
+        """How the (dequantised) tensor splits into matrices, as engine/layouts.py names it."""
+        if self.kind == "mxfp4":
+            return "experts_fused" if self.layout else ("experts" if len(self.ft.shape) == 4 else "svd")
+        if self.kind == "fp8":
+            return "svd"
+        return self.kind
+
+    @property
+    def out_nbytes(self) -> int:
+        if self.dropped:
+            return 0
+        if self.out_dtype is None and self.out_shape is None:
+            return self.ft.nbytes
+        _, dtype, shape = self.written
+        return math.prod(shape) * DTYPE_BITS[dtype] // 8
 
     @property
     def repair_shape(self) -> tuple[int, ...]:
@@ -68,7 +114,7 @@ class PlanEntry:
 
     @property
     def out_end(self) -> int:
-        return self.out_begin + self.ft.nbytes
+        return self.out_begin + self.out_nbytes
 
     @property
     def cost(self) -> float:
@@ -88,6 +134,9 @@ class Plan:
     shape_mismatches: list[str]
     config: dict[str, Any]
     fingerprints: dict[str, Any]
+    out_shards: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # shard -> (header prefix, file size)
+    layout_changed: bool = False  # some tensor changes dtype/shape/name or is dropped: new headers and index
+    drop_quantization_config: bool = False  # --out-dtype bf16 removed every quantized weight
     plan_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +183,7 @@ class Plan:
 def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     """Pair and classify every fine-tune tensor; headers only."""
     mask = cfg.layer_mask()
+    rules = cfg.treat_as_rules()
     entries: list[PlanEntry] = []
     mismatches: list[str] = []
     base_names = {canonical(n): n for n in sorted(base.locations)}
@@ -156,12 +206,25 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                       "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
             if base_name:
                 used.add(base_name)
-            kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name))
+            kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name), rules)
             companion = base_companion = None
-            if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
-                kind, reason, mshape, count, companion, base_companion = _classify_fp8(
-                    t, b, base_name, ft, base, cfg, mask.selects(t.name))
             layout = None
+            if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
+                kind, reason, mshape, count, companion, base_companion = classify_fp8(
+                    t, b, base_name, ft, base, cfg, mask.selects(t.name))
+            elif is_int4_family(t.name, ft):
+                kind, reason = (("passthrough", "packed INT4 (compressed-tensors), copied verbatim (--packed-int4 "
+                                 "passthrough); never repaired") if cfg.packed_int4 == "passthrough" else
+                                ("refuse", "packed INT4 (compressed-tensors weight_packed) cannot be repaired by this "
+                                 "version; pass --packed-int4 passthrough to copy the fine-tune's tensors verbatim, "
+                                 "or dequantize both checkpoints to BF16 first"))
+            elif t.name.endswith((MX_BLOCKS, MX_SCALES)):
+                kind, reason, mshape, count, companion, base_companion, layout = classify_mxfp4(
+                    t, b, base_name, ft, base, cfg, mask.selects(t.name))
+            elif b is not None and b.dtype == "F8_E4M3" and t.dtype in FLOAT_DTYPES_REPAIRABLE:
+                kind, reason, mshape, count, base_companion = fp8_base(
+                    t, b, base_name, base, _classify(t, dataclasses.replace(b, dtype="F32"), cfg,
+                                                     mask.selects(t.name), rules))
             if kind == "experts_fused":
                 layout, assumed = fused_layout_for(cfg.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)
@@ -184,43 +247,19 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                      base_companion=base_companion,
                                      base_scale=base.entry(base_companion)[1] if base_companion else None,
                                      power_of_two_scales=ue8m0))
-    repaired_fp8 = {e.name for e in entries if e.kind == "fp8"}
+    if cfg.out_dtype == "bf16":
+        entries = [to_bf16(e) for e in entries]
+    rewritten = {e.name for e in entries if e.kind in ("fp8", "mxfp4", "dequant")}
     entries = [dataclasses.replace(e, kind="passthrough", reason=f"block scales of {e.companion}, kept with it")
-               if e.kind == "fp8_scale" and e.companion not in repaired_fp8 else e for e in entries]
+               if e.kind in SCALE_KINDS and e.companion not in rewritten else e for e in entries]
     base_only = sorted(set(base.locations) - used - {e.base_companion for e in entries if e.base_companion})
+    entries, out_shards, changed = output_layout(entries, ft)
+    quantized_left = any(e.kind != "refuse" and (e.ft.dtype.startswith(("F8_", "F4")) or e.name.endswith(
+        (MX_BLOCKS, INT4_PACKED))) and not e.dropped and e.out_dtype is None for e in entries)
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
-                config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()})
-
-
-def _classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
-                  cfg: RepairConfig, in_mask: bool) -> tuple:
-    """Block-FP8 weights and their `_scale_inv` companions (SPEC §4); anything else FP8 is refused."""
-    refuse = ("refuse",)
-    if t.name.endswith(FP8_SCALE):
-        weight = t.name[: -len(FP8_SCALE)]
-        if weight in ft.locations and ft.entry(weight)[1].dtype == "F8_E4M3":
-            return ("fp8_scale", f"block scales of {weight}, rewritten with it", None, 0, weight, None)
-        return ("passthrough", "scale of a non-FP8 tensor", None, 0, None, None)
-    scale = t.name + FP8_SCALE
-    if len(t.shape) != 2 or scale not in ft.locations:
-        return (*refuse, f"{t.dtype} tensor without a 2-D weight + {FP8_SCALE} block-scale pair is not supported",
-                None, 0, None, None)
-    grid = (-(-t.shape[0] // 128), -(-t.shape[1] // 128))
-    if ft.entry(scale)[1].shape != grid or ft.entry(scale)[1].dtype not in ("F32", "BF16"):
-        return (*refuse, f"{scale} must be F32 or BF16 of shape {list(grid)} (128x128 blocks)", None, 0, None, None)
-    if b is None:
-        return ("passthrough", "fine-tune only", None, 0, scale, None)
-    base_scale = None
-    if b.dtype == "F8_E4M3":
-        base_scale = (base_name or t.name) + FP8_SCALE
-        if base_scale not in base.locations or base.entry(base_scale)[1].shape != grid:
-            return (*refuse, f"base FP8 weight has no matching {FP8_SCALE} block scales", None, 0, None, None)
-    elif b.dtype not in FLOAT_DTYPES_REPAIRABLE:
-        return (*refuse, f"base dtype {b.dtype} cannot be paired with an FP8 fine-tune", None, 0, None, None)
-    if t.numel < cfg.min_numel or not in_mask:
-        return ("passthrough", "FP8 weight kept (numel < min_numel or outside mask)", None, 0, scale, None)
-    return ("fp8", "block-FP8 weight: dequantised, repaired, re-quantised to the same layout",
-            (t.shape[0], t.shape[1]), 1, scale, base_scale)
+                config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()},
+                out_shards=out_shards, layout_changed=changed,
+                drop_quantization_config=cfg.out_dtype == "bf16" and changed and not quantized_left)
 
 
 def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
@@ -229,8 +268,8 @@ def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
             and canonical(t.name) in (HEAD, EMBEDDING))
 
 
-def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,
-              in_mask: bool) -> tuple[str, str, tuple[int, int] | None, int]:
+def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig, in_mask: bool,
+              rules: tuple = ()) -> tuple[str, str, tuple[int, int] | None, int]:
     passthrough = ("passthrough", None, 0)
     if t.dtype.startswith(("F8_", "F4", "F6")) or t.name.endswith(QUANTIZED_SUFFIXES):
         return ("refuse", f"quantized storage ({t.dtype}) is not supported by this version; dequantize the "
@@ -249,18 +288,41 @@ def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig,
         return (passthrough[0], "outside mask", None, 0)
     if t.numel == 0:
         return (passthrough[0], "empty", None, 0)
+    if t.name.endswith(("_bias", ".bias")):
+        return (passthrough[0], "bias", None, 0)
     if len(t.shape) == 2:
         return ("svd", "2-D matrix", (t.shape[0], t.shape[1]), 1)
+    override = next(((rx.pattern, kind) for rx, kind in rules if rx.search(t.name)), None)
+    if override is not None:
+        return _treat_as(t, *override)
     if len(t.shape) == 3 and FUSED_GATE_UP.search(t.name):
         return ("experts_fused", "", None, 2 * t.shape[0])  # layout and halves are resolved by build_plan
     if len(t.shape) == 3 and EXPERT_STACK.search(t.name):
         return ("experts", f"expert stack of {t.shape[0]}, repaired per expert", (t.shape[1], t.shape[2]),
                 t.shape[0])
     if len(t.shape) >= 4 or any("conv" in part for part in t.name.split(".")[-2:]):
-        cols = math.prod(t.shape[1:])
-        note = "convolution, reshaped to [out, in*k]"
-        if t.shape[1] == 1:
-            note += f"; depthwise: rank at most {cols}"
-        return ("conv", note, (t.shape[0], cols), 1)
+        return _conv(t, "convolution")
     return ("refuse", f"{len(t.shape)}-D tensor {list(t.shape)} is neither a recognised expert stack nor a "
-            "convolution; exclude it with --exclude", None, 0)
+            "convolution; classify it with --treat-as 'REGEX=experts|conv|passthrough' or exclude it with "
+            "--exclude", None, 0)
+
+
+def _conv(t: TensorEntry, why: str) -> tuple[str, str, tuple[int, int] | None, int]:
+    cols = math.prod(t.shape[1:])
+    note = f"{why}, reshaped to [out, in*k]"
+    if t.shape[1] == 1:
+        note += f"; depthwise: rank at most {cols}"
+    return ("conv", note, (t.shape[0], cols), 1)
+
+
+def _treat_as(t: TensorEntry, pattern: str, kind: str) -> tuple[str, str, tuple[int, int] | None, int]:
+    """A `--treat-as REGEX=KIND` override for a tensor with more than two axes."""
+    why = f"--treat-as {pattern}={kind}"
+    if kind == "passthrough":
+        return ("passthrough", why, None, 0)
+    if kind == "conv":
+        return _conv(t, why)
+    if len(t.shape) != 3:
+        return ("refuse", f"{why}: an expert stack must be 3-D [E, a, b], got {list(t.shape)}", None, 0)
+    return ("experts", f"{why}: expert stack of {t.shape[0]}, repaired per expert", (t.shape[1], t.shape[2]),
+            t.shape[0])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import fp8
+from ..kernels import fp8, mxfp4
 from ..kernels.methods import Method, SpectralMethod, apply_method
 from ..kernels.spectral import Factors, singular_values
 from ..kernels.threshold import SpectralStats
@@ -25,10 +25,11 @@ from .calibration import CalibrationRow
 from .errors import RepairFailure
 from .layouts import from_matrices, row_identity, to_matrices
 from .manifest import ManifestRow
-from .plan import REPAIR_KINDS, PlanEntry
-from .safetensors_format import TORCH_DTYPES, read_tensor
+from .plan import REPAIR_KINDS, SCALE_KINDS, PlanEntry
+from .safetensors_format import TORCH_DTYPES, TensorEntry, read_tensor
 
 COPY_CHUNK = 64 << 20
+QUANTIZED_KINDS = ("fp8", "mxfp4", "dequant")  # dequantised, (repaired,) re-quantised or written as BF16
 
 
 @dataclass(frozen=True)
@@ -69,45 +70,114 @@ def execute_unit(jobs: list[EntryJob], settings: StepSettings) -> list:
     if settings.mode == "calibrate":
         return calibrate_unit(jobs, settings)
     rows: list[ManifestRow] = []
-    scales = {j.entry.companion: j for j in jobs if j.entry.kind == "fp8_scale"}
+    scales = {j.entry.companion: j for j in jobs if j.entry.kind in SCALE_KINDS}
     for job in jobs:
-        if job.entry.kind not in REPAIR_KINDS and job.entry.kind != "fp8_scale":
+        if job.entry.kind in QUANTIZED_KINDS:
+            rows.extend(_repair_quantized(job, scales[job.entry.name], settings))
+        elif job.entry.kind not in REPAIR_KINDS and job.entry.kind not in SCALE_KINDS:
             rows.extend(_copy_entry(job, settings))
-        elif job.entry.kind == "fp8":
-            rows.extend(_repair_fp8(job, scales[job.entry.name], settings))
-    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind != "fp8"]
+    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind not in QUANTIZED_KINDS]
     if repairs:
         rows.extend(_repair_entries(repairs, settings))
     return rows
 
 
-def _repair_fp8(job: EntryJob, scale_job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
-    """Dequantise both checkpoints with their own block scales, repair in float32, re-quantise to the
-    fine-tune's layout and scale convention; Δ = 0 or Δ* = Δ keeps the fine-tune's bytes."""
+def _dequantize(entry: PlanEntry, path: Path, tensor: TensorEntry, scale_path: Path,
+                scale: TensorEntry) -> torch.Tensor:
+    """float32 values of a block-FP8 or MXFP4 weight (MXFP4 in its on-disk (out, in) orientation)."""
+    if entry.is_mxfp4:
+        return mxfp4.dequantize(read_tensor(path, tensor), read_tensor(scale_path, scale))
+    return fp8.dequantize(read_tensor(path, tensor), read_tensor(scale_path, scale))
+
+
+def _repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
+    """Block-FP8 / MXFP4: dequantise both checkpoints with their own scales, repair in float32 per matrix,
+    then re-quantise to the fine-tune's layout and scale convention, or write BF16 (`dequant` entries
+    are only converted). A matrix with Δ = 0 or Δ* = Δ keeps the fine-tune's values; when every matrix
+    does and the layout is kept, the fine-tune's bytes are copied."""
     start = time.perf_counter()
     e, se = job.entry, scale_job.entry
-    delta, w0 = _fp8_delta(job, scale_job)
-    d_star, stats = apply_method(settings.method, delta[None], [e.name], settings.kernel,
-                                 device=settings.device, threads=settings.threads)
-    st = stats[0]
-    if st.degenerate:
-        w_digest = _copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
-        s_digest = _copy_range(scale_job.ft_file, se.ft.begin, se.ft.end, scale_job.out_file, se.out_begin)
-        error = 0.0
-    else:
-        w_star = d_star[0].add_(w0)
-        codes, scale = fp8.quantize(w_star, TORCH_DTYPES[se.ft.dtype], e.power_of_two_scales)
-        error = float((fp8.dequantize(codes, scale) - w_star).norm() / w_star.norm().clamp_min(1e-30))
+    w1, mats1, mats0 = _quantized_matrices(job, scale_job)
+    stats: list[SpectralStats | None] = [None]
+    w_star = w1
+    if mats1 is not None and mats0 is not None:
+        keys = [matrix_key(e.name, e.batch_kind, i) for i in range(mats1.shape[0])]
+        d_star, stats = apply_method(settings.method, mats1 - mats0, keys, settings.kernel,
+                                     device=settings.device, threads=settings.threads)
+        mats = d_star.add_(mats0)
+        for i, st in enumerate(stats):
+            if st.degenerate:
+                mats[i] = mats1[i]
+        w_star = from_matrices(mats, e.batch_kind, tuple(w1.shape), e.layout)
+    unchanged = e.kind != "dequant" and all(st is not None and st.degenerate for st in stats)
+    if e.out_dtype is None and unchanged:  # the fine-tune's bytes, weight and scales
+        _copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
+        _copy_range(scale_job.ft_file, se.ft.begin, se.ft.end, scale_job.out_file, se.out_begin)
+        w_bytes, s_bytes, error = None, None, 0.0
+    elif e.out_dtype is None:
+        if e.is_mxfp4:
+            codes, scale = mxfp4.quantize(w_star)
+            back = mxfp4.dequantize(codes, scale)
+        else:
+            codes, scale = fp8.quantize(w_star, TORCH_DTYPES[se.ft.dtype], e.power_of_two_scales)
+            back = fp8.dequantize(codes, scale)
+        error = _relative_error(back, w_star)
         w_bytes = codes.reshape(-1).view(torch.uint8).numpy()
         s_bytes = scale.reshape(-1).view(torch.uint8).numpy()
         _pwrite(job.out_file, e.out_begin, w_bytes)
         _pwrite(scale_job.out_file, se.out_begin, s_bytes)
-        w_digest, s_digest = hashlib.sha256(w_bytes).hexdigest(), hashlib.sha256(s_bytes).hexdigest()
+    else:  # BF16 in the written orientation (an MXFP4 expert stack as transformers holds it: (in, out))
+        want = (w_star.transpose(-1, -2) if e.is_mxfp4 and w_star.ndim == 3 else w_star).contiguous()
+        out = want.to(TORCH_DTYPES[e.out_dtype])
+        error = _relative_error(out, want)
+        w_bytes, s_bytes = out.reshape(-1).view(torch.uint8).numpy(), None
+        _pwrite(job.out_file, e.out_begin, w_bytes)
     seconds = time.perf_counter() - start
-    return [_row(e, None, st.degenerate or "repaired", st, kernel=st.backend, begin=e.out_begin, end=e.out_end,
-                 digest=w_digest, seconds=seconds, plan_id=settings.plan_id, requant_error=error),
-            _row(se, None, "rewritten" if not st.degenerate else "passthrough", None, kernel=None,
-                 begin=se.out_begin, end=se.out_end, digest=s_digest, seconds=0.0, plan_id=settings.plan_id)]
+    rows = []
+    slabs = e.ft.shape[0] if e.batch_kind in ("experts", "experts_fused") else 1
+    per = e.out_nbytes // slabs
+    for i, st in enumerate(stats):
+        expert, part = row_identity(e.batch_kind, i) if st is not None else (None, None)
+        lo = e.out_begin + (expert or 0) * per
+        hi = lo + per if slabs > 1 else e.out_end
+        digest = (hashlib.sha256(w_bytes[lo - e.out_begin:hi - e.out_begin]).hexdigest() if w_bytes is not None
+                  else sha256_range(job.out_file, lo, hi))
+        status = "dequantized" if st is None else (st.degenerate or "repaired")
+        rows.append(_row(e, expert, status, st, kernel=st.backend if st else None, begin=lo, end=hi, digest=digest,
+                         seconds=seconds / len(stats), plan_id=settings.plan_id, part=part, requant_error=error))
+    if se.dropped:
+        rows.append(_row(se, None, "dropped", None, kernel=None, begin=se.out_begin, end=se.out_begin,
+                         digest=hashlib.sha256(b"").hexdigest(), seconds=0.0, plan_id=settings.plan_id))
+    else:
+        s_digest = (hashlib.sha256(s_bytes).hexdigest() if s_bytes is not None
+                    else sha256_range(scale_job.out_file, se.out_begin, se.out_end))
+        rows.append(_row(se, None, "passthrough" if s_bytes is None else "rewritten", None, kernel=None,
+                         begin=se.out_begin, end=se.out_end, digest=s_digest, seconds=0.0, plan_id=settings.plan_id))
+    return rows
+
+
+def _quantized_matrices(job: EntryJob, scale_job: EntryJob
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(W1 dequantised, W1 and W0 as float32 matrices) of a block-FP8 / MXFP4 weight, each side with its
+    own scales; no matrices for a `dequant` entry (converted only)."""
+    e, se = job.entry, scale_job.entry
+    w1 = _dequantize(e, job.ft_file, e.ft, scale_job.ft_file, se.ft)
+    _check_finite(w1, e.name, job.ft_file)
+    if e.kind == "dequant":
+        return w1, None, None
+    assert job.base_file is not None and e.base is not None and e.matrix_shape is not None
+    if e.base_scale is not None:
+        assert job.base_scale_file is not None
+        w0 = _dequantize(e, job.base_file, e.base, job.base_scale_file, e.base_scale)
+    else:
+        w0 = read_tensor(job.base_file, e.base).to(torch.float32)
+    _check_finite(w0, e.name, job.base_file)
+    return (w1, to_matrices(w1, e.batch_kind, e.matrix_shape, e.layout),
+            to_matrices(w0, e.batch_kind, e.matrix_shape, e.layout))
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.to(torch.float32) - want).norm() / want.norm().clamp_min(1e-30))
 
 
 def _copy_entry(job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
@@ -181,48 +251,41 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     rows_kept = e.repair_shape[0]
     extra = ft_t[rows_kept:].clone()  # new vocabulary rows (empty unless resized)
     delta = to_matrices(ft_t[:rows_kept].to(torch.float32), e.kind, e.matrix_shape, e.layout)
-    base32 = to_matrices(read_tensor(job.base_file, e.base).to(torch.float32), e.kind, e.matrix_shape, e.layout)
+    b_t = read_tensor(job.base_file, e.base)
+    if e.base_scale is not None:  # a block-FP8 base of a dense fine-tune
+        assert job.base_scale_file is not None
+        b_t = fp8.dequantize(b_t, read_tensor(job.base_scale_file, e.base_scale))
+    base32 = to_matrices(b_t.to(torch.float32), e.kind, e.matrix_shape, e.layout)
     _check_finite(delta, e.name, job.ft_file)
     _check_finite(base32, e.name, job.base_file)
     return delta.sub_(base32), base32, extra
 
 
-def _fp8_delta(job: EntryJob, scale_job: EntryJob) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W1 − W0, W0) in float32 for a block-FP8 weight, each dequantised with its own scales."""
-    e, se = job.entry, scale_job.entry
-    assert job.base_file is not None and e.base is not None
-    w1 = fp8.dequantize(read_tensor(job.ft_file, e.ft), read_tensor(scale_job.ft_file, se.ft))
-    w0_raw = read_tensor(job.base_file, e.base)
-    if e.base.dtype == "F8_E4M3":
-        assert job.base_scale_file is not None and e.base_scale is not None
-        w0 = fp8.dequantize(w0_raw, read_tensor(job.base_scale_file, e.base_scale))
-    else:
-        w0 = w0_raw.to(torch.float32)
-    _check_finite(w1, e.name, job.ft_file)
-    _check_finite(w0, e.name, job.base_file)
-    return w1.sub_(w0), w0
-
-
 def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[CalibrationRow]:
     """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method)."""
     method = settings.method
-    scales = {j.entry.companion: j for j in jobs if j.entry.kind == "fp8_scale"}
+    scales = {j.entry.companion: j for j in jobs if j.entry.kind in SCALE_KINDS}
     out: list[CalibrationRow] = []
     for job in jobs:
         e = job.entry
-        if e.kind not in REPAIR_KINDS:
+        if e.kind not in REPAIR_KINDS or e.kind == "dequant":
             continue
         start = time.perf_counter()
-        mats = (_fp8_delta(job, scales[e.name])[0][None] if e.kind == "fp8" else _load_delta(job)[0])
+        if e.kind in QUANTIZED_KINDS:
+            _, mats1, mats0 = _quantized_matrices(job, scales[e.name])
+            assert mats1 is not None and mats0 is not None
+            mats, kind = mats1.sub_(mats0), e.batch_kind
+        else:
+            mats, kind = _load_delta(job)[0], e.kind
         mine = []
         for i in range(mats.shape[0]):
             d = mats[i]
-            key = matrix_key(e.name, e.kind, i)
+            key = matrix_key(e.name, kind, i)
             if isinstance(method, SpectralMethod):
-                curve = singular_values(d, settings.kernel, device=settings.device)
+                curve = singular_values(d.contiguous(), settings.kernel, device=settings.device)
             else:
                 curve = method.curve(d, key)
-            expert, part = row_identity(e.kind, i)
+            expert, part = row_identity(kind, i)
             mine.append(CalibrationRow(tensor=e.name, expert=expert, part=part, rows=int(d.shape[0]),
                                        cols=int(d.shape[1]), energy=float(torch.sum(d.double() ** 2)),
                                        curve=[float(x) for x in curve], plan_id=settings.plan_id, seconds=0.0))

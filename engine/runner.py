@@ -32,8 +32,8 @@ from .config import RepairConfig
 from .errors import InputError, RepairFailure
 from .layouts import row_identity
 from .manifest import ManifestRow
-from .plan import REPAIR_KINDS, Plan, PlanEntry, build_plan
-from .repair_step import EntryJob, StepSettings, execute_unit, sha256_range
+from .plan import REPAIR_KINDS, SCALE_KINDS, Plan, PlanEntry, build_plan
+from .repair_step import QUANTIZED_KINDS, EntryJob, StepSettings, execute_unit, sha256_range
 from .units import WorkUnit, make_units
 
 FLUSH_ROWS = 256
@@ -60,8 +60,8 @@ def load_inputs(cfg: RepairConfig, need_out: bool = True) -> Inputs:
 
 
 def expected_keys(entry: PlanEntry) -> list[tuple[str, int | None, str | None]]:
-    if entry.kind in ("experts", "experts_fused"):
-        return [(entry.name, *row_identity(entry.kind, i)) for i in range(entry.n_matrices)]
+    if entry.batch_kind in ("experts", "experts_fused"):
+        return [(entry.name, *row_identity(entry.batch_kind, i)) for i in range(entry.n_matrices)]
     return [(entry.name, None, None)]
 
 
@@ -78,11 +78,12 @@ def verified_done(inp: Inputs) -> set[str]:
             continue  # --emit-adapter: its factors were never written
         where = output.shard_location(inp.out, entry.shard)
         ranges = {(r.byte_begin, r.byte_end): r.sha256 for r in rows if r is not None}  # fused halves share one
-        if all(sha256_range(where, lo, hi) == digest for (lo, hi), digest in ranges.items()):
+        if all(sha256_range(where, lo, hi) == digest for (lo, hi), digest in ranges.items() if hi > lo):
             done.add(entry.name)
-    # An FP8 weight and its scales are written together, so they are done (or redone) together.
+    # A quantized weight and its scales are written together, so they are done (or redone) together.
     for entry in inp.plan.entries:
-        if entry.kind in ("fp8", "fp8_scale") and not {entry.name, entry.companion} <= done:
+        if entry.companion is not None and entry.kind in QUANTIZED_KINDS + SCALE_KINDS \
+                and not {entry.name, entry.companion} <= done:
             done.discard(entry.name)
             done.discard(entry.companion)
     return done
@@ -104,7 +105,7 @@ class Committer:
 
     def add(self, rows: list[ManifestRow]) -> None:
         self.rows.extend(rows)
-        self.touched.update(r.shard for r in rows)
+        self.touched.update(r.shard for r in rows if r.byte_end > r.byte_begin)
         if len(self.rows) >= FLUSH_ROWS or time.monotonic() - self.last >= self.interval_s:
             self.flush()
 
@@ -148,7 +149,7 @@ class RunSession:
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
         self.remaining = Counter(e.shard for e in todo)
         if not self.complete:
-            for shard in {e.shard for e in self.inp.plan.entries}:
+            for shard in {e.shard for e in self.inp.plan.entries} & set(self.inp.plan.out_shards):
                 if self.remaining[shard] == 0 and not (self.inp.out / shard).is_file():
                     output.finalize_shard(self.inp.out, shard)  # all committed before an interruption
                 elif self.remaining[shard] > 0 and (self.inp.out / shard).is_file():
@@ -182,7 +183,7 @@ class RunSession:
         self.committer.add(rows)
         for e in unit.entries:
             self.remaining[e.shard] -= 1
-            if self.remaining[e.shard] == 0:
+            if self.remaining[e.shard] == 0 and e.shard in self.inp.plan.out_shards:
                 self.committer.flush()
                 output.finalize_shard(self.inp.out, e.shard)
         self.finished += len(unit.entries)
@@ -207,7 +208,7 @@ class RunSession:
                                                   Path(self.cfg.emit_adapter).expanduser().resolve(),
                                                   self.inp.base, self.inp.ft)
         summary.update(extra or {})
-        output.finalize_run(self.inp.out, self.inp.ft, summary)
+        output.finalize_run(self.inp.out, self.inp.ft, summary, self.inp.plan)
         return summary
 
 
@@ -220,11 +221,11 @@ class CalibrationPhase:
         self.meta = output.meta_dir(session.inp.out)
         self.calib_id = session.inp.plan.plan_id + "-cal"
         self.settings = replace(session.settings, mode="calibrate", plan_id=self.calib_id, adapter_parts=None)
-        entries = [e for e in session.inp.plan.entries if e.kind in REPAIR_KINDS and e.kind != "fp8_scale"]
+        entries = [e for e in session.inp.plan.entries if e.kind in REPAIR_KINDS]
         self.keys = [k for e in entries for k in expected_keys(e)]
         have = calibration.read_rows(self.meta, self.calib_id)
         todo = {e.name for e in entries if any(k not in have for k in expected_keys(e))}
-        todo |= {e.companion for e in entries if e.kind == "fp8" and e.name in todo}
+        todo |= {e.companion for e in entries if e.companion and e.name in todo}  # quantized scales travel along
         self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], session.cfg.batch_mb << 20)
         self.pending: list[calibration.CalibrationRow] = []
         self.bar = tqdm(total=sum(u.nbytes for u in self.units), unit="B", unit_scale=True, unit_divisor=1024,

@@ -45,9 +45,9 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES)
     for e in entries:
         if e.kind == "svd":
             key: tuple = ("svd", e.matrix_shape)
-        elif e.kind in ("experts", "experts_fused", "conv", "fp8"):
+        elif e.kind in ("experts", "experts_fused", "conv", "fp8", "mxfp4", "dequant"):
             key = ("alone", e.name)
-        elif e.kind == "fp8_scale":  # rewritten by its weight's unit
+        elif e.kind in ("fp8_scale", "mxfp4_scales"):  # rewritten (or dropped) by its weight's unit
             key = ("alone", e.companion)
         else:
             key = ("copy", e.shard)

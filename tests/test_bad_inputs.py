@@ -219,6 +219,7 @@ def test_out_that_is_a_foreign_non_empty_directory_is_refused_even_with_force(sm
 
 
 def test_keys_only_in_base_are_reported_not_fatal(small_pair, tmp_path, capsys):
+    # §7 row "Key-set drift" (the MTP-layer version is in test_frontier_fixtures.py)
     base, ft = small_pair
     write_sharded(ft, {"s1.safetensors": {"layer.a.weight": torch.zeros(64, 32)}})
     assert main(["plan", "--base", str(base), "--ft", str(ft)]) == 0

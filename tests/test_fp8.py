@@ -1,6 +1,8 @@
 """Block-FP8 (F8_E4M3 + weight_scale_inv per 128x128 block): dequantise with each checkpoint's own
 scales, repair, re-quantise to the same layout and scale convention (SPEC §4), checked against a
-reference built from the float64 numpy SVD and an independent blockwise loop."""
+reference built from the float64 numpy SVD and an independent blockwise loop. research/formats.md §7 rows
+"Block FP8 ... with ragged edges" ([320, 200] -> scale [3, 2], [192, 256]), "BF16 / UE8M0 scale variants" and
+"Sharded index" (a scale in a different shard than its weight)."""
 
 from __future__ import annotations
 
@@ -134,3 +136,32 @@ def test_resume_redoes_an_fp8_weight_whose_scales_no_longer_verify(tmp_path):
     assert (after.tensor == "model.layers.0.mlp.down_proj.weight").sum() == 2  # the weight was redone with them
     for shard in ("a.safetensors", "b.safetensors"):
         assert (out / shard).read_bytes() == (tmp_path / "clean" / shard).read_bytes()
+
+
+def test_dense_fine_tune_of_an_fp8_base(tmp_path, capsys):
+    """A BF16 fine-tune of a block-FP8 base (the usual DeepSeek-V3 SFT): the base is dequantised with its own
+    scales, the fine-tune stays BF16, the base's scales are consumed (not reported as base-only)."""
+    g = torch.Generator().manual_seed(4)
+    w0 = 0.02 * torch.randn(320, 200, generator=g, dtype=torch.float64)
+    codes, scale = fp8.quantize(w0.float(), torch.float32, False)
+    base_w = torch.from_numpy(loop_dequant(codes, scale))
+    ft_w = (base_w + low_rank_plus_noise((320, 200), 3, g, noise=2e-3)).to(torch.bfloat16)
+    write_sharded(tmp_path / "base", {"m.safetensors": {"a.weight": codes, "a.weight_scale_inv": scale,
+                                                        "b.weight": codes.clone()}})
+    write_sharded(tmp_path / "ft", {"m.safetensors": {"a.weight": ft_w, "b.weight": ft_w.clone()}})
+    out = tmp_path / "out"
+    assert main(["repair", "--base", str(tmp_path / "base"), "--ft", str(tmp_path / "ft"), "--out", str(out),
+                 "--no-progress", "--in-process"]) == 2  # b.weight: an FP8 base without scales is refused
+    assert "b.weight" in capsys.readouterr().err and not out.exists()
+    write_sharded(tmp_path / "ft", {"m.safetensors": {"a.weight": ft_w}})
+    assert main(["repair", "--base", str(tmp_path / "base"), "--ft", str(tmp_path / "ft"), "--out", str(out),
+                 "--no-progress", "--in-process"]) == 0
+    with safe_open(out / "m.safetensors", framework="pt") as fh:
+        got = fh.get_tensor("a.weight")
+    d_star, r, _ = reference.dg_hard(ft_w.float().numpy().astype(np.float64) - base_w.numpy().astype(np.float32))
+    want = torch.from_numpy(base_w.numpy() + d_star).to(torch.bfloat16)
+    assert r == 3 and got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+    assert (got == want).float().mean() > 0.97
+    summary = json.loads((out / "dgrepair" / "summary.json").read_text())
+    assert summary["plan"]["base_only"] == ["b.weight"]

@@ -1,5 +1,7 @@
 """Fused gate/up expert stacks are repaired per expert and per half: the result equals the per-expert
-2-D layout's bit for bit, in all three on-disk layouts, and keeps the fused layout."""
+2-D layout's bit for bit, in all three on-disk layouts, and keeps the fused layout. research/formats.md
+§7 rows "Fused [E, 2I, H] (v5 / Qwen3.5)" and "Fused [E, H, 2I] (in, out)" (no `.weight` suffix, with a
+`gate_up_proj_bias`, split/merge inverse)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from ckpt import low_rank_plus_noise, write_single
 from safetensors import safe_open
 
 from dgrepair.cli import main
+from dgrepair.engine.layouts import from_matrices, fused_matrix_shape, to_matrices
 
 E, INTER, H = 3, 48, 64  # each half is 48 x 64 = 3072 elements (>= min_numel, like the 2-D tensors)
 PREFIX = "model.layers.0.mlp.experts"
@@ -71,7 +74,11 @@ def test_fused_equals_per_expert_bit_for_bit(tmp_path, layout, model_type):
     base, ft = halves(0)
     two_d, m2 = repair(tmp_path, "twod", per_expert(base), per_expert(ft))
     name = f"{PREFIX}.gate_up_proj"
-    got, mf = repair(tmp_path, layout, {name: fused(base, layout)}, {name: fused(ft, layout)}, model_type)
+    bias = f"{PREFIX}.gate_up_proj_bias"
+    b0, b1 = torch.zeros(E, 2 * INTER), torch.linspace(-1, 1, E * 2 * INTER).reshape(E, 2 * INTER)
+    got, mf = repair(tmp_path, layout, {name: fused(base, layout), bias: b0}, {name: fused(ft, layout), bias: b1},
+                     model_type)
+    assert torch.equal(got[bias], b1)  # the expert biases pass through
     out = got[name]
     assert out.shape == fused(ft, layout).shape  # the fused layout is kept
     for e in range(E):
@@ -82,8 +89,31 @@ def test_fused_equals_per_expert_bit_for_bit(tmp_path, layout, model_type):
     assert rows.kind.unique().tolist() == ["experts_fused"] and layout in rows.reason.iloc[0]
     ranks_2d = m2.set_index("tensor").rank_kept
     for row in rows.itertuples():
-        assert row.rank_kept == ranks_2d[f"{PREFIX}.{row.expert}.{row.part}_proj.weight"]
+        assert row.rank_kept == ranks_2d[f"{PREFIX}.{int(row.expert)}.{row.part}_proj.weight"]
     assert rows.tau.nunique() == 2 * E  # every half has its own threshold
+
+
+@pytest.mark.parametrize("layout", ["out_in_concat", "in_out_concat", "in_out_interleaved", "out_in_interleaved"])
+def test_split_and_merge_are_inverse_and_match_explicit_slicing(layout):
+    t = torch.arange(2 * 8 * 6, dtype=torch.float32).reshape(2, 8, 6)
+    shape = fused_matrix_shape(tuple(t.shape), layout)
+    mats = to_matrices(t, "experts_fused", shape, layout)
+    assert torch.equal(from_matrices(mats, "experts_fused", tuple(t.shape), layout), t)
+    for e in range(2):
+        for k in range(2):  # written from research/formats.md §2, independent of engine/layouts.py
+            want = {"out_in_concat": t[e, k * 4:(k + 1) * 4, :], "out_in_interleaved": t[e, k::2, :],
+                    "in_out_concat": t[e, :, k * 3:(k + 1) * 3], "in_out_interleaved": t[e, :, k::2]}[layout]
+            assert torch.equal(mats[2 * e + k], want), (layout, e, k)
+
+
+def test_large_expert_bias_stack_is_passed_through(tmp_path, capsys):
+    bias = {f"{PREFIX}.down_proj_bias": torch.zeros(16, 128)}  # 2-D and >= min_numel, but a bias
+    write_single(tmp_path / "b", bias)
+    write_single(tmp_path / "f", {k: v + 1 for k, v in bias.items()})
+    capsys.readouterr()
+    assert main(["plan", "--base", str(tmp_path / "b"), "--ft", str(tmp_path / "f"), "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["entries"][0]
+    assert (entry["kind"], entry["reason"]) == ("passthrough", "bias")
 
 
 def test_layout_override_and_plan_report(tmp_path, capsys):

@@ -40,6 +40,7 @@ def assert_repaired(out: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> No
 
 @pytest.mark.parametrize("ft_prefix", ["model.language_model.", "language_model.model."])
 def test_prefixed_fine_tune_pairs_with_plain_base_and_keeps_its_names(tmp_path, ft_prefix):
+    # research/formats.md §7 row "Prefix mismatch"
     w0, w1 = mat((96, 64), 0)
     v0, v1 = mat((64, 48), 1)
     base = {"model.layers.0.mlp.up_proj.weight": w0, "visual.blocks.0.attn.qkv.weight": v0}
@@ -61,6 +62,7 @@ def test_canonical_names():
 
 
 def test_untied_fine_tune_of_a_tied_base_repairs_the_head_against_the_base_embedding(tmp_path):
+    # §7 row "Tied and lying-tied heads" (a tied base, untied fine-tune)
     e0, e1 = mat((160, 64), 2)
     _, h1 = mat((160, 64), 3, base=e0)  # the fine-tune's head started from the tied embedding
     got, m = repair(tmp_path, {"model.embed_tokens.weight": e0},
@@ -71,6 +73,7 @@ def test_untied_fine_tune_of_a_tied_base_repairs_the_head_against_the_base_embed
 
 
 def test_tied_fine_tune_of_an_untied_base_writes_no_head_and_reports_it(tmp_path, capsys):
+    # §7 row "Tied and lying-tied heads", pair A: base untied, fine-tune tied (no lm_head)
     e0, e1 = mat((160, 64), 4)
     h0 = 0.02 * torch.randn(160, 64)
     got, m = repair(tmp_path, {"model.embed_tokens.weight": e0, "lm_head.weight": h0},
@@ -83,6 +86,7 @@ def test_tied_fine_tune_of_an_untied_base_writes_no_head_and_reports_it(tmp_path
 
 
 def test_resized_vocabulary_repairs_the_shared_rows_and_copies_the_new_ones(tmp_path):
+    # §7 row "Resized vocabulary": base [100, 64], fine-tune [128, 64]
     e0, e1 = mat((100, 64), 5)
     new_rows = torch.randn(28, 64)
     ft_embed = torch.cat([e1, new_rows])  # 128 rows: 28 added tokens, padded to a multiple of 64
@@ -92,6 +96,22 @@ def test_resized_vocabulary_repairs_the_shared_rows_and_copies_the_new_ones(tmp_
     assert torch.equal(out[100:], new_rows)  # copied verbatim
     assert_repaired(out[:100], e0, e1)
     assert m.loc["model.embed_tokens.weight", "reason"].startswith("resized vocabulary: rows 0-99 repaired, 28 new")
+
+
+def test_config_that_lies_about_tying_is_ignored(tmp_path):
+    """§7 row "Tied and lying-tied heads", pair B: config.json says tie_word_embeddings=false, but the base
+    files hold no lm_head: the fine-tune's head is repaired against the base embedding (files win)."""
+    e0, e1 = mat((160, 64), 6)
+    _, h1 = mat((160, 64), 7, base=e0)
+    write_single(tmp_path / "base", {"model.embed_tokens.weight": e0})
+    write_single(tmp_path / "ft", {"model.embed_tokens.weight": e1, "lm_head.weight": h1})
+    for role in ("base", "ft"):
+        (tmp_path / role / "config.json").write_text('{"tie_word_embeddings": false}')
+    out = tmp_path / "out"
+    assert main(["repair", "--base", str(tmp_path / "base"), "--ft", str(tmp_path / "ft"), "--out", str(out),
+                 "--no-progress", "--in-process"]) == 0
+    with safe_open(out / "model.safetensors", framework="pt") as fh:
+        assert_repaired(fh.get_tensor("lm_head.weight"), e0, h1)
 
 
 def test_shrunk_or_reshaped_tensors_are_still_refused(tmp_path, capsys):

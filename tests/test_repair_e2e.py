@@ -97,6 +97,9 @@ def test_values_ranks_and_manifest_match_the_reference(pair, tmp_path):
 
 
 def test_output_layout_headers_index_sidecars_and_summary(pair, tmp_path):
+    # §7 rows "Sharded index, arbitrary names, no total_size" (conftest SHARDS: model-1-of-3,
+    # model-00002-of-000003, x.safetensors, metadata {}), "Header and metadata" (output header byte-identical)
+    # and "Streaming write" (pwrite into preallocated partial shards, renamed, checked here by hash and safe_open)
     out = tmp_path / "out"
     assert repair(pair, out) == 0
     for shard in SHARDS:
