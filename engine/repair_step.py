@@ -261,6 +261,18 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return delta.sub_(base32), base32, extra
 
 
+def delta_matrices(job: EntryJob, scale_job: EntryJob | None = None) -> tuple[torch.Tensor, str]:
+    """Δ of a repair entry as float32 matrices, read exactly as the repair reads it (reshape, layout,
+    FP8/MXFP4 dequantisation with each side's own scales), and the batch kind naming its matrices."""
+    e = job.entry
+    if e.kind in QUANTIZED_KINDS:
+        assert scale_job is not None
+        _, mats1, mats0 = _quantized_matrices(job, scale_job)
+        assert mats1 is not None and mats0 is not None
+        return mats1.sub_(mats0), e.batch_kind
+    return _load_delta(job)[0], e.kind
+
+
 def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[CalibrationRow]:
     """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method)."""
     method = settings.method
@@ -271,12 +283,7 @@ def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[Calibra
         if e.kind not in REPAIR_KINDS or e.kind == "dequant":
             continue
         start = time.perf_counter()
-        if e.kind in QUANTIZED_KINDS:
-            _, mats1, mats0 = _quantized_matrices(job, scales[e.name])
-            assert mats1 is not None and mats0 is not None
-            mats, kind = mats1.sub_(mats0), e.batch_kind
-        else:
-            mats, kind = _load_delta(job)[0], e.kind
+        mats, kind = delta_matrices(job, scales.get(e.name))
         mine = []
         for i in range(mats.shape[0]):
             d = mats[i]

@@ -13,18 +13,16 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..kernels import fp8
 from ..kernels.methods import SpectralMethod, build_method
 from ..kernels.spectral import singular_values
 from ..kernels.threshold import SpectralRule, SpectralStats, ThresholdParams, threshold_spectrum
 from .config import RepairConfig
 from .errors import InputError
-from .layouts import row_identity, to_matrices
+from .layouts import row_identity
 from .plan import REPAIR_KINDS, PlanEntry
-from .runner import Inputs, load_inputs
-from .safetensors_format import read_tensor
+from .repair_step import delta_matrices
+from .runner import Inputs, entry_job, load_inputs
 
 
 @dataclass(frozen=True)
@@ -71,20 +69,6 @@ def select_entries(inp: Inputs, patterns: list[str]) -> list[PlanEntry]:
     return chosen
 
 
-def _float32(inp: Inputs, entry: PlanEntry, base: bool) -> torch.Tensor:
-    """One side of the pair in float32, dequantised when FP8, cut to the repaired rows."""
-    ckpt, name, te = (inp.base, entry.base_name, entry.base) if base else (inp.ft, entry.name, entry.ft)
-    assert name is not None and te is not None
-    path = ckpt.entry(name)[0]
-    raw = read_tensor(path, te)
-    if te.dtype == "F8_E4M3":
-        scale_name = entry.base_companion if base else entry.companion
-        assert scale_name is not None
-        scale_path, scale_entry = ckpt.entry(scale_name)
-        return fp8.dequantize(raw, read_tensor(scale_path, scale_entry))
-    return raw[:entry.repair_shape[0]].to(torch.float32)
-
-
 def spectral_rule(inp: Inputs, summary: dict | None) -> SpectralRule:
     """The run's own rule (its method, with any --target-rho knob as solved); DG-Hard's τ for reference
     when the method is element-wise."""
@@ -96,14 +80,14 @@ def spectral_rule(inp: Inputs, summary: dict | None) -> SpectralRule:
 def entry_spectra(inp: Inputs, entry: PlanEntry, limit: int, summary: dict | None = None) -> list[Spectrum]:
     """Spectra of the first `limit` matrices of an entry (stacks hold one per expert and half)."""
     assert entry.matrix_shape is not None
-    delta = _float32(inp, entry, base=False) - _float32(inp, entry, base=True)
-    mats = to_matrices(delta, entry.kind, entry.matrix_shape, entry.layout) if entry.kind != "fp8" else delta[None]
+    scale = next((e for e in inp.plan.entries if e.name == entry.companion), None) if entry.companion else None
+    mats, kind = delta_matrices(entry_job(inp, entry), entry_job(inp, scale) if scale else None)
     params = spectral_rule(inp, summary)
     out = []
     for i in range(min(limit, mats.shape[0])):
         m = mats[i].contiguous()
         s = singular_values(m, inp.cfg.kernel)
-        expert, part = row_identity(entry.kind, i)
+        expert, part = row_identity(kind, i)
         out.append(Spectrum(entry.name, expert, part, (m.shape[0], m.shape[1]), s,
                             threshold_spectrum(s, m.shape[0], m.shape[1], params)))
     return out

@@ -65,6 +65,13 @@ def expected_keys(entry: PlanEntry) -> list[tuple[str, int | None, str | None]]:
     return [(entry.name, None, None)]
 
 
+def entry_job(inp: Inputs, e: PlanEntry) -> EntryJob:
+    """The files an entry reads and the partial shard it writes."""
+    return EntryJob(e, inp.base.entry(e.base_name)[0] if e.base is not None and e.base_name else None,
+                    inp.ft.entry(e.name)[0], output.partial_path(inp.out, e.shard),
+                    inp.base.entry(e.base_companion)[0] if e.base_companion else None)
+
+
 def verified_done(inp: Inputs) -> set[str]:
     """Names of entries whose committed rows match the bytes on disk (resume)."""
     latest = manifest.latest_by_key(manifest.read_rows(inp.out))
@@ -172,11 +179,7 @@ class RunSession:
         self.settings = replace(self.settings, method=method.with_knob(self.solution.value))
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
-        inp = self.inp
-        return [EntryJob(e, inp.base.entry(e.base_name)[0] if e.base is not None and e.base_name else None,
-                         inp.ft.entry(e.name)[0], output.partial_path(inp.out, e.shard),
-                         inp.base.entry(e.base_companion)[0] if e.base_companion else None)
-                for e in unit.entries]
+        return [entry_job(self.inp, e) for e in unit.entries]
 
     def commit(self, unit: WorkUnit, rows: list[ManifestRow], note: str = "") -> None:
         """Record a finished unit; finalise every shard whose last tensor this was."""

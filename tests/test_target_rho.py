@@ -102,3 +102,28 @@ def test_fast_energy_model_equals_the_rule_matrix_by_matrix():
         fast = rho_function(method, rows)
         for v in knob:
             assert fast(v) == pytest.approx(global_rho(method.with_knob(v), rows), abs=1e-12)
+
+
+@pytest.mark.parametrize("fixture,method,extra,target,tol", [
+    ("deepseek_v3", "ties", [], 0.5, 1e-3),  # block-FP8 weights: curves from dequantised deltas
+    ("gpt_oss", "dare", ["--no-dare-rescale"], 0.6, 1e-3),  # MXFP4 fused experts, per expert and half
+    ("qwen3_5_moe", "wise_ft", [], 0.42, 1e-6),
+])
+def test_target_rho_on_frontier_fixtures(tmp_path, fixture, method, extra, target, tol):
+    """Calibration reads quantized and fused tensors exactly as the repair does. For a re-quantized
+    output the achieved ρ is measured on the repair's float32 Δ*, before re-quantization."""
+    import pandas as pd
+
+    from dgrepair.cli import main
+    from dgrepair.engine.fixtures import write_pair
+
+    base, ft = write_pair(fixture, tmp_path)
+    out = tmp_path / "out"
+    assert main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--in-process", "--no-progress",
+                 "--method", method, "--target-rho", str(target), *extra]) == 0
+    s = json.loads((out / "dgrepair" / "summary.json").read_text())
+    assert abs(s["totals"]["global_rho"] - target) < tol, s["target_rho"]
+    m = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
+    cal = pd.read_parquet(out / "dgrepair" / "calibration.parquet")
+    repaired = m[m.status.isin(["repaired", "zero_delta"]) & m.frob_delta.notna()]
+    assert len(cal) == len(repaired)  # one calibration row per repaired matrix (experts and halves included)
