@@ -68,6 +68,15 @@ def test_elementwise_methods_match_definitions():
     want = np.where(np.abs(d) >= cutoff, 2.0 * d, 0.0)
     np.testing.assert_array_equal(got[0].numpy(), want.astype(np.float32))
     assert int((got[0] != 0).sum()) == k
+    # a BF16-like delta full of equal magnitudes still keeps exactly k entries, the first ones by flat index
+    tied = torch.round(t * 2e3) / 2e3
+    got, _ = apply_method(build_method("ties", {"keep_ratio": 0.1}), tied, ["k"])
+    flat = tied[0].abs().reshape(-1).double().numpy()
+    order = sorted(range(flat.size), key=lambda i: (-flat[i], i))[:k]
+    want = np.zeros(flat.size)
+    want[order] = tied[0].reshape(-1).numpy()[order]
+    assert len(np.unique(flat)) < flat.size / 10  # really tied
+    np.testing.assert_array_equal(got[0].reshape(-1).numpy(), want.astype(np.float32))
 
     dare = build_method("dare", {"drop_prob": 0.6, "seed": 3})
     a, _ = apply_method(dare, t, ["layer.0"])

@@ -27,6 +27,27 @@ def test_continuous_knobs_hit_the_target_within_1e_3(tmp_path, method, extra, ta
         assert s["target_rho"]["value"] == pytest.approx(target, abs=1e-9)
 
 
+def test_ties_hits_the_target_on_a_bf16_pair_full_of_tied_magnitudes(tmp_path):
+    """Found by the forgetting lab: with ties kept at the cut-off, a BF16 delta overshot the target by 0.024."""
+    import torch
+    from ckpt import write_single
+
+    from dgrepair.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.weight": torch.randn(96, 64, generator=g) for i in range(3)}  # |W| ~ 1: coarse BF16 grid
+    ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    write_single(tmp_path / "base", {k: v.bfloat16() for k, v in base.items()})
+    write_single(tmp_path / "ft", {k: v.bfloat16() for k, v in ft.items()})
+    d = ft["layers.0.weight"].bfloat16().float() - base["layers.0.weight"].bfloat16().float()
+    assert d.abs().unique().numel() < d.numel() / 20  # the delta's magnitudes really are tied
+    out = tmp_path / "out"
+    assert main(["repair", "--base", str(tmp_path / "base"), "--ft", str(tmp_path / "ft"), "--out", str(out),
+                 "--in-process", "--no-progress", "--method", "ties", "--target-rho", "0.8853"]) == 0
+    s = json.loads((out / "dgrepair" / "summary.json").read_text())
+    assert abs(_rho(s) - 0.8853) < 1e-3, s["target_rho"]
+
+
 @pytest.mark.parametrize("method,knob,value", [("dg_hard", "scale", 1.3), ("fixed_rank", "rank", 3),
                                                ("mp_edge", "scale", 0.8)])
 def test_spectral_knobs_recover_an_attainable_target_exactly(tmp_path, method, knob, value):

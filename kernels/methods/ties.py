@@ -1,8 +1,9 @@
 """TIES with a single fine-tune: trim Δ to its top `keep_ratio` entries by magnitude (per matrix), then
 scale by λ. Sign election and the disjoint mean are the identity for one task vector (paper §2).
 
-Ties at the magnitude cut-off are all kept (|Δ| ≥ the k-th largest magnitude), so the result does
-not depend on a sort's tie-breaking.
+Exactly k = ⌈keep_ratio · numel⌉ entries are kept: equal magnitudes (common in a BF16 delta, whose
+values sit on a coarse grid) are ordered by their flat index through a stable sort, so the result is
+deterministic and the kept energy is exactly the calibration curve's top-k energy (--target-rho).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class Ties(ElementwiseMethod):
             return torch.zeros_like(d)
         if k >= d.numel():
             return d * self.ties_lambda
-        mag = d.abs()
-        cutoff = torch.kthvalue(mag.reshape(-1), d.numel() - k + 1).values
-        return torch.where(mag >= cutoff, d * self.ties_lambda, torch.zeros_like(d))
+        order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
+        keep = torch.zeros(d.numel(), dtype=torch.bool, device=d.device)
+        keep[order[:k]] = True
+        return torch.where(keep.reshape(d.shape), d * self.ties_lambda, torch.zeros_like(d))
 
     def curve(self, d: torch.Tensor, key: str) -> np.ndarray:
         """Fraction of Σ Δ² in the top ⌈x · numel⌉ entries, at x = j / (CURVE_POINTS − 1)."""
