@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError, RepairFailure
 from ..engine.output import meta_dir
-from ..engine.runner import RunSession
+from ..engine.runner import CalibrationPhase, RunSession
 from ..engine.units import WorkUnit
 from ..kernels.threads import available_cores, threads_per_worker
 from .session import ray_session
@@ -99,7 +99,9 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
         from ..engine.output import read_summary
 
         return read_summary(session.inp.out)
-    if not session.units:  # everything was committed by an earlier attempt: nothing to distribute
+    phase = session.calibration
+    if not session.units and not (phase and phase.units):  # all committed earlier: nothing to distribute
+        session.resolve_target()
         (meta_dir(session.inp.out) / FAILURES_FILE).unlink(missing_ok=True)
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
@@ -107,6 +109,9 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
     with ray_session(cfg.address, cfg.workers) as info:
         stop = _install_sigterm(session)
         try:
+            if phase is not None and phase.units:
+                _calibrate(phase, cfg, info, env)
+            session.resolve_target()
             book = _dispatch(session, cfg, info, actors, env)
         finally:
             if stop is not None:
@@ -130,7 +135,21 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
     return session.finish({"executor": executor})
 
 
-def _dispatch(session: RunSession, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
+def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], env: dict[str, str]) -> None:
+    """The --target-rho calibration pass on its own actors (same dispatch, retries and isolation)."""
+    actors: list[Any] = []
+    try:
+        book = _dispatch(phase, cfg, info, actors, env)
+    finally:
+        phase.close()
+        for actor in actors:
+            ray.kill(actor)
+    if book.failed:
+        names = ", ".join(e.name for u in book.failed for e in book.units[u].entries)
+        raise RepairFailure(f"calibration for --target-rho failed on: {names}. Re-run the same command to retry.")
+
+
+def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
               env: dict[str, str]) -> _Book:
     gpus = int(info["resources"].get("GPU", 0))
     use_gpu = session.settings.device != "cpu" and gpus > 0
@@ -190,7 +209,8 @@ def _dispatch(session: RunSession, cfg: RepairConfig, info: dict[str, Any], acto
     return book
 
 
-def _collect(session: RunSession, book: _Book, ref: ray.ObjectRef, flight: _Flight, cfg: RepairConfig) -> None:
+def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
+             cfg: RepairConfig) -> None:
     unit_id = flight.unit_id
     try:
         result = ray.get(ref)

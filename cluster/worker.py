@@ -49,10 +49,11 @@ class RepairWorker:
                 rows = execute_unit(jobs, self.settings)
         else:
             rows = execute_unit(jobs, self.settings)
-        rows = [dataclasses.replace(r, node=self.node) for r in rows]
+        if self.settings.mode == "repair":
+            rows = [dataclasses.replace(r, node=self.node) for r in rows]
         return {"unit": unit_id, "rows": rows, "node": self.node, "seconds": time.perf_counter() - start,
                 "bytes_read": sum(j.entry.ft.nbytes + (j.entry.base.nbytes if j.entry.base else 0) for j in jobs),
-                "bytes_written": sum(j.entry.ft.nbytes for j in jobs)}
+                "bytes_written": sum(j.entry.ft.nbytes for j in jobs) if self.settings.mode == "repair" else 0}
 
     def _faults(self, names: set[str]) -> None:
         crash = os.environ.get("DGREPAIR_FAULT_CRASH_ON")

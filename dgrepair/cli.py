@@ -43,7 +43,7 @@ def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] |
         elif isinstance(default, list):
             parser.add_argument(flag, action="append", metavar="REGEX", **kw)
         else:
-            typ = type(default) if default is not None else str
+            typ = f.metadata.get("type") or (type(default) if default is not None else str)
             parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same options; flags override it")
 
@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_repair)
 
     plan = sub.add_parser("plan", help="validate the pair and print the plan; writes nothing")
-    _add_config_options(plan, only=("base", "ft", "scale", "min_numel", "mask", "include", "exclude", "median",
-                                    "kernel"))
+    _add_config_options(plan, only=("base", "ft", "method", "scale", "alpha", "keep_ratio", "ties_lambda",
+                                    "drop_prob", "dare_rescale", "seed", "rank", "min_numel", "mask", "include",
+                                    "exclude", "median", "kernel"))
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--tensors", action="store_true", help="list every tensor with its kind and reason")
     plan.set_defaults(func=cmd_plan)

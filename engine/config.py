@@ -13,13 +13,16 @@ from typing import Any
 
 import yaml
 
+from ..kernels.methods import METHODS, Method, build_method, method_fields
 from ..kernels.spectral import BACKENDS
 from .errors import InputError
 from .layouts import FUSED_LAYOUTS
 from .scope import MASK_PRESETS, LayerMask
 
 # Fields that change the output bytes; they (and the inputs' fingerprints) make the plan id.
-OUTPUT_AFFECTING = ("scale", "min_numel", "mask", "include", "exclude", "median", "kernel", "fused_layout")
+# The method's own parameters are added by `output_affecting` (only those of the chosen method).
+OUTPUT_AFFECTING = ("method", "min_numel", "mask", "include", "exclude", "kernel", "fused_layout", "target_rho",
+                    "emit_adapter")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -35,7 +38,24 @@ class RepairConfig:
     base: str | None = _opt(None, "base checkpoint directory (safetensors)")
     ft: str | None = _opt(None, "fine-tuned checkpoint directory (safetensors)")
     out: str | None = _opt(None, "output directory for the repaired checkpoint")
-    scale: float = _opt(1.0, "multiplier on the DG threshold tau (1.0 = Gavish-Donoho optimal)")
+    method: str = _opt("dg_hard", "repair method: dg_hard (the paper's DG threshold), wise_ft (alpha * delta), ties "
+                       "(top keep-ratio entries by magnitude, times lambda), dare (random drop, seeded per matrix), "
+                       "fixed_rank (top-k singular components), mp_edge (cut at the Marchenko-Pastur edge), "
+                       "optimal_shrink (Gavish-Donoho 2017 Frobenius shrinker)", choices=tuple(METHODS))
+    scale: float = _opt(1.0, "dg_hard / mp_edge: multiplier on the cut (tau, or the MP edge); 1.0 = as defined")
+    alpha: float = _opt(0.5, "wise_ft: weight of the fine-tune, W* = W0 + alpha * delta")
+    keep_ratio: float = _opt(0.2, "ties: fraction of each matrix's entries kept, by magnitude")
+    ties_lambda: float = _opt(1.0, "ties: scale applied to the kept entries")
+    drop_prob: float = _opt(0.25, "dare: probability of dropping each entry")
+    dare_rescale: bool = _opt(True, "dare: rescale survivors by 1/(1-p) (--no-dare-rescale = DARE-Linear)")
+    seed: int = _opt(0, "dare: seed of the per-matrix random streams")
+    rank: int = _opt(16, "fixed_rank: singular components kept per matrix")
+    target_rho: float | None = _opt(None, "bisect the method's knob (dg_hard/mp_edge scale, wise_ft alpha, ties "
+                                    "keep-ratio, dare drop-prob, fixed_rank rank) so the global "
+                                    "||delta*||_F / ||delta||_F equals this, from cached spectra and curves",
+                                    type=float)
+    emit_adapter: str | None = _opt(None, "also write delta* as a PEFT LoRA adapter into this directory "
+                                    "(spectral methods; plain Linear / Embedding weights)")
     min_numel: int = _opt(1024, "tensors with fewer elements keep the fine-tuned value")
     mask: str = _opt("all", "layer-mask preset", choices=tuple(MASK_PRESETS))
     include: list[str] = _opt([], "regex; only matching tensors are repaired (repeatable)")
@@ -63,6 +83,7 @@ class RepairConfig:
     def __post_init__(self) -> None:
         if not (self.scale > 0):
             raise InputError(f"scale must be > 0, got {self.scale!r}.")
+        self.check_method()
         if self.min_numel < 0:
             raise InputError(f"min_numel must be >= 0, got {self.min_numel!r}.")
         if self.median not in ("lower", "mean"):
@@ -81,6 +102,28 @@ class RepairConfig:
         self.exclude = list(self.exclude)
         self.layer_mask()  # validates the preset and the regexes
 
+    def check_method(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        p_max_ok = self.drop_prob < 1.0 or not self.dare_rescale
+        if not (0.0 <= self.keep_ratio <= 1.0) or not (0.0 <= self.drop_prob <= 1.0 and p_max_ok) or self.rank < 0:
+            raise InputError("keep_ratio must be in [0, 1], drop_prob in [0, 1) ([0, 1] with --no-dare-rescale) and "
+                             f"rank >= 0 (got {self.keep_ratio}, {self.drop_prob}, {self.rank}).")
+        if self.target_rho is not None:
+            if not (0.0 < self.target_rho <= 1.0):
+                raise InputError(f"target_rho must be in (0, 1], got {self.target_rho!r}.")
+            try:
+                self.repair_method().check_target()
+            except ValueError as exc:
+                raise InputError(str(exc) + ".") from exc
+        if self.emit_adapter and not METHODS[self.method].spectral:
+            raise InputError(f"--emit-adapter needs a spectral method (dg_hard, fixed_rank, mp_edge, optimal_shrink); "
+                             f"{self.method} changes delta entry by entry, so its result has no low-rank factors.")
+
+    def repair_method(self) -> Method:
+        """The configured method with its parameters (before any --target-rho resolution)."""
+        return build_method(self.method, {**self.to_dict()})
+
     def layer_mask(self) -> LayerMask:
         return LayerMask(self.mask, tuple(self.include), tuple(self.exclude))
 
@@ -90,7 +133,11 @@ class RepairConfig:
             raise InputError("missing " + ", ".join(f"--{n}" for n in missing) + " (or set it in --config).")
 
     def output_affecting(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in OUTPUT_AFFECTING}
+        values = {k: getattr(self, k) for k in OUTPUT_AFFECTING}
+        values.update({k: getattr(self, k) for k in method_fields(self.method)})
+        if self.emit_adapter:
+            values["emit_adapter"] = str(Path(self.emit_adapter).expanduser().resolve())
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 
 from ..kernels import fp8
-from ..kernels.spectral import repair_batch
-from ..kernels.threshold import SpectralStats, ThresholdParams
+from ..kernels.methods import Method, SpectralMethod, apply_method
+from ..kernels.spectral import Factors, singular_values
+from ..kernels.threshold import SpectralStats
+from . import adapter
+from .calibration import CalibrationRow
 from .errors import RepairFailure
 from .layouts import from_matrices, row_identity, to_matrices
 from .manifest import ManifestRow
@@ -32,11 +35,14 @@ COPY_CHUNK = 64 << 20
 class StepSettings:
     """Everything the step needs besides the entries; small and picklable."""
 
-    params: ThresholdParams
+    method: Method
     kernel: str
     plan_id: str
     device: str = "cpu"
     threads: int | None = None
+    # "repair" writes Δ*; "calibrate" only measures what --target-rho needs (no output bytes).
+    mode: str = "repair"
+    adapter_parts: str | None = None  # where Δ* factors of exportable matrices go (--emit-adapter)
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,18 @@ class EntryJob:
     base_scale_file: Path | None = None  # fp8: where the base's block scales live
 
 
-def execute_unit(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRow]:
-    """Execute a work unit: copies for passthrough entries, one kernel batch for repair entries."""
+def matrix_key(name: str, kind: str, index: int) -> str:
+    """Names one matrix of an entry (seeds DARE's stream; keys calibration rows)."""
+    expert, part = row_identity(kind, index)
+    return name if expert is None else f"{name}#{expert}" + (f":{part}" if part else "")
+
+
+def execute_unit(jobs: list[EntryJob], settings: StepSettings) -> list:
+    """Execute a work unit: copies for passthrough entries, one kernel batch for repair entries.
+
+    Returns manifest rows, or calibration rows when `settings.mode` is "calibrate"."""
+    if settings.mode == "calibrate":
+        return calibrate_unit(jobs, settings)
     rows: list[ManifestRow] = []
     scales = {j.entry.companion: j for j in jobs if j.entry.kind == "fp8_scale"}
     for job in jobs:
@@ -70,19 +86,9 @@ def _repair_fp8(job: EntryJob, scale_job: EntryJob, settings: StepSettings) -> l
     fine-tune's layout and scale convention; Δ = 0 or Δ* = Δ keeps the fine-tune's bytes."""
     start = time.perf_counter()
     e, se = job.entry, scale_job.entry
-    assert job.base_file is not None and e.base is not None
-    w1 = fp8.dequantize(read_tensor(job.ft_file, e.ft), read_tensor(scale_job.ft_file, se.ft))
-    w0_raw = read_tensor(job.base_file, e.base)
-    if e.base.dtype == "F8_E4M3":
-        assert job.base_scale_file is not None and e.base_scale is not None
-        base_scale = read_tensor(job.base_scale_file, e.base_scale)
-        w0 = fp8.dequantize(w0_raw, base_scale)
-    else:
-        w0 = w0_raw.to(torch.float32)
-    _check_finite(w1, e.name, job.ft_file)
-    _check_finite(w0, e.name, job.base_file)
-    d_star, stats = repair_batch((w1 - w0)[None], settings.params, settings.kernel, device=settings.device,
-                                 threads=settings.threads)
+    delta, w0 = _fp8_delta(job, scale_job)
+    d_star, stats = apply_method(settings.method, delta[None], [e.name], settings.kernel,
+                                 device=settings.device, threads=settings.threads)
     st = stats[0]
     if st.degenerate:
         w_digest = _copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
@@ -120,24 +126,19 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
         raise ValueError("a kernel batch needs 2-D entries of one matrix shape (stacks go alone)")
     deltas, bases, extras = [], [], []
     for job in jobs:
-        e = job.entry
-        assert job.base_file is not None and e.base is not None and e.matrix_shape is not None
-        # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
-        # values are consumed here and re-read below only for degenerate matrices.
-        ft_t = read_tensor(job.ft_file, e.ft)
-        rows_kept = e.repair_shape[0]
-        extras.append(ft_t[rows_kept:].clone())  # new vocabulary rows (empty unless resized)
-        delta = to_matrices(ft_t[:rows_kept].to(torch.float32), e.kind, e.matrix_shape, e.layout)
-        base32 = to_matrices(read_tensor(job.base_file, e.base).to(torch.float32), e.kind, e.matrix_shape, e.layout)
-        _check_finite(delta, e.name, job.ft_file)
-        _check_finite(base32, e.name, job.base_file)
-        deltas.append(delta.sub_(base32))
+        delta, base32, extra = _load_delta(job)
+        deltas.append(delta)
         bases.append(base32)
+        extras.append(extra)
     stacked = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
     del deltas
-    d_star, stats = repair_batch(stacked, settings.params, settings.kernel, device=settings.device,
-                                 threads=settings.threads)
+    keys = [matrix_key(j.entry.name, j.entry.kind, i) for j in jobs for i in range(j.entry.n_matrices)]
+    factors: Factors | None = [] if settings.adapter_parts and isinstance(settings.method, SpectralMethod) else None
+    d_star, stats = apply_method(settings.method, stacked, keys, settings.kernel, device=settings.device,
+                                 threads=settings.threads, factors=factors)
     del stacked
+    if factors is not None:
+        _save_factors(jobs, extras, factors, Path(settings.adapter_parts))
     seconds = (time.perf_counter() - start) / len(stats)
     rows: list[ManifestRow] = []
     first = 0
@@ -168,6 +169,75 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
                              digest=hashlib.sha256(payload[slab * per:(slab + 1) * per]).hexdigest(),
                              seconds=seconds, plan_id=settings.plan_id, part=part))
     return rows
+
+
+def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Δ as float32 matrices (n, m, k), W0 as float32 matrices, the fine-tune's extra vocabulary rows)."""
+    e = job.entry
+    assert job.base_file is not None and e.base is not None and e.matrix_shape is not None
+    # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
+    # values are consumed here and re-read later only for degenerate matrices.
+    ft_t = read_tensor(job.ft_file, e.ft)
+    rows_kept = e.repair_shape[0]
+    extra = ft_t[rows_kept:].clone()  # new vocabulary rows (empty unless resized)
+    delta = to_matrices(ft_t[:rows_kept].to(torch.float32), e.kind, e.matrix_shape, e.layout)
+    base32 = to_matrices(read_tensor(job.base_file, e.base).to(torch.float32), e.kind, e.matrix_shape, e.layout)
+    _check_finite(delta, e.name, job.ft_file)
+    _check_finite(base32, e.name, job.base_file)
+    return delta.sub_(base32), base32, extra
+
+
+def _fp8_delta(job: EntryJob, scale_job: EntryJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W1 − W0, W0) in float32 for a block-FP8 weight, each dequantised with its own scales."""
+    e, se = job.entry, scale_job.entry
+    assert job.base_file is not None and e.base is not None
+    w1 = fp8.dequantize(read_tensor(job.ft_file, e.ft), read_tensor(scale_job.ft_file, se.ft))
+    w0_raw = read_tensor(job.base_file, e.base)
+    if e.base.dtype == "F8_E4M3":
+        assert job.base_scale_file is not None and e.base_scale is not None
+        w0 = fp8.dequantize(w0_raw, read_tensor(job.base_scale_file, e.base_scale))
+    else:
+        w0 = w0_raw.to(torch.float32)
+    _check_finite(w1, e.name, job.ft_file)
+    _check_finite(w0, e.name, job.base_file)
+    return w1.sub_(w0), w0
+
+
+def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[CalibrationRow]:
+    """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method)."""
+    method = settings.method
+    scales = {j.entry.companion: j for j in jobs if j.entry.kind == "fp8_scale"}
+    out: list[CalibrationRow] = []
+    for job in jobs:
+        e = job.entry
+        if e.kind not in REPAIR_KINDS:
+            continue
+        start = time.perf_counter()
+        mats = (_fp8_delta(job, scales[e.name])[0][None] if e.kind == "fp8" else _load_delta(job)[0])
+        for i in range(mats.shape[0]):
+            d = mats[i]
+            key = matrix_key(e.name, e.kind, i)
+            if isinstance(method, SpectralMethod):
+                curve = singular_values(d, settings.kernel, device=settings.device)
+            else:
+                curve = method.curve(d, key)
+            expert, part = row_identity(e.kind, i)
+            out.append(CalibrationRow(tensor=e.name, expert=expert, part=part, rows=int(d.shape[0]),
+                                      cols=int(d.shape[1]), energy=float(torch.sum(d.double() ** 2)),
+                                      curve=[float(x) for x in curve], plan_id=settings.plan_id,
+                                      seconds=time.perf_counter() - start))
+    return out
+
+
+def _save_factors(jobs: list[EntryJob], extras: list[torch.Tensor], factors: Factors, where: Path) -> None:
+    """Write the low-rank factors of every exportable matrix of the batch (--emit-adapter)."""
+    first = 0
+    for job, extra in zip(jobs, extras, strict=True):
+        e = job.entry
+        mine = factors[first:first + e.n_matrices]
+        first += e.n_matrices
+        if adapter.exportable(e) is None and not extra.numel():
+            adapter.save_part(where, e.name, mine[0])
 
 
 def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:

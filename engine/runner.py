@@ -16,7 +16,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,11 +26,10 @@ from tqdm import tqdm
 from .. import __version__
 from ..kernels.spectral import resolve_device
 from ..kernels.threads import cpu_thread_policy
-from ..kernels.threshold import ThresholdParams
-from . import manifest, output
+from . import adapter, calibration, manifest, output
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import RepairConfig
-from .errors import InputError
+from .errors import InputError, RepairFailure
 from .layouts import row_identity
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, Plan, PlanEntry, build_plan
@@ -69,11 +68,14 @@ def expected_keys(entry: PlanEntry) -> list[tuple[str, int | None, str | None]]:
 def verified_done(inp: Inputs) -> set[str]:
     """Names of entries whose committed rows match the bytes on disk (resume)."""
     latest = manifest.latest_by_key(manifest.read_rows(inp.out))
+    parts = adapter_parts(inp)
     done = set()
     for entry in inp.plan.entries:
         rows = [latest.get(k) for k in expected_keys(entry)]
         if any(r is None or r.plan_id != inp.plan.plan_id for r in rows):
             continue
+        if parts and adapter.exportable(entry) is None and not adapter.has_part(parts, entry.name):
+            continue  # --emit-adapter: its factors were never written
         where = output.shard_location(inp.out, entry.shard)
         ranges = {(r.byte_begin, r.byte_end): r.sha256 for r in rows if r is not None}  # fused halves share one
         if all(sha256_range(where, lo, hi) == digest for (lo, hi), digest in ranges.items()):
@@ -84,6 +86,10 @@ def verified_done(inp: Inputs) -> set[str]:
             done.discard(entry.name)
             done.discard(entry.companion)
     return done
+
+
+def adapter_parts(inp: Inputs) -> Path | None:
+    return output.meta_dir(inp.out) / adapter.PARTS_DIR if inp.cfg.emit_adapter else None
 
 
 @dataclass
@@ -134,8 +140,11 @@ class RunSession:
             device = resolve_device(cfg.device)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        self.settings = StepSettings(ThresholdParams(scale=cfg.scale, median=cfg.median), cfg.kernel,
-                                     self.inp.plan.plan_id, device=device, threads=cfg.threads or None)
+        parts = adapter_parts(self.inp)
+        self.settings = StepSettings(cfg.repair_method(), cfg.kernel, self.inp.plan.plan_id, device=device,
+                                     threads=cfg.threads or None, adapter_parts=str(parts) if parts else None)
+        self.solution: calibration.Solution | None = None
+        self.calibration = CalibrationPhase(self, stream) if cfg.target_rho is not None else None
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
         self.remaining = Counter(e.shard for e in todo)
         if not self.complete:
@@ -151,6 +160,15 @@ class RunSession:
                         desc="repair", disable=not cfg.progress or self.complete, file=stream or sys.stderr,
                         dynamic_ncols=True)
         self.t_plan = time.perf_counter() - self.t0
+
+    def resolve_target(self) -> None:
+        """After the calibration pass: fix the method's knob so the global ρ meets --target-rho."""
+        if self.calibration is None:
+            return
+        method = self.settings.method
+        rows = self.calibration.rows()
+        self.solution = calibration.solve_knob(method, rows, float(self.cfg.target_rho))
+        self.settings = replace(self.settings, method=method.with_knob(self.solution.value))
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         inp = self.inp
@@ -180,9 +198,61 @@ class RunSession:
         self.close()
         summary = build_summary(self.inp, self.started, resumed=len(self.done),
                                 timings={"plan_s": self.t_plan, "total_s": time.perf_counter() - self.t0})
+        summary["method"] = {"name": self.settings.method.name, "params": self.settings.method.params()}
+        if self.solution is not None:
+            summary["target_rho"] = {"target": self.cfg.target_rho, **self.solution.to_dict(),
+                                     "achieved_rho": summary["totals"]["global_rho"]}
+        if self.cfg.emit_adapter:
+            summary["adapter"] = adapter.finalize(adapter_parts(self.inp), self.inp.plan,
+                                                  Path(self.cfg.emit_adapter).expanduser().resolve(),
+                                                  self.inp.base, self.inp.ft)
         summary.update(extra or {})
         output.finalize_run(self.inp.out, self.inp.ft, summary)
         return summary
+
+
+class CalibrationPhase:
+    """The --target-rho calibration pass, shaped like a RunSession (units, jobs, commit, settings,
+    close) so the in-process loop and the Ray driver execute it unchanged."""
+
+    def __init__(self, session: RunSession, stream: TextIO | None) -> None:
+        self.session = session
+        self.meta = output.meta_dir(session.inp.out)
+        self.calib_id = session.inp.plan.plan_id + "-cal"
+        self.settings = replace(session.settings, mode="calibrate", plan_id=self.calib_id, adapter_parts=None)
+        entries = [e for e in session.inp.plan.entries if e.kind in REPAIR_KINDS and e.kind != "fp8_scale"]
+        self.keys = [k for e in entries for k in expected_keys(e)]
+        have = calibration.read_rows(self.meta, self.calib_id)
+        todo = {e.name for e in entries if any(k not in have for k in expected_keys(e))}
+        todo |= {e.companion for e in entries if e.kind == "fp8" and e.name in todo}
+        self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], session.cfg.batch_mb << 20)
+        self.pending: list[calibration.CalibrationRow] = []
+        self.bar = tqdm(total=sum(u.nbytes for u in self.units), unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="calibrate", disable=not session.cfg.progress or not self.units,
+                        file=stream or sys.stderr, dynamic_ncols=True)
+
+    def jobs(self, unit: WorkUnit) -> list[EntryJob]:
+        return self.session.jobs(unit)
+
+    def commit(self, unit: WorkUnit, rows: list[calibration.CalibrationRow], note: str = "") -> None:  # noqa: ARG002
+        self.pending.extend(rows)
+        self.bar.update(unit.nbytes)
+        if len(self.pending) >= FLUSH_ROWS:
+            self.close()
+
+    def close(self) -> None:
+        calibration.write_part(self.meta, self.pending)
+        self.pending = []
+
+    def rows(self) -> list[calibration.CalibrationRow]:
+        self.close()
+        self.bar.close()
+        have = calibration.read_rows(self.meta, self.calib_id)
+        missing = [k for k in self.keys if k not in have]
+        if missing:
+            raise RepairFailure(f"calibration for --target-rho is incomplete ({len(missing)} matrices, e.g. "
+                                f"{missing[0][0]}); re-run the same command to finish it.")
+        return [have[k] for k in self.keys]
 
 
 def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
@@ -193,6 +263,11 @@ def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any
     policy = cpu_thread_policy(session.settings.threads) if session.settings.device == "cpu" else nullcontext()
     try:
         with policy:
+            if session.calibration is not None:
+                phase = session.calibration
+                for unit in phase.units:
+                    phase.commit(unit, execute_unit(phase.jobs(unit), phase.settings))
+                session.resolve_target()
             for unit in session.units:
                 session.commit(unit, execute_unit(session.jobs(unit), session.settings))
     finally:

@@ -109,22 +109,25 @@ class GramEigen:
 
 
 def project(work: torch.Tensor, v_r: torch.Tensor, out: torch.Tensor, chunk_elems: int,
-            lapack: bool | None = None) -> None:
-    """out[block] = (W[block] V_r) V_rᵀ for every row block of the (N, p) view W."""
+            lapack: bool | None = None, right: torch.Tensor | None = None) -> None:
+    """out[block] = (W[block] V_r) Rᵀ for every row block of the (N, p) view W; R = V_r unless given
+    (a shrinker passes R = V_r diag(w))."""
+    right = v_r if right is None else right
     big, small = work.shape
     step = max(1, chunk_elems // max(small, 1))
     if uses_lapack(v_r.device) if lapack is None else lapack:  # stay in the BLAS pool (see threads.py)
         gemm = blas.dgemm if v_r.dtype == torch.float64 else blas.sgemm
         v = np.asfortranarray(v_r.numpy())
+        r_mat = v if right is v_r else np.asfortranarray(right.numpy())
         for lo in range(0, big, step):
             block_t = work[lo:lo + step].to(v_r.dtype).contiguous().numpy().T  # F (p, rows)
             coeff = gemm(1.0, v, block_t, trans_a=1)  # V_rᵀ Wᵀ: (r, rows)
-            out[lo:lo + step] = torch.from_numpy(gemm(1.0, v, coeff).T)  # ((V_r coeff)ᵀ): (rows, p)
+            out[lo:lo + step] = torch.from_numpy(gemm(1.0, r_mat, coeff).T)  # ((R coeff)ᵀ): (rows, p)
         return
     with _ieee_fp32_matmul():
         for lo in range(0, big, step):
             block = work[lo:lo + step].to(device=v_r.device, dtype=v_r.dtype)
-            out[lo:lo + step] = ((block @ v_r) @ v_r.T).to(device=out.device, dtype=out.dtype)
+            out[lo:lo + step] = ((block @ v_r) @ right.T).to(device=out.device, dtype=out.dtype)
 
 
 class _ieee_fp32_matmul:

@@ -20,7 +20,7 @@ import torch
 
 from . import linalg
 from .threads import cpu_thread_policy
-from .threshold import SpectralStats, ThresholdParams, threshold_spectrum
+from .threshold import SpectralRule, SpectralStats, threshold_spectrum
 
 Backend = Literal["auto", "exact", "gram64", "gram32"]
 BACKENDS: tuple[str, ...] = ("auto", "exact", "gram64", "gram32")
@@ -50,12 +50,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
+Factors = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
 def repair_batch(
-    delta: torch.Tensor, params: ThresholdParams, backend: str = "auto",
+    delta: torch.Tensor, params: SpectralRule, backend: str = "auto",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS, device: torch.device | str | None = None,
-    threads: int | None = None,
+    threads: int | None = None, factors: Factors | None = None,
 ) -> tuple[torch.Tensor, list[SpectralStats]]:
-    """DG-Hard on float32 deltas `(B, m, n)`; returns float32 Δ* `(B, m, n)` and per-matrix stats.
+    """A spectral rule (DG-Hard by default) on float32 deltas `(B, m, n)`; returns float32 Δ* and stats.
+
+    `factors`, when given, receives per matrix (L (m, r), R (r, n)) in float32 on the CPU with
+    Δ* = L R and balanced column/row norms (None for a degenerate or rank-0 matrix): the adapter export.
 
     Degenerate matrices come back with Δ* = Δ (callers pass the fine-tuned tensor through). Δ may
     live on the CPU while `device` is CUDA: blocks are moved as they are used, and Δ* is written to
@@ -71,42 +77,62 @@ def repair_batch(
     dev = torch.device(device) if device is not None else delta.device
     policy = cpu_thread_policy(threads) if dev.type == "cpu" else nullcontext()
     with policy:
-        return _repair_all(delta, params, chosen, chunk_elems, dev)
+        return _repair_all(delta, params, chosen, chunk_elems, dev, factors)
 
 
-def _repair_all(delta: torch.Tensor, params: ThresholdParams, chosen: str, chunk_elems: int,
-                dev: torch.device) -> tuple[torch.Tensor, list[SpectralStats]]:
+def _repair_all(delta: torch.Tensor, params: SpectralRule, chosen: str, chunk_elems: int,
+                dev: torch.device, factors: Factors | None) -> tuple[torch.Tensor, list[SpectralStats]]:
     _, rows, cols = delta.shape
     out = torch.empty_like(delta)
     stats: list[SpectralStats] = []
     for i in range(delta.shape[0]):
         d = delta[i]
+        pair: list = []
         if not bool(torch.any(d != 0)):
             st = threshold_spectrum(np.zeros(min(rows, cols)), rows, cols, params).with_backend(chosen)
             out[i] = d
         elif chosen == "exact":
-            st = _exact(d, params, out[i], dev)
+            st = _exact(d, params, out[i], dev, pair)
         elif chosen == "gram32":
-            st = _gram(d, params, out[i], chunk_elems, dev, torch.float32)
+            st = _gram(d, params, out[i], chunk_elems, dev, torch.float32, pair=pair)
         else:
-            st = _gram(d, params, out[i], chunk_elems, dev, torch.float64)
+            st = _gram(d, params, out[i], chunk_elems, dev, torch.float64, pair=pair)
         if st.degenerate:
             out[i] = d
         stats.append(st)
+        if factors is not None:
+            factors.append(_balanced(*pair[-1]) if pair else None)
     return out, stats
 
 
-def _exact(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, dev: torch.device) -> SpectralStats:
+def _balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale so component i has equal norms on both sides (Δ* = L R is unchanged)."""
+    gain = (left.norm(dim=0) / right.norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
+    return ((left / gain).to(device="cpu", dtype=torch.float32).contiguous(),
+            (right * gain[:, None]).to(device="cpu", dtype=torch.float32).contiguous())
+
+
+def _weights(st: SpectralStats, like: torch.Tensor) -> torch.Tensor | None:
+    return None if st.weights is None else torch.as_tensor(st.weights, dtype=like.dtype, device=like.device)
+
+
+def _exact(d: torch.Tensor, params: SpectralRule, dst: torch.Tensor, dev: torch.device,
+           pair: list | None = None) -> SpectralStats:
     u, s, vh = torch.linalg.svd(d.to(device=dev, dtype=torch.float64), full_matrices=False)
     st = threshold_spectrum(s.cpu().numpy(), d.shape[0], d.shape[1], params).with_backend("exact")
+    if st.degenerate == "zero_delta":
+        return st
+    r = st.rank_kept
+    kept = s[:r] if st.weights is None else s[:r] * _weights(st, s)
     if not st.degenerate:
-        r = st.rank_kept
-        dst.copy_(((u[:, :r] * s[:r]) @ vh[:r]).to(dst.device))
+        dst.copy_(((u[:, :r] * kept) @ vh[:r]).to(dst.device))
+    if pair is not None and r:  # median_zero (Δ* = Δ) still exports its non-zero components
+        pair.append((u[:, :r] * kept, vh[:r]))
     return st
 
 
-def _gram(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, chunk_elems: int, dev: torch.device,
-          dtype: torch.dtype, lapack: bool | None = None) -> SpectralStats:
+def _gram(d: torch.Tensor, params: SpectralRule, dst: torch.Tensor, chunk_elems: int, dev: torch.device,
+          dtype: torch.dtype, lapack: bool | None = None, pair: list | None = None) -> SpectralStats:
     """Tall (m ≥ n): G = ΔᵀΔ over row blocks, Δ* = (ΔV_r)V_rᵀ. Wide: the same on Δᵀ.
 
     `lapack` None picks by device (linalg.uses_lapack); False forces the torch path (what CUDA runs).
@@ -121,15 +147,22 @@ def _gram(d: torch.Tensor, params: ThresholdParams, dst: torch.Tensor, chunk_ele
     if dtype == torch.float32:
         reason = _float32_unsafe(s, st)
         if reason:
-            st = _gram(d, params, dst, chunk_elems, dev, torch.float64, lapack)
+            st = _gram(d, params, dst, chunk_elems, dev, torch.float64, lapack, pair)
             return st.with_backend("gram64", fallback=reason)
-    if st.degenerate:
+    if st.degenerate == "zero_delta" or (st.degenerate and pair is None):
         return st
     if st.rank_kept == 0:
         dst.zero_()
         return st
     v_r = eig.top_vectors(st.rank_kept).to(device=dev, dtype=dtype)
-    linalg.project(work, v_r, dst if tall else dst.T, chunk_elems, lapack)
+    w = _weights(st, v_r)
+    right = v_r if w is None else v_r * w
+    if not st.degenerate:  # median_zero: Δ* = Δ is written by the caller; only its factors are wanted here
+        linalg.project(work, v_r, dst if tall else dst.T, chunk_elems, lapack, right=right)
+    if pair is not None:
+        work_v = torch.cat([work[lo:lo + 4096].to(device=dev, dtype=dtype) @ v_r
+                            for lo in range(0, work.shape[0], 4096)])  # (N, r)
+        pair.append((work_v, right.T) if tall else (right, work_v.T))
     return st
 
 
@@ -142,3 +175,19 @@ def _float32_unsafe(s: np.ndarray, st: SpectralStats) -> str | None:
     if np.any(np.abs(s - st.tau) <= NEAR_TAU_F32 * st.tau):
         return "near_tau"
     return None
+
+
+def singular_values(d: torch.Tensor, backend: str = "auto", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                    device: torch.device | str | None = None) -> np.ndarray:
+    """All singular values of one float32 delta (m, n), descending, float64: the calibration pass of
+    --target-rho caches these so bisecting a spectral method's knob never repeats the decomposition."""
+    rows, cols = d.shape
+    chosen = resolve_backend(backend, rows, cols)
+    dev = torch.device(device) if device is not None else d.device
+    if not bool(torch.any(d != 0)):
+        return np.zeros(min(rows, cols))
+    if chosen == "exact":
+        return torch.linalg.svdvals(d.to(device=dev, dtype=torch.float64)).cpu().numpy()
+    work = d if rows >= cols else d.T
+    # Calibration only needs ranks and energies; float64 Gram eigenvalues serve both Gram backends.
+    return linalg.GramEigen(linalg.gram(work, torch.float64, dev, chunk_elems, None), None).singular_values()

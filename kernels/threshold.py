@@ -7,8 +7,8 @@ degenerate cases, so those rules cannot differ between backends.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -23,13 +23,50 @@ MedianRule = Literal["lower", "mean"]
 ZERO_RTOL = 1e-6
 
 
+@dataclass(frozen=True)
+class NoiseScale:
+    """The noise estimate every rule starts from (SPEC §1): s_med, σ̂, the MP edge, ω(β)."""
+
+    s_med: float
+    sigma_hat: float
+    mp_edge: float
+    omega: float
+    big: int
+    beta: float
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What a rule keeps: the top `rank` components, each scaled by `weights[i]` (None = 1)."""
+
+    tau: float
+    rank: int
+    weights: np.ndarray | None = None
+
+
+class SpectralRule(Protocol):
+    """A rule that decides Δ* from the spectrum alone (DG-Hard and the other spectral methods)."""
+
+    median: MedianRule
+    # False: the rule needs no noise scale, so s_med = 0 is not a degenerate case for it.
+    needs_noise_scale: bool
+
+    def cut(self, s: np.ndarray, noise: NoiseScale) -> Cut: ...
+
 
 @dataclass(frozen=True)
 class ThresholdParams:
-    """The knobs of the DG-Hard rule."""
+    """The DG-Hard rule (SPEC §1.4–5): keep s_i > τ = scale · ω(β) · s_med. With `at="mp_edge"` the
+    same hard cut sits at scale · λ_MP instead (the mp_edge method)."""
 
     scale: float = 1.0
     median: MedianRule = "lower"
+    needs_noise_scale: bool = True
+    at: Literal["dg", "mp_edge"] = "dg"
+
+    def cut(self, s: np.ndarray, noise: NoiseScale) -> Cut:
+        tau = self.scale * (noise.mp_edge if self.at == "mp_edge" else noise.omega * noise.s_med)
+        return Cut(tau, int(np.count_nonzero(s > tau)))
 
 
 @dataclass(frozen=True)
@@ -38,16 +75,16 @@ class SpectralStats:
 
     rows: int
     cols: int
-    rank_total: int  # p = min(m, n)
-    rank_kept: int
-    beta: float
-    omega: float
-    s_max: float
-    s_med: float
-    sigma_hat: float
-    tau: float
-    mp_edge: float
-    noise_energy_fraction: float
+    rank_total: int | None  # p = min(m, n); None for element-wise methods (no spectrum)
+    rank_kept: int | None
+    beta: float | None
+    omega: float | None
+    s_max: float | None
+    s_med: float | None
+    sigma_hat: float | None
+    tau: float | None
+    mp_edge: float | None
+    noise_energy_fraction: float | None
     rho: float  # ||delta*||_F / ||delta||_F
     frob_delta: float
     # None for the regular case; "zero_delta" (Δ == 0: pass through, no SVD) or
@@ -55,6 +92,16 @@ class SpectralStats:
     degenerate: str | None
     backend: str = ""  # the backend whose spectrum decided (after any fallback)
     fallback: str | None = None  # why a guarded float32 backend recomputed in float64
+    # Per kept component multipliers (a shrinker); None = keep the singular values as they are.
+    weights: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def elementwise(cls, rows: int, cols: int, frob_delta: float, rho: float, backend: str) -> SpectralStats:
+        """Stats of an element-wise method: no spectrum, only the Frobenius norms (Δ = 0 is degenerate)."""
+        return cls(rows=rows, cols=cols, rank_total=None, rank_kept=None, beta=None, omega=None, s_max=None,
+                   s_med=None, sigma_hat=None, tau=None, mp_edge=None, noise_energy_fraction=None,
+                   rho=rho if frob_delta > 0 else 1.0, frob_delta=frob_delta,
+                   degenerate=None if frob_delta > 0 else "zero_delta", backend=backend)
 
     def with_backend(self, backend: str, fallback: str | None = None) -> SpectralStats:
         return replace(self, backend=backend, fallback=fallback)
@@ -71,8 +118,8 @@ def lower_or_mean_median(s_desc: np.ndarray, rule: MedianRule) -> float:
     raise ValueError(f"unknown median rule {rule!r}; use 'lower' or 'mean'")
 
 
-def threshold_spectrum(s_desc: np.ndarray, rows: int, cols: int, params: ThresholdParams) -> SpectralStats:
-    """Apply the DG-Hard rule to a descending float64 spectrum of an m x n delta."""
+def threshold_spectrum(s_desc: np.ndarray, rows: int, cols: int, params: SpectralRule) -> SpectralStats:
+    """Apply a spectral rule (DG-Hard by default) to a descending float64 spectrum of an m x n delta."""
     s = np.asarray(s_desc, dtype=np.float64)
     p, big = min(rows, cols), max(rows, cols)
     if s.shape != (p,):
@@ -90,16 +137,14 @@ def threshold_spectrum(s_desc: np.ndarray, rows: int, cols: int, params: Thresho
     sigma_hat = s_med / math.sqrt(big * mu)
     mp_edge = (1.0 + math.sqrt(beta)) * math.sqrt(big) * sigma_hat
     noise_energy = float(np.sum(s[s <= mp_edge] ** 2)) / energy
-    if s_med <= ZERO_RTOL * s_max:
+    if params.needs_noise_scale and s_med <= ZERO_RTOL * s_max:
         kept = int(np.count_nonzero(s > ZERO_RTOL * s_max))
         return SpectralStats(**common, rank_kept=kept, s_med=s_med, sigma_hat=sigma_hat, tau=0.0,
                              mp_edge=mp_edge, noise_energy_fraction=noise_energy, rho=1.0,
                              frob_delta=math.sqrt(energy), degenerate="median_zero")
-    tau = params.scale * omega * s_med
-    kept = int(np.count_nonzero(s > tau))
-    rho = math.sqrt(float(np.sum(s[:kept] ** 2)) / energy)
-    return SpectralStats(**common, rank_kept=kept, s_med=s_med, sigma_hat=sigma_hat, tau=tau, mp_edge=mp_edge,
-                         noise_energy_fraction=noise_energy, rho=rho, frob_delta=math.sqrt(energy),
-                         degenerate=None)
-
-
+    decision = params.cut(s, NoiseScale(s_med, sigma_hat, mp_edge, omega, big, beta))
+    kept_s = s[:decision.rank] if decision.weights is None else s[:decision.rank] * decision.weights
+    rho = math.sqrt(float(np.sum(kept_s ** 2)) / energy)
+    return SpectralStats(**common, rank_kept=decision.rank, s_med=s_med, sigma_hat=sigma_hat, tau=decision.tau,
+                         mp_edge=mp_edge, noise_energy_fraction=noise_energy, rho=rho, frob_delta=math.sqrt(energy),
+                         degenerate=None, weights=decision.weights)

@@ -140,3 +140,20 @@ def test_poison_fp8_weight_fails_together_with_its_scales(tmp_path, monkeypatch)
                             progress=False, in_process=True))
     for shard in ("a.safetensors", "b.safetensors"):
         assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "clean" / shard).read_bytes()
+
+
+@pytest.mark.parametrize("method,kw", [("dare", {"drop_prob": 0.3, "dare_rescale": False, "target_rho": 0.7}),
+                                       ("dg_hard", {"target_rho": 0.9, "emit_adapter": "ADAPTER"})])
+def test_methods_target_rho_and_adapter_on_ray_match_the_in_process_engine(pair, tmp_path, method, kw):
+    """The calibration pass and the method run on the actors; bytes, knob and adapter equal in-process."""
+    def with_dir(name):
+        return {**kw, "emit_adapter": str(tmp_path / name)} if "emit_adapter" in kw else kw
+
+    engine = run_repair(cfg(pair, tmp_path / "engine", in_process=True, method=method, **with_dir("ad-engine")))
+    ray_run = run_distributed(cfg(pair, tmp_path / "ray", workers=2, method=method, **with_dir("ad-ray")))
+    same_bytes(tmp_path / "engine", tmp_path / "ray")
+    assert ray_run["target_rho"]["value"] == engine["target_rho"]["value"]
+    assert abs(ray_run["totals"]["global_rho"] - kw["target_rho"]) < (1e-3 if method == "dare" else 0.05)
+    if "emit_adapter" in kw:
+        assert ((tmp_path / "ad-engine" / "adapter_model.safetensors").read_bytes()
+                == (tmp_path / "ad-ray" / "adapter_model.safetensors").read_bytes())
