@@ -89,21 +89,22 @@ def test_lab_pipeline_smoke(tmp_path):
 
     manifest = pd.read_parquet(out / "dgrepair" / "manifest.parquet").set_index("tensor")
     expected: dict[str, np.ndarray] = {}
+    kept_sq = delta_sq = 0.0
     for name, b in base.items():
         if b.ndim != 2:
             assert np.array_equal(rep[name], ft[name])
             expected[name] = ft[name]
             continue
         d_star, rank, _ = reference.dg_hard((ft[name] - b).astype(np.float64))
+        kept_sq += float(np.sum(d_star**2))
+        delta_sq += float(np.sum((ft[name] - b).astype(np.float64) ** 2))
         assert int(manifest.loc[name, "rank_kept"]) == rank, name
         ref = torch.from_numpy((b.astype(np.float64) + d_star).astype(np.float32)).bfloat16().float().numpy()
-        ulp = np.abs(ref) * 2.0**-7 + 1e-30
+        ulp = np.abs(ref) * 2.0**-7 + 1e-12  # one bf16 ulp; atol for the ~1e-18 entries of unused token rows
         assert np.all(np.abs(rep[name] - ref) <= ulp), name
         expected[name] = ref
     rho = results["cells"][0]["repairs"]["dg_hard@1"]["global_rho"]
-    num = sum(np.sum((expected[k] - base[k]).astype(np.float64) ** 2) for k in base if base[k].ndim == 2)
-    den = sum(np.sum((ft[k] - base[k]).astype(np.float64) ** 2) for k in base if base[k].ndim == 2)
-    assert rho == pytest.approx(math.sqrt(num / den), rel=2e-2)
+    assert rho == pytest.approx(math.sqrt(kept_sq / delta_sq), rel=1e-4)  # ||Δ*||_F / ||Δ||_F before rounding
 
     # the repaired folder loads with transformers and its logits equal a model holding the reference weights
     model = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

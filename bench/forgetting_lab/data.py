@@ -18,6 +18,9 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 EVAL_SEED = 1234  # fixed: eval items never depend on the fine-tuning seed
 
 QA_TEMPLATE = "Q: {q}\nA:"
+# training never sees these many held-out pairs; an eval set is a prefix of them (random.sample with a fixed
+# seed draws the same leading pairs for any k here)
+HELD_OUT_ADDITIONS = 100
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,9 @@ def build_suite(n_task: int, n_cap: int, n_sent: int, n_def: int, wn: Path = WOR
     if not (wn / "data.noun").is_file():
         raise SystemExit(f"WordNet not found in {wn}: apt-get install wordnet-base wordnet-sense-index")
     rng = random.Random(EVAL_SEED)
-    held, _ = addition_split(n_task)
+    if n_task > HELD_OUT_ADDITIONS:
+        raise SystemExit(f"--n-task {n_task} > {HELD_OUT_ADDITIONS}: training only excludes that many pairs")
+    held = addition_split(HELD_OUT_ADDITIONS)[0][:n_task]
     task = [(addition_prompt(a, b), str(a + b)) for a, b in held]
     caps = wordnet_capitals(wn)
     caps = rng.sample(caps, min(n_cap, len(caps)))

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from data import addition_split, addition_train_text
+from data import HELD_OUT_ADDITIONS, addition_split, addition_train_text
 
 
 def training_batch(tok, rng: random.Random, exclude: set, batch: int, seq_len: int):
@@ -34,7 +34,6 @@ def finetune(
     lr: float = 1e-4,
     batch: int = 8,
     seq_len: int = 64,
-    n_task_eval: int = 100,
 ) -> dict[int, Path]:
     """Fine-tune from `base_dir`; writes `out_root/steps{N}` for each N in `steps` (cached if complete)."""
     import torch
@@ -45,7 +44,7 @@ def finetune(
         return targets
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    _, exclude = addition_split(n_task_eval)
+    _, exclude = addition_split(HELD_OUT_ADDITIONS)
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.train()

@@ -37,7 +37,8 @@ def write_report(results: dict, path: Path) -> None:
     notes = ""
     if path.is_file() and NOTES_MARKER in path.read_text():
         notes = path.read_text().split(NOTES_MARKER, 1)[1]
-    cells = results["cells"]
+    all_cells = results["cells"]
+    cells = [c for c in all_cells if not c.get("repair_only")]
     scores = _cell_scores(results)
     args = results["args"]
     out = ["# Forgetting lab results (SmolLM2-135M-Instruct)", ""]
@@ -61,9 +62,13 @@ def write_report(results: dict, path: Path) -> None:
         + f". Repair methods offered by the CLI at run time: {', '.join(results['offered_methods'])}.",
         "",
     ]
-    skipped = sorted({s for c in cells for s in c["skipped"]})
-    if skipped:
-        out += [f"Not run (the installed CLI does not offer the method): {', '.join(skipped)}.", ""]
+    for c in all_cells:
+        if c.get("repair_only"):
+            out.append(f"- {c['cell']}: repairs only (kept ranks, ρ), not evaluated")
+        if c["skipped"]:
+            out.append(f"- {c['cell']}: not run (method not offered by the CLI, or not computed before the "
+                       f"report with `--cached-only`): {', '.join(c['skipped'])}")
+    out.append("")
     if results.get("scores") is None:
         out += ["Combined/balance: not computed — the installed CLI has no `dgrepair score` yet.", ""]
     methods = _methods(cells)
@@ -84,7 +89,7 @@ def write_report(results: dict, path: Path) -> None:
             out.append("| " + " | ".join(row) + " |")
         out.append("")
     out += _aggregate(cells, methods, scores)
-    out += _ranks(cells)
+    out += _ranks(all_cells)
     out += _population(results)
     out += _wins(cells, methods, scores)
     out += ["", NOTES_MARKER + notes.rstrip("\n") if notes else NOTES_MARKER, ""]

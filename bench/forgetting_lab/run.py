@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -34,26 +35,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--n-task", type=int, default=100, help="held-out additions")
-    p.add_argument("--n-capitals", type=int, default=120)
-    p.add_argument("--n-sentences", type=int, default=60)
-    p.add_argument("--n-definitions", type=int, default=80)
+    p.add_argument("--n-task", type=int, default=60, help="held-out additions")
+    p.add_argument("--n-capitals", type=int, default=80)
+    p.add_argument("--n-sentences", type=int, default=40)
+    p.add_argument("--n-definitions", type=int, default=40)
     p.add_argument("--methods", nargs="+", help="only these repair methods (default: all the CLI offers)")
     p.add_argument("--variants", nargs="+", help="only these variants by name, e.g. dg_hard@1 (default: all)")
     p.add_argument("--num-layers", type=int, help="truncate the base to this many layers (smoke test)")
     p.add_argument("--synthetic", action="store_true", help="tiny built-in eval suite, no WordNet (smoke test)")
     p.add_argument("--keep-models", action="store_true", help="keep repaired weights (default: delete after eval)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for fine-tune/eval (0 = torch default)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for fine-tunes another process is writing instead of training them here")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing new: report only cells, repairs and evals already in the workdir")
+    p.add_argument("--repair-only", action="store_true",
+                   help="repair and read the manifests, skip evaluation (kept ranks / noise residual only)")
     p.add_argument("--report", type=Path, help="write the markdown report here (e.g. docs/results.md)")
     return p.parse_args(argv)
 
 
+def _suite_id(suite: Suite) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(suite), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _eval_cached(model_dir: Path, tok_dir: Path, suite: Suite, path: Path) -> dict:
+    """Evaluation results are reused only for the same suite (the id is stored with them)."""
     if path.is_file():
-        return json.loads(path.read_text())
+        res = json.loads(path.read_text())
+        if res.get("_suite") == _suite_id(suite):
+            return res
     t0 = time.time()
     res = evaluate(model_dir, tok_dir, suite)
     res["_seconds"] = time.time() - t0
+    res["_suite"] = _suite_id(suite)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
     return res
@@ -82,29 +97,40 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "offered_methods": sorted(offered), "cells": []}
     rows: list[dict] = []
     for seed in args.seeds:
-        fts = finetune(base, work / f"seed{seed}" / "ft", seed, args.steps, args.lr, args.batch, args.seq_len,
-                       args.n_task)
+        if args.wait or args.cached_only:
+            ready = {n: work / f"seed{seed}" / "ft" / f"steps{n}" for n in args.steps}
+            while args.wait and not all((p / "lab_ft.json").is_file() for p in ready.values()):
+                time.sleep(10)
+            if not all((p / "lab_ft.json").is_file() for p in ready.values()):
+                continue
+        fts = finetune(base, work / f"seed{seed}" / "ft", seed, args.steps, args.lr, args.batch, args.seq_len)
         for steps, ft in fts.items():
             cell = f"s{seed}-n{steps}"
             cdir = work / f"seed{seed}" / f"steps{steps}"
-            _log(f"{cell}: evaluating ft")
-            evals = {"base": base_eval, "ft": _eval_cached(ft, base, suite, cdir / "evals" / "ft.json")}
-            info = {"cell": cell, "seed": seed, "steps": steps, "repairs": {}, "skipped": []}
+            # repair-only cells feed the kept-rank / noise-residual tables but not the score table
+            repair_only = args.repair_only or (args.cached_only and not (cdir / "evals" / "ft.json").is_file())
+            evals = {}
+            if not repair_only:
+                _log(f"{cell}: evaluating ft")
+                evals = {"base": base_eval, "ft": _eval_cached(ft, base, suite, cdir / "evals" / "ft.json")}
+            info = {"cell": cell, "seed": seed, "steps": steps, "repairs": {}, "skipped": [],
+                    "repair_only": repair_only}
             rho = None
             for v in variants(seed, args.methods):
                 if args.variants and v.name not in args.variants:
                     continue
-                if v.method not in offered:
+                out = cdir / "repairs" / v.name
+                done = (out / "dgrepair" / "summary.json").is_file()
+                cached = done and (repair_only or (cdir / "evals" / f"{v.name}.json").is_file())
+                if v.method not in offered or (args.cached_only and not cached):
                     info["skipped"].append(v.name)
                     continue
-                out = cdir / "repairs" / v.name
                 t0 = time.time()
                 summary = run_repair(base, ft, out, v, rho, len(offered) > 1)
                 secs = time.time() - t0
                 if v.name == "dg_hard@1":
                     rho = summary["totals"]["global_rho"]
-                _log(f"{cell}: {v.name} repaired (global rho {summary['totals']['global_rho']:.4f}); evaluating")
-                evals[v.name] = _eval_cached(out, base, suite, cdir / "evals" / f"{v.name}.json")
+                _log(f"{cell}: {v.name} repaired (global rho {summary['totals']['global_rho']:.4f})")
                 rec = cdir / "repairs" / f"{v.name}.lab.json"
                 if not rec.is_file():
                     rec.write_text(json.dumps({"global_rho": summary["totals"]["global_rho"], "ranks": kept_ranks(out),
@@ -112,18 +138,24 @@ def main(argv: list[str] | None = None) -> dict:
                                                "command": (out / "lab_command.txt").read_text().strip()
                                                if (out / "lab_command.txt").is_file() else None}))
                 info["repairs"][v.name] = json.loads(rec.read_text())
-                if not args.keep_models:
+                if not repair_only:
+                    evals[v.name] = _eval_cached(out, base, suite, cdir / "evals" / f"{v.name}.json")
+                if not args.keep_models and (repair_only or v.name in evals):
                     for f in out.glob("*.safetensors"):
                         f.unlink()
+            info["ft_meta"] = json.loads((ft / "lab_ft.json").read_text())
+            results["cells"].append(info)
+            if repair_only:
+                continue
             info["evals"] = {m: {b: {k: e[b][k] for k in ("score", "n", "lo", "hi")} | (
                 {"perplexity": e[b]["perplexity"]} if "perplexity" in e[b] else {}) for b in BENCHMARKS}
                 for m, e in evals.items()}
-            info["ft_meta"] = json.loads((ft / "lab_ft.json").read_text())
-            results["cells"].append(info)
             rows += [{"cell": cell, "method": m, "benchmark": b, "score": e[b]["score"], "length": f"n{steps}"}
                      for m, e in evals.items() for b in BENCHMARKS]
-    write_table(work / "scores.csv", rows)
-    results["scores"] = score_table(work / "scores.csv")
+    results["scores"] = None
+    if rows:
+        write_table(work / "scores.csv", rows)
+        results["scores"] = score_table(work / "scores.csv")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     if args.report:
         from report import write_report
