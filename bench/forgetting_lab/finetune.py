@@ -56,7 +56,7 @@ def finetune(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"seed {seed} step {step} loss {losses[-1]:.4f}", flush=True)
         if step in targets:
             out = targets[step]

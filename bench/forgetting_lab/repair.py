@@ -31,7 +31,8 @@ def variants(seed: int, methods: list[str] | None = None) -> list[Variant]:
         Variant("dare", "dare", ("--seed", str(seed))),
         Variant("fixed_rank", "fixed_rank", ()),
     ]
-    grid += [Variant(f"{m}@rho", m, ("--seed", str(seed)) if m == "dare" else (), True)
+    # matched DARE is DARE-Linear: rescaled DARE keeps an expected rho >= 1, so the CLI refuses --target-rho
+    grid += [Variant(f"{m}@rho", m, ("--seed", str(seed), "--no-dare-rescale") if m == "dare" else (), True)
              for m in ("wise_ft", "ties", "dare", "fixed_rank")]
     return [v for v in grid if methods is None or v.method in methods]
 

@@ -65,6 +65,8 @@ def write_report(results: dict, path: Path) -> None:
     for c in all_cells:
         if c.get("repair_only"):
             out.append(f"- {c['cell']}: repairs only (kept ranks, ρ), not evaluated")
+        for name, err in c.get("failed", {}).items():
+            out.append(f"- {c['cell']}: {name} failed: `{err.strip().splitlines()[-1]}`")
         if c["skipped"]:
             out.append(f"- {c['cell']}: not run (method not offered by the CLI, or not computed before the "
                        f"report with `--cached-only`): {', '.join(c['skipped'])}")

@@ -126,7 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
                     info["skipped"].append(v.name)
                     continue
                 t0 = time.time()
-                summary = run_repair(base, ft, out, v, rho, len(offered) > 1)
+                try:
+                    summary = run_repair(base, ft, out, v, rho, len(offered) > 1)
+                except (RuntimeError, ValueError) as exc:  # one refused variant must not stop the grid
+                    _log(f"{cell}: {v.name} FAILED: {exc}")
+                    info.setdefault("failed", {})[v.name] = str(exc)[-500:]
+                    continue
                 secs = time.time() - t0
                 if v.name == "dg_hard@1":
                     rho = summary["totals"]["global_rho"]
