@@ -56,6 +56,21 @@ def test_score_table_refuses_incomplete_rows(tmp_path):
                                                    "score": 0.5, "length": "n1"}])
 
 
+def test_repair_grid_command_lines():
+    from repair import repair_command, variants
+
+    grid = {v.name: v for v in variants(seed=3)}
+    assert list(grid) == ["dg_hard@0.5", "dg_hard@1", "dg_hard@2", "wise_ft@0.25", "wise_ft@0.5", "wise_ft@0.75",
+                          "ties", "dare", "fixed_rank", "wise_ft@rho", "ties@rho", "dare@rho", "fixed_rank@rho"]
+    cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["dare@rho"], 0.8853, True)
+    assert cmd[1:] == ["repair", "--in-process", "--no-progress", "--base", "B", "--ft", "F", "--out", "O",
+                       "--method", "dare", "--seed", "3", "--no-dare-rescale", "--target-rho", "0.8853"]
+    cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["wise_ft@0.25"], None, True)
+    assert cmd[-4:] == ["--method", "wise_ft", "--alpha", "0.25"]
+    with pytest.raises(ValueError, match="ties@rho"):
+        repair_command(Path("B"), Path("F"), Path("O"), grid["ties@rho"], None, True)
+
+
 def _f32(path: Path) -> dict[str, np.ndarray]:
     from safetensors.torch import load_file
 

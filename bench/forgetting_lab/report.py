@@ -73,6 +73,9 @@ def write_report(results: dict, path: Path) -> None:
     out.append("")
     if results.get("scores") is None:
         out += ["Combined/balance: not computed — the installed CLI has no `dgrepair score` yet.", ""]
+    else:
+        out += [f"Healed / preserved / Combined / balance: `{results.get('score_exe')} score --table scores.csv "
+                "--cohort-column length --json` (SPEC §5; damaged/improved at ±0.03).", ""]
     methods = _methods(cells)
     out += ["## Per seed", ""]
     for c in cells:

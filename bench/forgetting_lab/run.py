@@ -24,7 +24,7 @@ from data import Suite, build_suite, synthetic_suite  # noqa: E402
 from evaluate import BENCHMARKS, evaluate  # noqa: E402
 from finetune import finetune  # noqa: E402
 from repair import cli_methods, kept_ranks, run_repair, variants  # noqa: E402
-from score import score_table, write_table  # noqa: E402
+from score import score_exe, score_table, write_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rows:
         write_table(work / "scores.csv", rows)
         results["scores"] = score_table(work / "scores.csv")
+        results["score_exe"] = score_exe()
     (work / "results.json").write_text(json.dumps(results, indent=1))
     if args.report:
         from report import write_report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -36,9 +37,15 @@ def write_table(path: Path, rows: list[dict]) -> None:
             w.writerow({k: r[k] for k in COLUMNS})
 
 
+def score_exe() -> str:
+    """The `dgrepair` that scores: this environment's, or `LAB_DGREPAIR_SCORE` (a path to another build's
+    `dgrepair`, used while `score` was not merged yet; the report names it)."""
+    return os.environ.get("LAB_DGREPAIR_SCORE") or dgrepair_exe()
+
+
 def score_table(path: Path) -> list[dict] | None:
     """`dgrepair score --table PATH --cohort-column length --json`, parsed; None if the CLI lacks `score`."""
-    exe = dgrepair_exe()
+    exe = score_exe()
     helptext = subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
     if " score" not in helptext:
         return None
