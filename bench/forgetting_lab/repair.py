@@ -98,6 +98,9 @@ def kept_ranks(out: Path) -> dict[str, dict]:
             "noise_energy_fraction_mean": float(g["noise_energy_fraction"].mean())
             if "noise_energy_fraction" in g
             else float("nan"),
+            "sigma_hat_mean": float(g["sigma_hat"].mean()) if "sigma_hat" in g else float("nan"),
+            "delta_sq": float((g["frob_delta"] ** 2).sum()),
+            "kept_sq": float((g["frob_kept"] ** 2).sum()),
         }
     return res
 

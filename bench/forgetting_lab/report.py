@@ -155,13 +155,23 @@ def _ranks(cells) -> list[str]:
     out.append("")
     by_len = _by_length(cells)
     if len(by_len) >= 2:
-        out += ["Noise residual (1 − global ρ² is the share of ‖Δ‖² DG-Hard@1 discards) per length:", ""]
-        out += ["| steps | seeds | global ρ (mean, min–max) | discarded energy 1−ρ² (mean) |", "|---|---|---|---|"]
+        out += ["Noise residual per length: ‖Δ‖²_F summed over repaired matrices, the part DG-Hard@1 discards "
+                "(‖Δ‖² − ‖Δ*‖², absolute and as a share 1 − ρ²), and the mean noise level σ̂ of the MLP and "
+                "attention matrices (manifest `sigma_hat`). Mean over seeds (min–max):", ""]
+        out += ["| steps | seeds | global ρ | ‖Δ‖² | discarded ‖Δ‖²−‖Δ*‖² | share 1−ρ² | mean σ̂ (q…down) |",
+                "|---|---|---|---|---|---|---|"]
         for steps, group in by_len.items():
-            rhos = [c["repairs"]["dg_hard@1"]["global_rho"] for c in group if "dg_hard@1" in c["repairs"]]
-            if rhos:
-                out.append(f"| {steps} | {len(rhos)} | {_mean_range(rhos)} | "
-                           f"{statistics.mean(1 - r * r for r in rhos):.4f} |")
+            recs = [c["repairs"]["dg_hard@1"] for c in group if "dg_hard@1" in c["repairs"]]
+            if not recs:
+                continue
+            tot = [sum(r.get("delta_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
+            kept = [sum(r.get("kept_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
+            sig = [statistics.mean(r.get("sigma_hat_mean", float("nan")) for k, r in rec["ranks"].items()
+                                   if k not in ("embed_tokens", "lm_head", "other")) for rec in recs]
+            rhos = [rec["global_rho"] for rec in recs]
+            out.append(f"| {steps} | {len(recs)} | {_mean_range(rhos)} | {_mean_range(tot)} | "
+                       f"{_mean_range([t - k for t, k in zip(tot, kept, strict=True)])} | "
+                       f"{_mean_range([1 - r * r for r in rhos])} | {_mean_range([x * 1e4 for x in sig])} ×1e-4 |")
         out.append("")
     return out
 

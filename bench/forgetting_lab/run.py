@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
                     rho = summary["totals"]["global_rho"]
                 _log(f"{cell}: {v.name} repaired (global rho {summary['totals']['global_rho']:.4f})")
                 rec = cdir / "repairs" / f"{v.name}.lab.json"
+                if rec.is_file() and "delta_sq" not in next(iter(json.loads(rec.read_text())["ranks"].values()), {}):
+                    old = json.loads(rec.read_text())
+                    old["ranks"] = kept_ranks(out)  # older record: refresh the manifest summary
+                    rec.write_text(json.dumps(old))
                 if not rec.is_file():
                     rec.write_text(json.dumps({"global_rho": summary["totals"]["global_rho"], "ranks": kept_ranks(out),
                                                "repair_seconds": secs,
