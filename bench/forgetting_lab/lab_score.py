@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from repair import dgrepair_exe
+from lab_repair import dgrepair_exe
 
 COLUMNS = ("cell", "method", "benchmark", "score", "length")
 

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from data import HELD_OUT_ADDITIONS, addition_split, addition_train_text
+from lab_data import HELD_OUT_ADDITIONS, addition_split, addition_train_text
 
 
 def training_batch(tok, rng: random.Random, exclude: set, batch: int, seq_len: int):

@@ -18,7 +18,7 @@ import random
 import re
 from pathlib import Path
 
-from data import Suite
+from lab_data import Suite
 
 BENCHMARKS = ("task", "capitals", "definitions", "sentences")
 DOC_START = "<|endoftext|>"  # SmolLM2's document separator: sentences are scored as document starts

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from evaluate import BENCHMARKS
+from lab_evaluate import BENCHMARKS
 
 NOTES_MARKER = "<!-- notes -->"
 
