@@ -62,14 +62,15 @@ def write_report(results: dict, path: Path) -> None:
         + f". Repair methods offered by the CLI at run time: {', '.join(results['offered_methods'])}.",
         "",
     ]
+    out += ["What ran: variants listed as not run were not offered by the CLI or not computed before this "
+            "report was assembled (`--cached-only`); repair-only cells have kept ranks and ρ but no evaluations.", ""]
     for c in all_cells:
         if c.get("repair_only"):
             out.append(f"- {c['cell']}: repairs only (kept ranks, ρ), not evaluated")
         for name, err in c.get("failed", {}).items():
             out.append(f"- {c['cell']}: {name} failed: `{err.strip().splitlines()[-1]}`")
         if c["skipped"]:
-            out.append(f"- {c['cell']}: not run (method not offered by the CLI, or not computed before the "
-                       f"report with `--cached-only`): {', '.join(c['skipped'])}")
+            out.append(f"- {c['cell']}: not run: {', '.join(c['skipped'])}")
     out.append("")
     if results.get("scores") is None:
         out += ["Combined/balance: not computed — the installed CLI has no `dgrepair score` yet.", ""]

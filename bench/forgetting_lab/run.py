@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
             cell = f"s{seed}-n{steps}"
             cdir = work / f"seed{seed}" / f"steps{steps}"
             # repair-only cells feed the kept-rank / noise-residual tables but not the score table
-            repair_only = args.repair_only or (args.cached_only and not (cdir / "evals" / "ft.json").is_file())
+            evaluated = {p.stem for p in (cdir / "evals").glob("*.json")}
+            repair_only = args.repair_only or (args.cached_only and ("ft" not in evaluated or evaluated == {"ft"}))
             evals = {}
             if not repair_only:
                 _log(f"{cell}: evaluating ft")
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f.unlink()
             info["ft_meta"] = json.loads((ft / "lab_ft.json").read_text())
             results["cells"].append(info)
+            if not repair_only and set(evals) <= {"base", "ft"}:
+                info["repair_only"] = repair_only = True  # no evaluated repair: nothing to score in this cell
             if repair_only:
                 continue
             info["evals"] = {m: {b: {k: e[b][k] for k in ("score", "n", "lo", "hi")} | (
