@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if v.method not in offered or (args.cached_only and not cached):
                     info["skipped"].append(v.name)
                     continue
+                evals_needed = not repair_only and not (cdir / "evals" / f"{v.name}.json").is_file()
+                if done and evals_needed and not list(out.glob("*.safetensors")):
+                    shutil.rmtree(out)  # repaired earlier in --repair-only mode (weights deleted): redo to evaluate
                 t0 = time.time()
                 try:
                     summary = run_repair(base, ft, out, v, rho, len(offered) > 1)
