@@ -55,6 +55,9 @@ def write_report(results: dict, path: Path) -> None:
            if args.get("methods") not in (None, "None") else ""),
         "```",
         "",
+        *(["This report was assembled with `--cached-only` from the steps in `bench/forgetting_lab/phases.sh` "
+           "(same workdir, same seeds); the command above computes the same grid in one go.", ""]
+          if args.get("cached_only") == "True" else []),
         f"Fine-tune: full-parameter AdamW, lr {args['lr']}, batch {args['batch']} × {args['seq_len']} tokens of "
         "packed 2-digit additions, CPU, bf16 checkpoints; the two lengths of a seed are two checkpoints of one "
         "trajectory. Eval sets (fixed, independent of the seed): "
