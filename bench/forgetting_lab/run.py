@@ -1,0 +1,186 @@
+"""Forgetting lab: build the base, fine-tune, repair with every method through the CLI, evaluate, score.
+
+    python bench/forgetting_lab/run.py --seeds 0 1 2 --steps 15 30 --workdir bench/_work/lab \
+        --report docs/results.md
+
+Everything is cached in the workdir (base, fine-tunes, repairs, evaluations), so re-running the same
+command resumes; adding seeds, steps or methods only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lab_base import build_base  # noqa: E402
+from lab_data import Suite, build_suite, synthetic_suite  # noqa: E402
+from lab_evaluate import BENCHMARKS, evaluate  # noqa: E402
+from lab_finetune import finetune  # noqa: E402
+from lab_repair import cli_methods, kept_ranks, run_repair, variants  # noqa: E402
+from lab_score import score_exe, score_table, write_table  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, nargs="+", default=[15, 30], help="fine-tune lengths (one trajectory)")
+    p.add_argument("--workdir", type=Path, default=Path("bench/_work/lab"))
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--n-task", type=int, default=60, help="held-out additions")
+    p.add_argument("--n-capitals", type=int, default=80)
+    p.add_argument("--n-sentences", type=int, default=40)
+    p.add_argument("--n-definitions", type=int, default=40)
+    p.add_argument("--methods", nargs="+", help="only these repair methods (default: all the CLI offers)")
+    p.add_argument("--variants", nargs="+", help="only these variants by name, e.g. dg_hard@1 (default: all)")
+    p.add_argument("--num-layers", type=int, help="truncate the base to this many layers (smoke test)")
+    p.add_argument("--synthetic", action="store_true", help="tiny built-in eval suite, no WordNet (smoke test)")
+    p.add_argument("--keep-models", action="store_true", help="keep repaired weights (default: delete after eval)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for fine-tune/eval (0 = torch default)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for fine-tunes another process is writing instead of training them here")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing new: report only cells, repairs and evals already in the workdir")
+    p.add_argument("--repair-only", action="store_true",
+                   help="repair and read the manifests, skip evaluation (kept ranks / noise residual only)")
+    p.add_argument("--report", type=Path, help="write the markdown report here (e.g. docs/results.md)")
+    return p.parse_args(argv)
+
+
+def _suite_id(suite: Suite) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(suite), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _eval_cached(model_dir: Path, tok_dir: Path, suite: Suite, path: Path) -> dict:
+    """Evaluation results are reused only for the same suite (the id is stored with them)."""
+    if path.is_file():
+        res = json.loads(path.read_text())
+        if res.get("_suite") == _suite_id(suite):
+            return res
+    t0 = time.time()
+    res = evaluate(model_dir, tok_dir, suite)
+    res["_seconds"] = time.time() - t0
+    res["_suite"] = _suite_id(suite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    return res
+
+
+def _log(msg: str) -> None:
+    print(f"[lab {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    base = build_base(work / "base", args.num_layers)
+    suite = synthetic_suite() if args.synthetic else build_suite(
+        args.n_task, args.n_capitals, args.n_sentences, args.n_definitions
+    )
+    (work / "suite.json").write_text(json.dumps(dataclasses.asdict(suite), indent=1))
+    _log("evaluating base")
+    base_eval = _eval_cached(base, base, suite, work / "base_eval.json")
+    offered = cli_methods()
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "offered_methods": sorted(offered), "cells": []}
+    rows: list[dict] = []
+    for seed in args.seeds:
+        if args.wait or args.cached_only:
+            ready = {n: work / f"seed{seed}" / "ft" / f"steps{n}" for n in args.steps}
+            while args.wait and not all((p / "lab_ft.json").is_file() for p in ready.values()):
+                time.sleep(10)
+            if not all((p / "lab_ft.json").is_file() for p in ready.values()):
+                continue
+        fts = finetune(base, work / f"seed{seed}" / "ft", seed, args.steps, args.lr, args.batch, args.seq_len)
+        for steps, ft in fts.items():
+            cell = f"s{seed}-n{steps}"
+            cdir = work / f"seed{seed}" / f"steps{steps}"
+            # repair-only cells feed the kept-rank / noise-residual tables but not the score table
+            evaluated = {p.stem for p in (cdir / "evals").glob("*.json")}
+            repair_only = args.repair_only or (args.cached_only and ("ft" not in evaluated or evaluated == {"ft"}))
+            evals = {}
+            if not repair_only:
+                _log(f"{cell}: evaluating ft")
+                evals = {"base": base_eval, "ft": _eval_cached(ft, base, suite, cdir / "evals" / "ft.json")}
+            info = {"cell": cell, "seed": seed, "steps": steps, "repairs": {}, "skipped": [],
+                    "repair_only": repair_only}
+            rho = None
+            for v in variants(seed, args.methods):
+                if args.variants and v.name not in args.variants:
+                    continue
+                out = cdir / "repairs" / v.name
+                done = (out / "dgrepair" / "summary.json").is_file()
+                cached = done and (repair_only or (cdir / "evals" / f"{v.name}.json").is_file())
+                if v.method not in offered or (args.cached_only and not cached):
+                    info["skipped"].append(v.name)
+                    continue
+                evals_needed = not repair_only and not (cdir / "evals" / f"{v.name}.json").is_file()
+                if done and evals_needed and not list(out.glob("*.safetensors")):
+                    shutil.rmtree(out)  # repaired earlier in --repair-only mode (weights deleted): redo to evaluate
+                t0 = time.time()
+                try:
+                    summary = run_repair(base, ft, out, v, rho, len(offered) > 1)
+                except (RuntimeError, ValueError) as exc:  # one refused variant must not stop the grid
+                    _log(f"{cell}: {v.name} FAILED: {exc}")
+                    info.setdefault("failed", {})[v.name] = str(exc)[-500:]
+                    continue
+                secs = time.time() - t0
+                if v.name == "dg_hard@1":
+                    rho = summary["totals"]["global_rho"]
+                _log(f"{cell}: {v.name} repaired (global rho {summary['totals']['global_rho']:.4f})")
+                rec = cdir / "repairs" / f"{v.name}.lab.json"
+                if rec.is_file() and "delta_sq" not in next(iter(json.loads(rec.read_text())["ranks"].values()), {}):
+                    old = json.loads(rec.read_text())
+                    old["ranks"] = kept_ranks(out)  # older record: refresh the manifest summary
+                    rec.write_text(json.dumps(old))
+                if not rec.is_file():
+                    rec.write_text(json.dumps({"global_rho": summary["totals"]["global_rho"], "ranks": kept_ranks(out),
+                                               "repair_seconds": secs,
+                                               "command": (out / "lab_command.txt").read_text().strip()
+                                               if (out / "lab_command.txt").is_file() else None}))
+                info["repairs"][v.name] = json.loads(rec.read_text())
+                if not repair_only:
+                    evals[v.name] = _eval_cached(out, base, suite, cdir / "evals" / f"{v.name}.json")
+                if not args.keep_models and (repair_only or v.name in evals):
+                    for f in out.glob("*.safetensors"):
+                        f.unlink()
+            info["ft_meta"] = json.loads((ft / "lab_ft.json").read_text())
+            results["cells"].append(info)
+            if not repair_only and set(evals) <= {"base", "ft"}:
+                info["repair_only"] = repair_only = True  # no evaluated repair: nothing to score in this cell
+            if repair_only:
+                continue
+            info["evals"] = {m: {b: {k: e[b][k] for k in ("score", "n", "lo", "hi")} | (
+                {"perplexity": e[b]["perplexity"]} if "perplexity" in e[b] else {}) for b in BENCHMARKS}
+                for m, e in evals.items()}
+            rows += [{"cell": cell, "method": m, "benchmark": b, "score": e[b]["score"], "length": f"n{steps}"}
+                     for m, e in evals.items() for b in BENCHMARKS]
+    results["scores"] = None
+    if rows:
+        write_table(work / "scores.csv", rows)
+        results["scores"] = score_table(work / "scores.csv")
+        results["score_exe"] = score_exe()
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    if args.report:
+        from lab_report import write_report
+
+        write_report(results, args.report)
+    _log("done")
+    return results
+
+
+if __name__ == "__main__":
+    main()
