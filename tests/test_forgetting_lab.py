@@ -94,6 +94,13 @@ def test_lab_pipeline_smoke(tmp_path):
     want = {("s0-n1", m, b) for m in ("base", "ft", "dg_hard@1") for b in lab_eval.BENCHMARKS}
     assert got == want and len(rows) == len(want)
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+    # scored by `dgrepair score`, or named as unscorable when one fine-tune step left ft at 0 on the task
+    ft_task = next(float(r["score"]) for r in rows if r["method"] == "ft" and r["benchmark"] == "task")
+    if ft_task > 0:
+        assert {(r["cell"], r["method"]) for r in results["scores"] if r["level"] == "cell"} == {("s0-n1", "dg_hard@1")}
+    else:
+        assert results["scores"] == [] and results["unscorable_cells"] == ["s0-n1"]
+        assert "Not scorable by SPEC §5" in report.read_text()
 
     base_dir, ft_dir = work / "base", work / "seed0" / "ft" / "steps1"
     out = work / "seed0" / "steps1" / "repairs" / "dg_hard@1"
@@ -148,3 +155,14 @@ def test_lab_pipeline_smoke(tmp_path):
     measured = results["cells"][0]["evals"]["dg_hard@1"]["sentences"]["score"]
     assert measured == pytest.approx(hits / total, abs=1e-12)
     assert "| dg_hard@1 |" in report.read_text()
+
+
+def test_cells_spec_cannot_score_are_named_not_scored():
+    from lab_score import unscorable_cells
+
+    def rows(cell, ft_task, base_held):
+        return [{"cell": cell, "method": "ft", "benchmark": "task", "score": ft_task},
+                {"cell": cell, "method": "base", "benchmark": "task", "score": 0.0},
+                {"cell": cell, "method": "base", "benchmark": "capitals", "score": base_held}]
+
+    assert unscorable_cells(rows("a", 0.5, 0.4) + rows("b", 0.0, 0.4) + rows("c", 0.5, 0.0)) == ["b", "c"]

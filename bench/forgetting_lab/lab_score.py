@@ -43,14 +43,34 @@ def score_exe() -> str:
     return os.environ.get("LAB_DGREPAIR_SCORE") or dgrepair_exe()
 
 
-def score_table(path: Path) -> list[dict] | None:
-    """`dgrepair score --table PATH --cohort-column length --json`, parsed; None if the CLI lacks `score`."""
+def unscorable_cells(rows: list[dict]) -> list[str]:
+    """Cells SPEC §5 cannot score: ft scores 0 on the task (M_task/FT_task undefined) or base scores 0 on
+    every held-out benchmark (the balance ratio is undefined). A tiny smoke run can produce either."""
+    ft_task = {r["cell"]: float(r["score"]) for r in rows if r["method"] == "ft" and r["benchmark"] == "task"}
+    base_held: dict[str, float] = {}
+    for r in rows:
+        if r["method"] == "base" and r["benchmark"] != "task":
+            base_held[r["cell"]] = base_held.get(r["cell"], 0.0) + float(r["score"])
+    return sorted(c for c in ft_task if ft_task[c] <= 0.0 or base_held.get(c, 0.0) <= 0.0)
+
+
+def score_table(path: Path) -> tuple[list[dict] | None, list[str]]:
+    """`dgrepair score --table PATH --cohort-column length --json`, parsed, over the scorable cells (the
+    others are returned by name and reported); None if the CLI lacks `score`."""
     exe = score_exe()
     helptext = subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
     if " score" not in helptext:
-        return None
+        return None, []
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    skipped = unscorable_cells(rows)
+    if len(skipped) == len({r["cell"] for r in rows}):
+        return [], skipped
+    if skipped:
+        path = path.with_name(path.stem + ".scorable.csv")
+        write_table(path, [r for r in rows if r["cell"] not in skipped])
     cmd = [exe, "score", "--table", str(path), "--cohort-column", "length", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout), skipped

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["scores"] = None
     if rows:
         write_table(work / "scores.csv", rows)
-        results["scores"] = score_table(work / "scores.csv")
+        results["scores"], results["unscorable_cells"] = score_table(work / "scores.csv")
         results["score_exe"] = score_exe()
     (work / "results.json").write_text(json.dumps(results, indent=1))
     if args.report:
