@@ -208,7 +208,7 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
                                  threads=settings.threads, factors=factors)
     del stacked
     if factors is not None:
-        _save_factors(jobs, extras, factors, Path(settings.adapter_parts))
+        _save_factors(jobs, factors, Path(settings.adapter_parts))
     seconds = (time.perf_counter() - start) / len(stats)
     rows: list[ManifestRow] = []
     first = 0
@@ -280,7 +280,7 @@ def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[Calibra
     out: list[CalibrationRow] = []
     for job in jobs:
         e = job.entry
-        if e.kind not in REPAIR_KINDS or e.kind == "dequant":
+        if e.kind not in REPAIR_KINDS:  # passthrough, scales, and `dequant` (converted, never repaired)
             continue
         start = time.perf_counter()
         mats, kind = delta_matrices(job, scales.get(e.name))
@@ -301,15 +301,15 @@ def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[Calibra
     return out
 
 
-def _save_factors(jobs: list[EntryJob], extras: list[torch.Tensor], factors: Factors, where: Path) -> None:
-    """Write the low-rank factors of every exportable matrix of the batch (--emit-adapter)."""
+def _save_factors(jobs: list[EntryJob], factors: Factors, where: Path) -> None:
+    """Write the low-rank factors of every exportable matrix of the batch (--emit-adapter); `exportable`
+    already excludes stacks and resized vocabularies, so an exportable entry is exactly one matrix."""
     first = 0
-    for job, extra in zip(jobs, extras, strict=True):
+    for job in jobs:
         e = job.entry
-        mine = factors[first:first + e.n_matrices]
+        if adapter.exportable(e) is None:
+            adapter.save_part(where, e.name, factors[first])
         first += e.n_matrices
-        if adapter.exportable(e) is None and not extra.numel():
-            adapter.save_part(where, e.name, mine[0])
 
 
 def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:

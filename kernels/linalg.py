@@ -109,9 +109,11 @@ class GramEigen:
 
 
 def project(work: torch.Tensor, v_r: torch.Tensor, out: torch.Tensor, chunk_elems: int,
-            lapack: bool | None = None, right: torch.Tensor | None = None) -> None:
+            lapack: bool | None = None, right: torch.Tensor | None = None,
+            coeff_out: torch.Tensor | None = None) -> None:
     """out[block] = (W[block] V_r) Rᵀ for every row block of the (N, p) view W; R = V_r unless given
-    (a shrinker passes R = V_r diag(w))."""
+    (a shrinker passes R = V_r diag(w)). `coeff_out` (N, r), when given, receives W V_r on the way
+    (the left factor of an exported adapter), so it is never computed twice."""
     right = v_r if right is None else right
     big, small = work.shape
     step = max(1, chunk_elems // max(small, 1))
@@ -123,11 +125,15 @@ def project(work: torch.Tensor, v_r: torch.Tensor, out: torch.Tensor, chunk_elem
             block_t = work[lo:lo + step].to(v_r.dtype).contiguous().numpy().T  # F (p, rows)
             coeff = gemm(1.0, v, block_t, trans_a=1)  # V_rᵀ Wᵀ: (r, rows)
             out[lo:lo + step] = torch.from_numpy(gemm(1.0, r_mat, coeff).T)  # ((R coeff)ᵀ): (rows, p)
+            if coeff_out is not None:
+                coeff_out[lo:lo + step] = torch.from_numpy(coeff.T)
         return
     with _ieee_fp32_matmul():
         for lo in range(0, big, step):
-            block = work[lo:lo + step].to(device=v_r.device, dtype=v_r.dtype)
-            out[lo:lo + step] = ((block @ v_r) @ right.T).to(device=out.device, dtype=out.dtype)
+            block_v = work[lo:lo + step].to(device=v_r.device, dtype=v_r.dtype) @ v_r
+            out[lo:lo + step] = (block_v @ right.T).to(device=out.device, dtype=out.dtype)
+            if coeff_out is not None:
+                coeff_out[lo:lo + step] = block_v
 
 
 class _ieee_fp32_matmul:

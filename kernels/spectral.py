@@ -157,11 +157,10 @@ def _gram(d: torch.Tensor, params: SpectralRule, dst: torch.Tensor, chunk_elems:
     v_r = eig.top_vectors(st.rank_kept).to(device=dev, dtype=dtype)
     w = _weights(st, v_r)
     right = v_r if w is None else v_r * w
-    if not st.degenerate:  # median_zero: Δ* = Δ is written by the caller; only its factors are wanted here
-        linalg.project(work, v_r, dst if tall else dst.T, chunk_elems, lapack, right=right)
+    # A median_zero matrix only gets here for its factors; the caller then writes Δ* = Δ over dst.
+    work_v = None if pair is None else torch.empty(work.shape[0], st.rank_kept, dtype=dtype, device=dev)
+    linalg.project(work, v_r, dst if tall else dst.T, chunk_elems, lapack, right=right, coeff_out=work_v)
     if pair is not None:
-        work_v = torch.cat([work[lo:lo + 4096].to(device=dev, dtype=dtype) @ v_r
-                            for lo in range(0, work.shape[0], 4096)])  # (N, r)
         pair.append((work_v, right.T) if tall else (right, work_v.T))
     return st
 

@@ -118,3 +118,25 @@ def test_rejects_low_precision_and_unbatched_input():
         repair_batch(torch.zeros(1, 4, 4, dtype=torch.bfloat16), ThresholdParams())
     with pytest.raises(ValueError, match=r"\(B, m, n\)"):
         repair_batch(torch.zeros(4, 4), ThresholdParams())
+
+
+@pytest.mark.parametrize("lapack", [None, False])
+def test_exported_factors_rebuild_delta_star_including_a_median_zero_matrix(lapack):
+    """L R = Δ* for a regular matrix and = Δ for a median_zero one (rank below p/2), on the BLAS and torch
+    projection paths; the left factor is the projection's own W V_r, not a second product."""
+    from dgrepair.kernels.spectral import _balanced, _gram
+    from dgrepair.kernels.threshold import ThresholdParams
+
+    rng = np.random.default_rng(5)
+    regular = reference.spiked(90, 60, 3, rng, sigma=1e-3).astype(np.float32)
+    low = (rng.standard_normal((90, 2)) @ rng.standard_normal((2, 60))).astype(np.float32)  # rank 2 < p/2
+    for d, want in ((regular, reference.dg_hard(regular)[0]), (low, low.astype(np.float64))):
+        for m in (d, d.T.copy()):
+            t = torch.from_numpy(m)
+            pair: list = []
+            st = _gram(t, ThresholdParams(), torch.empty_like(t), 1 << 12, torch.device("cpu"), torch.float64,
+                       lapack, pair)
+            left, right = _balanced(*pair[0])
+            target = want if m is d else want.T
+            err = np.linalg.norm((left @ right).double().numpy() - target) / np.linalg.norm(target)
+            assert err < 1e-5, (st.degenerate, err)
