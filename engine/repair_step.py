@@ -251,10 +251,11 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     rows_kept = e.repair_shape[0]
     extra = ft_t[rows_kept:].clone()  # new vocabulary rows (empty unless resized)
     delta = to_matrices(ft_t[:rows_kept].to(torch.float32), e.kind, e.matrix_shape, e.layout)
-    b_t = read_tensor(job.base_file, e.base)
     if e.base_scale is not None:  # a block-FP8 base of a dense fine-tune
         assert job.base_scale_file is not None
-        b_t = fp8.dequantize(b_t, read_tensor(job.base_scale_file, e.base_scale))
+        b_t = _dequantize(e, job.base_file, e.base, job.base_scale_file, e.base_scale)
+    else:
+        b_t = read_tensor(job.base_file, e.base)
     base32 = to_matrices(b_t.to(torch.float32), e.kind, e.matrix_shape, e.layout)
     _check_finite(delta, e.name, job.ft_file)
     _check_finite(base32, e.name, job.base_file)
