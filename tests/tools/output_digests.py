@@ -1,0 +1,112 @@
+"""Digests of the output bytes of every fixture pair, to prove a refactoring changes no output byte.
+
+`python tests/tools/output_digests.py` repairs each case below in-process and writes
+tests/data/output_digests.json; tests/test_output_digests.py repairs them again and compares. Record
+only when an output change is intended, and say so in the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+RECORD = HERE.parent / "data" / "output_digests.json"
+sys.path.insert(0, str(HERE.parent))
+
+
+def _fixture(name: str) -> Callable[[Path], tuple[Path, Path]]:
+    def write(root: Path) -> tuple[Path, Path]:
+        from dgrepair.engine.fixtures import write_pair
+
+        return write_pair(name, root)
+    return write
+
+
+def _test_pair(dtype: str) -> Callable[[Path], tuple[Path, Path]]:
+    def write(root: Path) -> tuple[Path, Path]:
+        import torch
+        from conftest import make_pair
+
+        p = make_pair(root, dtype=getattr(torch, dtype))
+        return p.base, p.ft
+    return write
+
+
+def _synthetic(root: Path) -> tuple[Path, Path]:
+    from dgrepair.engine.synthetic import SyntheticSpec, write_pair
+
+    return write_pair(root, SyntheticSpec(layers=1, hidden=128, intermediate=256, vocab=512, dtype="BF16", shard_bytes=200_000))
+
+
+# name -> (writer, extra repair options)
+CASES: dict[str, tuple[Callable[[Path], tuple[Path, Path]], tuple[str, ...]]] = {
+    "pair_f32": (_test_pair("float32"), ()),
+    "pair_bf16": (_test_pair("bfloat16"), ()),
+    "pair_bf16_gram32": (_test_pair("bfloat16"), ("--kernel", "gram32")),
+    "pair_bf16_exact": (_test_pair("bfloat16"), ("--kernel", "exact")),
+    "pair_bf16_ties": (_test_pair("bfloat16"), ("--method", "ties")),
+    "pair_bf16_dare": (_test_pair("bfloat16"), ("--method", "dare", "--seed", "3")),
+    "pair_bf16_fixed_rank": (_test_pair("bfloat16"), ("--method", "fixed_rank", "--rank", "2")),
+    "pair_bf16_optimal_shrink": (_test_pair("bfloat16"), ("--method", "optimal_shrink")),
+    "pair_bf16_mlp_only": (_test_pair("bfloat16"), ("--mask", "mlp_only", "--scale", "0.5")),
+    "synthetic_bf16": (_synthetic, ()),
+    "deepseek_v3": (_fixture("deepseek_v3"), ()),
+    "deepseek_v3_bf16": (_fixture("deepseek_v3"), ("--out-dtype", "bf16")),
+    "gpt_oss": (_fixture("gpt_oss"), ()),
+    "gpt_oss_bf16": (_fixture("gpt_oss"), ("--out-dtype", "bf16")),
+    "qwen3_5_moe": (_fixture("qwen3_5_moe"), ()),
+    "mixtral": (_fixture("mixtral"), ()),
+    "vlm": (_fixture("vlm"), ()),
+}
+
+
+def digest_output(out: Path) -> dict[str, str]:
+    """sha256 of every file the output holds outside dgrepair/, plus the manifest's decisions.
+
+    dgrepair/ itself holds timings, hosts and dates; of it only what decides the bytes counts: per
+    row the tensor, expert, part, status, kept rank and output sha256."""
+    digests = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in sorted(out.rglob("*")) if p.is_file() and p.relative_to(out).parts[0] != "dgrepair"}
+    m = pd.read_parquet(out / "dgrepair" / "manifest.parquet")
+    cols = ["tensor", "expert", "part", "status", "rank_kept", "sha256"]
+    rows = m[cols].astype(str).sort_values(cols).to_csv(index=False)
+    digests["dgrepair/manifest:decisions"] = hashlib.sha256(rows.encode()).hexdigest()
+    return digests
+
+
+def run_case(name: str, root: Path) -> dict[str, str]:
+    from dgrepair.cli import main
+
+    write, extra = CASES[name]
+    base, ft = write(root / "in")
+    out = root / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["repair", "--base", str(base), "--ft", str(ft), "--out", str(out), "--in-process",
+                     "--no-progress", *extra])
+    if code != 0:
+        raise RuntimeError(f"case {name}: dgrepair repair exited {code}")
+    return digest_output(out)
+
+
+def main() -> int:
+    record = {}
+    for name in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            record[name] = run_case(name, Path(tmp))
+        print(f"{name}: {len(record[name])} files")
+    RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {RECORD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
