@@ -44,7 +44,8 @@ def _test_pair(dtype: str) -> Callable[[Path], tuple[Path, Path]]:
 def _synthetic(root: Path) -> tuple[Path, Path]:
     from dgrepair.engine.synthetic import SyntheticSpec, write_pair
 
-    return write_pair(root, SyntheticSpec(layers=1, hidden=128, intermediate=256, vocab=512, dtype="BF16", shard_bytes=200_000))
+    spec = SyntheticSpec(layers=1, hidden=128, intermediate=256, vocab=512, dtype="BF16", shard_bytes=200_000)
+    return write_pair(root, spec)
 
 
 # name -> (writer, extra repair options)
