@@ -78,7 +78,7 @@ class TruncatedObject(StorageError):
     """A ranged read returned fewer bytes than asked: the object is shorter than its header says."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class ObjectURI:
     """`scheme://bucket/key`; `key` has no leading or trailing slash ("" is the bucket root)."""
 

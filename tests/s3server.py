@@ -108,7 +108,9 @@ def s3_env(s3_server, monkeypatch) -> S3Server:
 
 
 class ThrottlingProxy:
-    """Answers the next `fail` requests with 503 SlowDown, then forwards to the real server."""
+    """Answers the next `fail` requests with 503 SlowDown, then forwards to the real server; counts
+    requests (`seen`), logs each as (method, path, Range header) in `log`, and counts the body bytes it
+    relays back (`bytes_out`)."""
 
     BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
             b"<Message>Please reduce your request rate.</Message></Error>")
@@ -116,6 +118,8 @@ class ThrottlingProxy:
     def __init__(self, upstream: str) -> None:
         self.fail = 0
         self.seen = 0
+        self.bytes_out = 0
+        self.log: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         host, port = upstream.removeprefix("http://").split(":")
         proxy = self
@@ -131,6 +135,7 @@ class ThrottlingProxy:
                 body = self.rfile.read(length) if length else b""
                 with proxy._lock:
                     proxy.seen += 1
+                    proxy.log.append((self.command, self.path, self.headers.get("Range")))
                     throttle = proxy.fail > 0
                     proxy.fail -= throttle
                 if throttle:
@@ -144,6 +149,8 @@ class ThrottlingProxy:
                 conn.request(self.command, self.path, body=body, headers=dict(self.headers))
                 resp = conn.getresponse()
                 data = resp.read()
+                with proxy._lock:
+                    proxy.bytes_out += len(data)
                 head = self.command == "HEAD"  # a HEAD's Content-Length is the object's, not the body's
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
