@@ -17,51 +17,19 @@ import argparse
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from s3server import start_moto, stop_moto  # noqa: E402 - the tests' loopback server, started by PID
 
 BUCKET = "bench"
 KEY = "blob.bin"
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto(workdir: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    log = open(os.path.join(workdir, "moto.log"), "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], cwd=workdir, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-    stop(proc)
-    raise RuntimeError(f"moto_server did not listen on {url}; see {workdir}/moto.log")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def make_readers(url: str) -> dict[str, object]:
@@ -114,7 +82,8 @@ def main() -> None:
     size = args.size_mb << 20
     os.environ.update(CREDS)
     work = tempfile.mkdtemp(prefix="dgrepair-s3bench-")
-    proc, url = start_moto(work)
+    proc = start_moto(Path(work))
+    url = proc.url
     try:
         import boto3
         s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
@@ -145,7 +114,7 @@ def main() -> None:
             cpu_gb = statistics.median(c / (size / 1e9) for _, c in runs)
             print(f"| {name} | {chunk >> 20} MiB | {workers} | {mbps:.0f} | {cpu_gb:.2f} |")
     finally:
-        stop(proc)
+        stop_moto(proc)
         shutil.rmtree(work, ignore_errors=True)
 
 

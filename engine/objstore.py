@@ -29,6 +29,7 @@ from pathlib import Path
 import obstore
 from obstore.exceptions import (
     AlreadyExistsError,
+    BaseError,
     NotFoundError,
     PermissionDeniedError,
     PreconditionError,
@@ -43,6 +44,9 @@ _URI = re.compile(r"^(?P<scheme>s3|gs)://(?P<bucket>[^/]*)(?:/(?P<key>.*))?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _BAD_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                          "TokenRefreshRequired", "InvalidClientTokenId")
+# What the client raises for a failed request: its own exceptions, and builtin OSErrors
+# (FileNotFoundError for a 404, PermissionError, ConnectionError, TimeoutError).
+CLIENT_ERRORS = (BaseError, OSError)
 _THROTTLE_MARKERS = ("SlowDown", "503 Service Unavailable", "429 Too Many Requests", "TooManyRequests")
 
 
@@ -176,7 +180,7 @@ class Storage:
             kwargs["credential_provider"] = _profile_credentials(uri)
         try:
             return S3Store(uri.bucket, client_options=client, retry_config=retry, **kwargs)
-        except Exception as exc:  # obstore raises its own configuration errors here
+        except (*CLIENT_ERRORS, ValueError) as exc:  # obstore's configuration errors
             raise StorageError(uri, f"cannot configure the S3 client ({exc}); check the AWS_* environment.") from exc
 
     # -- reads -----------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ class Storage:
         """The object's length in bytes (one HEAD)."""
         try:
             return int(obstore.head(self._store(uri), uri.key)["size"])
-        except Exception as exc:  # HEAD errors carry no body: ask once more with a GET to learn why
+        except CLIENT_ERRORS as exc:  # HEAD errors carry no body: ask once more with a GET to learn why
             raise self._diagnose(uri, exc) from exc
 
     def read_range(self, uri: ObjectURI, begin: int, end: int) -> bytearray:
@@ -212,7 +216,7 @@ class Storage:
         """A whole small object (an index, config.json); large data goes through read_range."""
         try:
             return bytes(obstore.get(self._store(uri), uri.key).bytes())
-        except Exception as exc:
+        except CLIENT_ERRORS as exc:
             raise self._classify(uri, exc) from exc
 
     def list(self, prefix: ObjectURI) -> list[ObjectInfo]:
@@ -222,7 +226,7 @@ class Storage:
             for batch in obstore.list(self._store(prefix), prefix=prefix.key or None):
                 found.extend(ObjectInfo(ObjectURI(prefix.scheme, prefix.bucket, m["path"]), int(m["size"]))
                              for m in batch)
-        except Exception as exc:
+        except CLIENT_ERRORS as exc:
             raise self._classify(prefix, exc) from exc
         return sorted(found, key=lambda o: o.uri.key)
 
@@ -235,7 +239,7 @@ class Storage:
         try:
             obstore.put(self._store(uri), uri.key, data, chunk_size=chunk,
                         max_concurrency=self.settings.concurrency)
-        except Exception as exc:
+        except CLIENT_ERRORS as exc:
             raise self._classify(uri, exc) from exc
 
     def put_if_absent(self, uri: ObjectURI, data: bytes) -> bool:
@@ -246,7 +250,7 @@ class Storage:
             obstore.put(self._store(uri), uri.key, data, mode="create")
         except (AlreadyExistsError, PreconditionError):
             return False
-        except Exception as exc:
+        except CLIENT_ERRORS as exc:
             if "ConditionalRequestConflict" in str(exc) or "409 Conflict" in str(exc):
                 return False  # S3's answer when another conditional PUT on the key is in flight
             raise self._classify(uri, exc) from exc
@@ -256,14 +260,14 @@ class Storage:
         """Delete one object (deleting a missing key is not an error, as in S3)."""
         try:
             obstore.delete(self._store(uri), uri.key)
-        except Exception as exc:
+        except CLIENT_ERRORS as exc:
             raise self._classify(uri, exc) from exc
 
     # -- errors ----------------------------------------------------------------------------------
     def _get_exact(self, uri: ObjectURI, begin: int, end: int) -> memoryview:
         try:
             got = memoryview(obstore.get_range(self._store(uri), uri.key, start=begin, end=end))
-        except Exception as exc:
+        except CLIENT_ERRORS as exc:
             if "416" in str(exc) or "InvalidRange" in str(exc) or "was only" in str(exc):
                 raise TruncatedObject(uri, f"bytes [{begin}, {end}) are past the end of the object; it is "
                                            "truncated or not the file its header describes. Re-upload it.") from exc
@@ -280,7 +284,7 @@ class Storage:
             return first
         try:
             obstore.get_range(self._store(uri), uri.key, start=0, end=1)
-        except Exception as again:
+        except CLIENT_ERRORS as again:
             return self._classify(uri, again)
         return first
 
@@ -290,13 +294,14 @@ class Storage:
         where = f"bucket {uri.bucket!r} at {self._endpoint(uri)}"
         if "NoSuchBucket" in text:
             return NoSuchBucket(uri, f"{where} does not exist; check the bucket name and AWS_ENDPOINT_URL.")
-        if isinstance(exc, NotFoundError) or "NoSuchKey" in text or "404 Not Found" in text:
+        if isinstance(exc, (NotFoundError, FileNotFoundError)) or "NoSuchKey" in text or "404 Not Found" in text:
             return NoSuchKey(uri, "no such object; check the prefix (keys are case-sensitive).")
         if any(code in text for code in _BAD_CREDENTIAL_CODES) or isinstance(exc, UnauthenticatedError):
             return BadCredentials(uri, f"{where} rejected the credentials (unknown access key, wrong secret or "
                                        "expired token); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the "
                                        "profile / role in use.")
-        if isinstance(exc, PermissionDeniedError) or "AccessDenied" in text or "403 Forbidden" in text:
+        denied = isinstance(exc, (PermissionDeniedError, PermissionError))
+        if denied or "AccessDenied" in text or "403 Forbidden" in text:
             return AccessDenied(uri, "access denied: the credentials are valid but may not do this here; grant "
                                      "the role s3:GetObject / s3:PutObject / s3:ListBucket on this prefix.")
         if any(marker in text for marker in _THROTTLE_MARKERS):
@@ -304,6 +309,9 @@ class Storage:
             return Throttled(uri, f"the server kept answering 503 SlowDown (or 429) through {s.max_retries} "
                                   f"retries with backoff; lower the request rate (fewer workers or "
                                   "concurrency) or retry later.")
+        if "error sending request" in text or "Connection refused" in text or "dns error" in text:
+            return StorageError(uri, f"cannot reach {self._endpoint(uri)} (after retries); check AWS_ENDPOINT_URL "
+                                     "and that the endpoint is up and reachable from this machine.")
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         return StorageError(uri, f"request to {self._endpoint(uri)} failed: {first_line[:400]}")
 

@@ -47,9 +47,10 @@ def _free_port() -> int:
 
 
 def start_moto(workdir: Path) -> subprocess.Popen:
+    """moto_server on a free loopback port, logging into workdir; `.url` is set on the process."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if exe is None:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+        raise RuntimeError("moto_server is not installed; pip install -e '.[test]' (it brings moto[server]).")
     for _ in range(5):  # a port picked free can be taken by another process before moto binds it
         port = _free_port()
         log = open(workdir / f"moto-{port}.log", "wb")  # noqa: SIM115 - lives as long as the server

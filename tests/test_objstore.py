@@ -198,6 +198,15 @@ def test_slowdown_is_retried_then_a_clear_error(s3_env, monkeypatch):
         proxy.close()
 
 
+def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
+    for name, value in client_env(f"http://127.0.0.1:{s3server._free_port()}").items():  # nothing listens
+        monkeypatch.setenv(name, value)
+    uri = parse_uri("s3://bkt/model.safetensors")
+    with pytest.raises(StorageError) as err:
+        Storage(SMALL).read_range(uri, 0, 8)
+    assert str(err.value).startswith(f"{uri}: cannot reach http://127.0.0.1:") and "AWS_ENDPOINT_URL" in str(err.value)
+
+
 # -- credentials and permissions (a second server with IAM authentication switched on) ----------
 
 @pytest.fixture(scope="module")
