@@ -268,7 +268,7 @@ class Storage:
         try:
             got = memoryview(obstore.get_range(self._store(uri), uri.key, start=begin, end=end))
         except CLIENT_ERRORS as exc:
-            if "416" in str(exc) or "InvalidRange" in str(exc) or "was only" in str(exc):
+            if "416 Range Not Satisfiable" in str(exc) or "InvalidRange" in str(exc) or "was only" in str(exc):
                 raise TruncatedObject(uri, f"bytes [{begin}, {end}) are past the end of the object; it is "
                                            "truncated or not the file its header describes. Re-upload it.") from exc
             raise self._classify(uri, exc) from exc
