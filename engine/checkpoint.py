@@ -14,7 +14,8 @@ from pathlib import Path
 from .errors import InputError
 from .hub import looks_like_repo
 from .hub import resolve as resolve_hub
-from .safetensors_format import ShardHeader, TensorEntry, read_header
+from .remote_checkpoint import is_object_uri, read_shard_header, remote_root
+from .safetensors_format import ShardHeader, TensorEntry
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SINGLE_FILE_NAME = "model.safetensors"
@@ -71,10 +72,11 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
-    """Open a local folder, or an `org/name[@revision]` Hub repo (role is used in messages)."""
+    """Open a local folder, an `org/name[@revision]` Hub repo, or an s3:// / gs:// prefix (role is used
+    in messages)."""
     if isinstance(path, str) and looks_like_repo(path):
         path = resolve_hub(path, role)
-    root = Path(path).expanduser()
+    root = remote_root(path) if is_object_uri(path) else Path(path).expanduser()
     if not root.exists():
         raise InputError(f"{role} checkpoint {root}: no such directory.")
     if not root.is_dir():
@@ -100,7 +102,7 @@ def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
     if len(files) > 1:
         raise InputError(f"{role} checkpoint {root}: {len(files)} safetensors files but no "
                          "*.safetensors.index.json saying which tensor lives where; add the index.")
-    header = read_header(files[0])
+    header = read_shard_header(files[0])
     return Checkpoint(root=root, index_name=None, index_bytes=None, shards={files[0].name: header},
                       locations=dict.fromkeys(header.tensors, files[0].name))
 
@@ -117,7 +119,7 @@ def _open_indexed(root: Path, index_path: Path, role: str) -> Checkpoint:
         raise InputError(f"{index_path}: needs a 'weight_map' object mapping tensor names to shard files.")
     shards: dict[str, ShardHeader] = {}
     for shard_name in sorted(set(weight_map.values())):
-        shards[shard_name] = read_header(_shard_path(root, index_path, shard_name, weight_map))
+        shards[shard_name] = read_shard_header(_shard_path(root, index_path, shard_name, weight_map))
     for name, shard_name in weight_map.items():
         if name not in shards[shard_name].tensors:
             raise InputError(f"{index_path}: tensor {name!r} is mapped to {shard_name}, but that shard has no such "

@@ -18,6 +18,7 @@ from ..kernels.methods import METHODS, Method, build_method, method_fields
 from ..kernels.spectral import BACKENDS
 from .errors import InputError
 from .layouts import FUSED_LAYOUTS
+from .objstore import is_object_uri
 from .scope import MASK_PRESETS, LayerMask
 
 # Fields that change the output bytes; they (and the inputs' fingerprints) make the plan id.
@@ -37,8 +38,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class RepairConfig:
     """Everything a repair run needs; validated on construction."""
 
-    base: str | None = _opt(None, "base checkpoint directory (safetensors)")
-    ft: str | None = _opt(None, "fine-tuned checkpoint directory (safetensors)")
+    base: str | None = _opt(None, "base checkpoint directory (safetensors); `plan` also reads s3:// and gs:// prefixes")
+    ft: str | None = _opt(None, "fine-tuned checkpoint directory (safetensors); `plan` also reads s3:// and gs:// "
+                                "prefixes")
     out: str | None = _opt(None, "output directory for the repaired checkpoint")
     method: str = _opt("dg_hard", "repair method: dg_hard (the paper's DG threshold), wise_ft (alpha * delta), ties "
                        "(top keep-ratio entries by magnitude, times lambda), dare (random drop, seeded per matrix), "
@@ -112,6 +114,11 @@ class RepairConfig:
         if self.out_dtype not in ("keep", "bf16") or self.packed_int4 not in ("refuse", "passthrough"):
             raise InputError(f"out_dtype must be keep or bf16 (got {self.out_dtype!r}); packed_int4 refuse or "
                              f"passthrough (got {self.packed_int4!r}).")
+        remote = [v for v in (self.base, self.ft, self.out) if is_object_uri(v)]
+        if remote and self.out is not None:
+            raise InputError(f"{remote[0]}: repairing from or to object storage is not supported yet; "
+                             "`dgrepair plan` reads s3:// and gs:// inputs. Copy the checkpoints to a local or "
+                             "shared filesystem to repair them.")
         self.include = list(self.include)
         self.exclude = list(self.exclude)
         self.treat_as = list(self.treat_as)
