@@ -140,7 +140,8 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
 @contextmanager
 def _ray_started(cfg: RepairConfig) -> Iterator[dict[str, Any]]:
     """ray_session, with dgrepair's signal handlers back in place: ray.init installs its own SIGTERM
-    handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else."""
+    handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else, and
+    ray.shutdown leaves the default one."""
     try:
         with ray_session(cfg.address, cfg.workers) as info:
             interrupt.install()
@@ -149,6 +150,8 @@ def _ray_started(cfg: RepairConfig) -> Iterator[dict[str, Any]]:
         if exc.code == signal.SIGTERM:
             raise interrupt.Interrupted(signal.SIGTERM) from None
         raise
+    finally:
+        interrupt.install()  # ray.shutdown resets SIGTERM to the default: finalising must stay covered
 
 
 def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], env: dict[str, str]) -> None:

@@ -45,11 +45,13 @@ def _again(signum: int, frame) -> None:  # noqa: ARG001
 
 
 def install() -> None:
-    """(Re)install the handlers, e.g. after a library (ray.init) replaced them. Main thread only."""
+    """(Re)install the handlers after a library replaced them (ray.init sets its own SIGTERM handler;
+    Ray's C++ core resets SIGTERM to the default action on shutdown without Python noticing), so the
+    handler is always re-registered with the OS; one of ours stays the one it is. Main thread only."""
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
-            if signal.getsignal(sig) is not _again:
-                signal.signal(sig, _handler)
+            current = signal.getsignal(sig)
+            signal.signal(sig, current if current in (_handler, _again) else _handler)
 
 
 @contextmanager
