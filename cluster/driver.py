@@ -17,21 +17,22 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from ..engine import interrupt, output
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError, RepairFailure
-from ..engine.output import meta_dir
 from ..engine.runner import CalibrationPhase, RunSession
 from ..engine.units import WorkUnit
 from ..kernels.threads import available_cores, threads_per_worker
@@ -93,29 +94,31 @@ def deadline_seconds(unit: WorkUnit, floor: float) -> float:
 
 
 def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
-    """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS."""
-    session = RunSession(cfg, stream)
-    if session.complete:
-        from ..engine.output import read_summary
+    """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS.
+    SIGTERM/SIGINT raise `Interrupted` in every phase, after the finished units are committed, the
+    actors killed and the output lock released (the same contract as the in-process engine)."""
+    with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.out or ".")), RunSession(cfg, stream) as session:
+        if session.complete:
+            return output.read_summary(session.inp.out)
+        return _run(session, cfg)
 
-        return read_summary(session.inp.out)
+
+def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
+    failures = output.meta_dir(session.inp.out) / FAILURES_FILE
     phase = session.calibration
     if not session.units and not (phase and phase.units):  # all committed earlier: nothing to distribute
         session.resolve_target()
-        (meta_dir(session.inp.out) / FAILURES_FILE).unlink(missing_ok=True)
+        failures.unlink(missing_ok=True)
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     actors: list[Any] = []
-    with ray_session(cfg.address, cfg.workers) as info:
-        stop = _install_sigterm(session)
+    with _ray_started(cfg) as info:
         try:
             if phase is not None and phase.units:
                 _calibrate(phase, cfg, info, env)
             session.resolve_target()
             book = _dispatch(session, cfg, info, actors, env)
         finally:
-            if stop is not None:
-                signal.signal(signal.SIGTERM, stop)
             session.close()
             for actor in actors:
                 ray.kill(actor)
@@ -126,13 +129,29 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
         report = {"failed": [{"tensors": [e.name for e in book.units[u].entries], "shards":
                               sorted({e.shard for e in book.units[u].entries}), "attempts": book.attempts[u],
                               "reason": why} for u, why in sorted(book.failed.items())], "executor": executor}
-        path = meta_dir(session.inp.out) / FAILURES_FILE
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        output.write_json_atomic(failures, report)
         names = ", ".join(n for f in report["failed"] for n in f["tensors"])
         raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.max_attempts} attempts: {names}. The "
-                            f"rest is committed; details in {path}. Re-run the same command to retry them.")
-    (meta_dir(session.inp.out) / FAILURES_FILE).unlink(missing_ok=True)
+                            f"rest is committed; details in {failures}. Re-run the same command to retry them.")
+    failures.unlink(missing_ok=True)
     return session.finish({"executor": executor})
+
+
+@contextmanager
+def _ray_started(cfg: RepairConfig) -> Iterator[dict[str, Any]]:
+    """ray_session, with dgrepair's signal handlers back in place: ray.init installs its own SIGTERM
+    handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else, and
+    ray.shutdown leaves the default one."""
+    try:
+        with ray_session(cfg.address, cfg.workers) as info:
+            interrupt.install()
+            yield info
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:
+            raise interrupt.Interrupted(signal.SIGTERM) from None
+        raise
+    finally:
+        interrupt.install()  # ray.shutdown resets SIGTERM to the default: finalising must stay covered
 
 
 def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], env: dict[str, str]) -> None:
@@ -216,8 +235,8 @@ def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.Objec
         result = ray.get(ref)
     except RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
-        if isinstance(cause, DGRepairError):
-            raise cause from None  # bad input (NaN, truncated file): stop like the in-process engine
+        if isinstance(cause, DGRepairError) or (isinstance(cause, OSError) and cause.errno in output.OUTPUT_ERRNOS):
+            raise cause from None  # bad input (NaN, truncated file), full disk: stop like the in-process engine
         _retry(book, unit_id, f"error: {exc}", cfg.max_attempts, split=False)
         return
     except RayActorError as exc:
@@ -253,18 +272,3 @@ def _retry(book: _Book, unit_id: int, why: str, max_attempts: int, split: bool) 
         book.failed[unit_id] = why
     else:
         book.queue.appendleft(unit_id)
-
-
-def _install_sigterm(session: RunSession):
-    """`ray job stop` sends SIGTERM: commit what is done, then stop (resume picks up the rest).
-
-    Only a driver on the main thread can own signals; elsewhere (a driver embedded in a thread)
-    this is a no-op and the embedding program handles termination."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):  # noqa: ARG001
-        session.close()
-        raise SystemExit(143)
-
-    return signal.signal(signal.SIGTERM, handler)

@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .engine.config import RepairConfig
 from .engine.errors import DGRepairError, InputError
+from .engine.interrupt import Interrupted
 from .kernels.spectral import BACKENDS
 
 EXAMPLES = """examples:
@@ -283,9 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     except DGRepairError as exc:
         print(f"dgrepair: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("dgrepair: interrupted; re-run the same command to resume.", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"dgrepair: stopped by {name}; finished work is committed and the output lock released. "
+              "Re-run the same command to resume.", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

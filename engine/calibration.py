@@ -8,7 +8,6 @@ bisection itself never touches Δ again: every knob value is evaluated from the 
 from __future__ import annotations
 
 import math
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 
 from ..kernels.methods import Method
 from .errors import InputError
+from .manifest import write_table_atomic
 
 CALIBRATION_DIR = "calibration.parquet"
 BISECTION_STEPS = 200
@@ -55,11 +55,7 @@ def write_part(meta: Path, rows: list[CalibrationRow]) -> None:
     where.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
     name = f"part-{uuid.uuid4().hex}.parquet"
-    tmp = where / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, where / name)
+    write_table_atomic(table, where / f".{name}.tmp", where / name)
 
 
 def read_rows(meta: Path, plan_id: str) -> dict[tuple[str, int | None, str | None], CalibrationRow]:

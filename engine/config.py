@@ -90,7 +90,8 @@ class RepairConfig:
     inflight_per_worker: int = _opt(2, "units in flight per worker (the second overlaps I/O with compute)")
     unit_timeout_s: float = _opt(600.0, "base deadline per unit; a cost-proportional allowance is added")
     commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
-    force: bool = _opt(False, "overwrite an output directory that holds a different dgrepair run")
+    force: bool = _opt(False, "replace an output directory that holds a different dgrepair run (removes only what "
+                             "that run wrote; never a folder another run has locked)")
     progress: bool = _opt(True, "show a progress bar on stderr")
 
     def __post_init__(self) -> None:

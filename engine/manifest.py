@@ -100,12 +100,20 @@ def write_part(out: Path, rows: list[ManifestRow]) -> Path | None:
     seq = len(list(folder.glob("part-*.parquet")))
     final = folder / f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = folder / f".tmp-{final.name}"
-    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    write_table_atomic(pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA), tmp, final)
     return final
+
+
+def write_table_atomic(table: pa.Table, tmp: Path, final: Path) -> None:
+    """Parquet to `tmp`, fsync, rename to `final`; a failed write (full disk) leaves no temporary file."""
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_rows(out: Path) -> list[ManifestRow]:

@@ -48,6 +48,7 @@ from .quantized import (
 from .safetensors_format import DTYPE_BITS, FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
 REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8", "mxfp4")
+QUANTIZED_DTYPES = tuple(d for d in DTYPE_BITS if d.startswith(("F8_", "F6_")) or d == "F4")
 QUANTIZED_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales", "weight_zero_point")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
 
@@ -197,13 +198,14 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
             base_shard = base.locations.get(base_name) if base_name else None
             b = base.shards[base_shard].tensors[base_name] if base_shard and base_name else None
             resized = None
-            if b is not None and b.shape != t.shape:
+            if b is not None and b.shape != t.shape and not mask.excluded(t.name):
                 if _is_vocab_growth(t, b):
                     resized = b.shape[0]
                 else:
                     mismatches.append(f"tensor {t.name!r}: shape {list(b.shape)} in {base.root / base_shard} but "
                                       f"{list(t.shape)} in {ft.root / shard_name}; the checkpoints are not a base/"
-                                      "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
+                                      "fine-tune pair for this tensor (keep the fine-tune's value with --exclude "
+                                      f"'^{re.escape(t.name)}$', or fix the inputs)")
             if base_name:
                 used.add(base_name)
             kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name), rules)
@@ -271,14 +273,16 @@ def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
 def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig, in_mask: bool,
               rules: tuple = ()) -> tuple[str, str, tuple[int, int] | None, int]:
     passthrough = ("passthrough", None, 0)
-    if t.dtype.startswith(("F8_", "F4", "F6")) or t.name.endswith(QUANTIZED_SUFFIXES):
+    if t.dtype in QUANTIZED_DTYPES or t.name.endswith(QUANTIZED_SUFFIXES):
         return ("refuse", f"quantized storage ({t.dtype}) is not supported by this version; dequantize the "
                 "checkpoints to BF16 first", None, 0)
     if b is None:
         return (passthrough[0], "fine-tune only", None, 0)
     if t.dtype not in FLOAT_DTYPES_REPAIRABLE or b.dtype not in FLOAT_DTYPES_REPAIRABLE:
-        if t.dtype in ("F64", "C64") or b.dtype in ("F64", "C64"):
-            return ("refuse", f"dtype {b.dtype}->{t.dtype} is outside SPEC §4 (F32/F16/BF16)", None, 0)
+        if (t.dtype in ("F64", "C64") or b.dtype in ("F64", "C64")) and in_mask:
+            return ("refuse", f"dtype {b.dtype} (base) -> {t.dtype} (fine-tune): only F32, F16 and BF16 weights "
+                    "are repaired; convert both checkpoints to F32 or BF16, or keep the fine-tuned value with "
+                    f"--exclude '^{re.escape(t.name)}$'", None, 0)
         return (passthrough[0], "non-float", None, 0)
     if len(t.shape) < 2:
         return (passthrough[0], "1-D", None, 0)

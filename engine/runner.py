@@ -26,11 +26,12 @@ from tqdm import tqdm
 from .. import __version__
 from ..kernels.spectral import resolve_device
 from ..kernels.threads import cpu_thread_policy
-from . import adapter, calibration, manifest, output
+from . import adapter, calibration, interrupt, manifest, output
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import RepairConfig
 from .errors import InputError, RepairFailure
 from .layouts import row_identity
+from .lock import FileOutputLock, LockHolder, OutputLock
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, SCALE_KINDS, Plan, PlanEntry, build_plan
 from .repair_step import QUANTIZED_KINDS, EntryJob, StepSettings, execute_unit, sha256_range
@@ -56,6 +57,8 @@ def load_inputs(cfg: RepairConfig, need_out: bool = True) -> Inputs:
     base = open_checkpoint(cfg.base, "base")
     ft = open_checkpoint(cfg.ft, "fine-tune")
     out = output.check_out_path(Path(cfg.out), [base.root, ft.root]) if need_out else Path()
+    if need_out:
+        ft.sidecar_files()  # refuses a sidecar link that leaves the checkpoint before anything is written
     return Inputs(cfg, base, ft, out, build_plan(base, ft, cfg))
 
 
@@ -141,13 +144,27 @@ class RunSession:
         self.cfg = cfg
         self.inp = load_inputs(cfg)
         self.inp.plan.check_runnable()
+        try:
+            device = resolve_device(cfg.device)  # refused before anything is created in --out
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        output.precheck(self.inp.out)
+        self.lock: OutputLock = FileOutputLock(self.inp.out)
+        stale = self.lock.acquire(LockHolder.here(self.inp.plan.plan_id))
+        if stale is not None:
+            print(f"dgrepair: taking over the lock on {self.inp.out} left by a run that is no longer running "
+                  f"({stale.describe()}); its committed work is verified and kept.", file=stream or sys.stderr)
+        try:
+            self._prepare(cfg, device, stream)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare(self, cfg: RepairConfig, device: str, stream: TextIO | None) -> None:
+        """Everything after the lock is taken: the output folder, what resume can skip, the work units."""
         state = output.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.force)
         self.complete = state == "complete"
         self.done = verified_done(self.inp) if state == "resume" else set()
-        try:
-            device = resolve_device(cfg.device)
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
         parts = adapter_parts(self.inp)
         self.settings = StepSettings(cfg.repair_method(), cfg.kernel, self.inp.plan.plan_id, device=device,
                                      threads=cfg.threads or None, adapter_parts=str(parts) if parts else None)
@@ -160,7 +177,8 @@ class RunSession:
                 if self.remaining[shard] == 0 and not (self.inp.out / shard).is_file():
                     output.finalize_shard(self.inp.out, shard)  # all committed before an interruption
                 elif self.remaining[shard] > 0 and (self.inp.out / shard).is_file():
-                    output.reopen_shard(self.inp.out, shard)  # a finalised shard that no longer verifies
+                    # a finalised shard that no longer verifies
+                    output.reopen_shard(self.inp.out, shard, self.inp.plan.out_shards[shard][0])
         self.units = make_units(todo, cfg.batch_mb << 20)
         self.committer = Committer(self.inp.out, interval_s=cfg.commit_interval_s)
         self.finished = len(self.done)
@@ -168,6 +186,19 @@ class RunSession:
                         desc="repair", disable=not cfg.progress or self.complete, file=stream or sys.stderr,
                         dynamic_ncols=True)
         self.t_plan = time.perf_counter() - self.t0
+
+    def __enter__(self) -> RunSession:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Commit what is finished (also on an error or a signal), then release the output lock."""
+        try:
+            self.close()
+        except OSError:
+            if exc is None:
+                raise  # otherwise the original error is the one to report
+        finally:
+            self.lock.release()
 
     def resolve_target(self) -> None:
         """After the calibration pass: fix the method's knob so the global ρ meets --target-rho."""
@@ -260,23 +291,24 @@ class CalibrationPhase:
 
 
 def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
-    """Run (or resume) a repair in this process; returns the summary written to summary.json."""
-    session = RunSession(cfg, stream)
-    if session.complete:
-        return output.read_summary(session.inp.out)
-    policy = cpu_thread_policy(session.settings.threads) if session.settings.device == "cpu" else nullcontext()
-    try:
+    """Run (or resume) a repair in this process; returns the summary written to summary.json.
+    SIGTERM/SIGINT raise `Interrupted` after the finished work is committed and the lock released."""
+    with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.out or ".")), RunSession(cfg, stream) as session:
+        if session.complete:
+            return output.read_summary(session.inp.out)
+        policy = cpu_thread_policy(session.settings.threads) if session.settings.device == "cpu" else nullcontext()
         with policy:
             if session.calibration is not None:
                 phase = session.calibration
-                for unit in phase.units:
-                    phase.commit(unit, execute_unit(phase.jobs(unit), phase.settings))
+                try:
+                    for unit in phase.units:
+                        phase.commit(unit, execute_unit(phase.jobs(unit), phase.settings))
+                finally:
+                    phase.close()
                 session.resolve_target()
             for unit in session.units:
                 session.commit(unit, execute_unit(session.jobs(unit), session.settings))
-    finally:
-        session.close()
-    return session.finish({"executor": {"kind": "in-process", "device": session.settings.device}})
+        return session.finish({"executor": {"kind": "in-process", "device": session.settings.device}})
 
 
 def build_summary(inp: Inputs, started: str, resumed: int, timings: dict[str, float]) -> dict[str, Any]:
