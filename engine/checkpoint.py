@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .hub import looks_like_repo
-from .hub import resolve as resolve_hub
+from .hub import locate
 from .safetensors_format import ShardHeader, TensorEntry, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -72,11 +71,7 @@ class Checkpoint:
 
 def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
     """Open a local folder, or an `org/name[@revision]` Hub repo (role is used in messages)."""
-    if isinstance(path, str) and looks_like_repo(path):
-        path = resolve_hub(path, role)
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise InputError(f"{role} checkpoint {root}: no such directory.")
+    root = locate(path, role)
     if not root.is_dir():
         raise InputError(f"{role} checkpoint {root}: not a directory; pass the folder that holds the "
                          "safetensors files.")

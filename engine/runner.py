@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from tqdm import tqdm
 
 from .. import __version__
 from ..kernels.spectral import resolve_device
@@ -33,6 +32,7 @@ from .errors import InputError, RepairFailure
 from .layouts import row_identity
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, SCALE_KINDS, Plan, PlanEntry, build_plan
+from .progress import Progress
 from .repair_step import QUANTIZED_KINDS, EntryJob, StepSettings, execute_unit, sha256_range
 from .units import WorkUnit, make_units
 
@@ -142,8 +142,15 @@ class RunSession:
         self.inp = load_inputs(cfg)
         self.inp.plan.check_runnable()
         state = output.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.force)
+        self.stream = stream or sys.stderr
         self.complete = state == "complete"
         self.done = verified_done(self.inp) if state == "resume" else set()
+        total = len(self.inp.plan.entries)
+        if self.complete:
+            self.say(f"already complete (plan {self.inp.plan.plan_id}): nothing to do; {self.inp.out}")
+        elif state == "resume":
+            self.say(f"resuming: {len(self.done)} of {total} entries verified on disk, {total - len(self.done)} "
+                     "to do")
         try:
             device = resolve_device(cfg.device)
         except ValueError as exc:
@@ -164,10 +171,13 @@ class RunSession:
         self.units = make_units(todo, cfg.batch_mb << 20)
         self.committer = Committer(self.inp.out, interval_s=cfg.commit_interval_s)
         self.finished = len(self.done)
-        self.bar = tqdm(total=sum(u.nbytes for u in self.units), unit="B", unit_scale=True, unit_divisor=1024,
-                        desc="repair", disable=not cfg.progress or self.complete, file=stream or sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = Progress("repair", sum(u.nbytes for u in self.units), total, self.finished,
+                            cfg.progress and not self.complete, cfg.progress_interval_s, self.stream)
         self.t_plan = time.perf_counter() - self.t0
+
+    def say(self, message: str) -> None:
+        """A status line for the user (stderr by default), flushed at once for job logs."""
+        print(f"dgrepair: {message}", file=self.stream, flush=True)
 
     def resolve_target(self) -> None:
         """After the calibration pass: fix the method's knob so the global ρ meets --target-rho."""
@@ -190,8 +200,7 @@ class RunSession:
                 self.committer.flush()
                 output.finalize_shard(self.inp.out, e.shard)
         self.finished += len(unit.entries)
-        self.bar.update(unit.nbytes)
-        self.bar.set_postfix_str(f"tensors {self.finished}/{len(self.inp.plan.entries)}{note}", refresh=False)
+        self.bar.update(unit.nbytes, len(unit.entries), note)
 
     def close(self) -> None:
         self.committer.flush()
@@ -231,16 +240,17 @@ class CalibrationPhase:
         todo |= {e.companion for e in entries if e.companion and e.name in todo}  # quantized scales travel along
         self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], session.cfg.batch_mb << 20)
         self.pending: list[calibration.CalibrationRow] = []
-        self.bar = tqdm(total=sum(u.nbytes for u in self.units), unit="B", unit_scale=True, unit_divisor=1024,
-                        desc="calibrate", disable=not session.cfg.progress or not self.units,
-                        file=stream or sys.stderr, dynamic_ncols=True)
+        self.say = session.say
+        self.bar = Progress("calibrate", sum(u.nbytes for u in self.units), len(todo), 0,
+                            session.cfg.progress and bool(self.units), session.cfg.progress_interval_s,
+                            stream or sys.stderr)
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         return self.session.jobs(unit)
 
     def commit(self, unit: WorkUnit, rows: list[calibration.CalibrationRow], note: str = "") -> None:  # noqa: ARG002
         self.pending.extend(rows)
-        self.bar.update(unit.nbytes)
+        self.bar.update(unit.nbytes, len(unit.entries))
         if len(self.pending) >= FLUSH_ROWS:
             self.close()
 
@@ -263,7 +273,7 @@ def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any
     """Run (or resume) a repair in this process; returns the summary written to summary.json."""
     session = RunSession(cfg, stream)
     if session.complete:
-        return output.read_summary(session.inp.out)
+        return {**output.read_summary(session.inp.out), "already_complete": True}
     policy = cpu_thread_policy(session.settings.threads) if session.settings.device == "cpu" else nullcontext()
     try:
         with policy:
