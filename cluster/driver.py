@@ -232,15 +232,15 @@ def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.Objec
             book.requeues += 1
             book.isolated.add(unit_id)
             book.queue.appendleft(unit_id)
-            session.say(f"worker {flight.actor} died ({type(exc).__name__}) with {what} and other work in flight; "
-                        "requeued without charge, to run alone")
+            session.say(f"{what} on worker {flight.actor}: worker died ({type(exc).__name__}) with other work in "
+                        "flight; requeued without charge, to run alone")
             return
         why = "past its deadline" if flight.expired else f"worker died: {type(exc).__name__}"
         _retry(book, unit_id, why, cfg.max_attempts, split=True)
         outcome = ("marked failed" if unit_id in book.failed else
                    f"requeued (attempt {book.attempts[unit_id] + 1} of {cfg.max_attempts})"
                    if unit_id in book.units else "split into single tensors and requeued")
-        session.say(f"worker {flight.actor} died ({why}) running {what}; {outcome}")
+        session.say(f"{what} on worker {flight.actor}: {why}; {outcome}")
         return
     unit = book.units[unit_id]
     node = book.nodes.setdefault(result["node"], {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
