@@ -68,7 +68,7 @@ def join_cluster(target: str) -> None:
         _enable_token_mode()  # a token at hand means token mode, as `ray start` decides
     loopback = target.split("://")[-1].rsplit(":", 1)[0] in (LOOPBACK, "localhost")
     try:
-        with _loopback_only() if loopback else nullcontext():  # a head bound to 127.0.0.1 stays 127.0.0.1
+        with loopback_only() if loopback else nullcontext():  # a head bound to 127.0.0.1 stays 127.0.0.1
             ray.init(address=target, logging_level="ERROR", log_to_driver=True)
     except (ConnectionError, TimeoutError, ray.exceptions.AuthenticationError) as exc:
         ray.shutdown()
@@ -81,7 +81,7 @@ def join_cluster(target: str) -> None:
 
 
 @contextmanager
-def _loopback_only() -> Iterator[None]:
+def loopback_only() -> Iterator[None]:
     """ray.init turns a 127.0.0.1 node address into the host's network address unless Ray treats
     the machine as a single-node host (its behaviour on macOS and Windows). Only for the duration
     of the embedded start, take that path: every server then binds 127.0.0.1."""
@@ -96,7 +96,7 @@ def _loopback_only() -> Iterator[None]:
 
 
 def start_local(workers: int) -> None:
-    with _loopback_only():
+    with loopback_only():
         ray.init(address="local", num_cpus=max(available_cores(), workers or 0), include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address=LOOPBACK,
                  logging_level="ERROR", log_to_driver=True)

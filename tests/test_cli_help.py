@@ -53,3 +53,14 @@ def test_hidden_opposites_override_a_config_file(tmp_path):
     args = build_parser().parse_args(["repair", "--config", str(config)])
     cfg = config_from_args(args)
     assert cfg.progress is False and cfg.in_process is True
+
+
+def test_docs_cli_lists_every_option_in_its_group():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for title, names in OPTION_GROUPS.items():
+        section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            assert f"`{flag}" in section or f"`--no-{flag[2:]}" in section, (title, flag)
