@@ -146,9 +146,7 @@ class RunSession:
         self.complete = state == "complete"
         self.done = verified_done(self.inp) if state == "resume" else set()
         total = len(self.inp.plan.entries)
-        if self.complete:
-            self.say(f"already complete (plan {self.inp.plan.plan_id}): nothing to do; {self.inp.out}")
-        elif state == "resume":
+        if state == "resume":  # a complete output is reported by the caller (CLI, job): "already complete"
             self.say(f"resuming: {len(self.done)} of {total} entries verified on disk, {total - len(self.done)} "
                      "to do")
         try:
