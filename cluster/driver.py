@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +99,7 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
     actors killed and the output lock released (the same contract as the in-process engine)."""
     with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.out or ".")), RunSession(cfg, stream) as session:
         if session.complete:
-            return output.read_summary(session.inp.out)
+            return {**output.read_summary(session.inp.out), "already_complete": True}
         return _run(session, cfg)
 
 
@@ -112,7 +112,10 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     actors: list[Any] = []
-    with _ray_started(cfg) as info:
+    started = time.monotonic()
+    with _ray_started(cfg, session.say) as info:
+        session.say(f"Ray ready after {time.monotonic() - started:.1f} s: {info['address']}, "
+                    f"{info['resources'].get('CPU', 0):g} CPUs, {info['resources'].get('GPU', 0):g} GPUs")
         try:
             if phase is not None and phase.units:
                 _calibrate(phase, cfg, info, env)
@@ -138,12 +141,12 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def _ray_started(cfg: RepairConfig) -> Iterator[dict[str, Any]]:
+def _ray_started(cfg: RepairConfig, say: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     """ray_session, with dgrepair's signal handlers back in place: ray.init installs its own SIGTERM
     handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else, and
     ray.shutdown leaves the default one."""
     try:
-        with ray_session(cfg.address, cfg.workers) as info:
+        with ray_session(cfg.address, cfg.workers, say) as info:
             interrupt.install()
             yield info
     except SystemExit as exc:
@@ -215,6 +218,7 @@ def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: d
                     break
                 submit(unit_id, actor)
         ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
+        session.bar.tick()
         for ref in ready:
             flight = flights.pop(ref)
             load[flight.actor] -= 1
@@ -224,6 +228,8 @@ def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: d
             if now > flight.deadline:
                 flight.deadline = float("inf")  # kill once; the ref then fails and is requeued
                 flight.expired = True
+                session.say(f"{_describe(book.units[flight.unit_id])} passed its deadline on worker "
+                            f"{flight.actor}; restarting that worker")
                 ray.kill(actors[flight.actor], no_restart=False)
     return book
 
@@ -240,13 +246,20 @@ def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.Objec
         _retry(book, unit_id, f"error: {exc}", cfg.max_attempts, split=False)
         return
     except RayActorError as exc:
+        what = _describe(book.units[unit_id])
         if flight.shared and not flight.expired:  # the death may be another unit's doing
             book.requeues += 1
             book.isolated.add(unit_id)
             book.queue.appendleft(unit_id)
+            session.say(f"{what} on worker {flight.actor}: worker died ({type(exc).__name__}) with other work in "
+                        "flight; requeued without charge, to run alone")
             return
         why = "past its deadline" if flight.expired else f"worker died: {type(exc).__name__}"
         _retry(book, unit_id, why, cfg.max_attempts, split=True)
+        outcome = ("marked failed" if unit_id in book.failed else
+                   f"requeued (attempt {book.attempts[unit_id] + 1} of {cfg.max_attempts})"
+                   if unit_id in book.units else "split into single tensors and requeued")
+        session.say(f"{what} on worker {flight.actor}: {why}; {outcome}")
         return
     unit = book.units[unit_id]
     node = book.nodes.setdefault(result["node"], {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
@@ -260,6 +273,11 @@ def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.Objec
     written_gb = sum(n["bytes_written"] for n in book.nodes.values()) / 1e9
     session.commit(unit, result["rows"], note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
                                               f"failed {len(book.failed)}")
+
+
+def _describe(unit: WorkUnit) -> str:
+    first = unit.entries[0].name
+    return f"unit {first}" if len(unit.entries) == 1 else f"a unit of {len(unit.entries)} tensors ({first}, ...)"
 
 
 def _retry(book: _Book, unit_id: int, why: str, max_attempts: int, split: bool) -> None:

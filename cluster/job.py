@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = RepairConfig.from_yaml(args.config, {"address": args.address} if args.address else {})
-        summary = run_distributed(cfg)
+        summary = run_distributed(cfg, sys.stdout)  # status and progress lines into the job log
     except DGRepairError as exc:
         print(f"dgrepair: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dgrepair: stopped by {exc}; finished work is committed and the output lock released. Resubmit "
               "to resume.", file=sys.stderr)
         return exc.exit_code
+    if summary.get("already_complete"):
+        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.out}", flush=True)
+        return 0
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors; plan {summary['plan_id']}"
           f"; wrote {cfg.out}")

@@ -30,25 +30,58 @@ EXAMPLES = """examples:
 """
 
 
+# --help groups, in this order; every RepairConfig field is in exactly one (tests/test_cli_help.py).
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "inputs": ("config", "base", "ft"),
+    "method": ("method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob", "dare_rescale", "seed", "rank",
+               "target_rho", "median", "kernel"),
+    "scope": ("min_numel", "mask", "include", "exclude", "treat_as"),
+    "formats": ("fused_layout", "out_dtype", "packed_int4"),
+    "execution": ("in_process", "device", "threads", "batch_mb", "commit_interval_s", "progress",
+                  "progress_interval_s"),
+    "cluster": ("address", "workers", "max_attempts", "inflight_per_worker", "unit_timeout_s"),
+    "output": ("out", "force", "emit_adapter"),
+}
+REQUIRED = ("base", "ft", "out")
+
+
 def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One flag per RepairConfig field; defaults are SUPPRESSed so only explicit flags override YAML."""
-    for f in dataclasses.fields(RepairConfig):
-        if only is not None and f.name not in only:
+    """One flag per RepairConfig field, grouped by concern; defaults are SUPPRESSed so only explicit
+    flags override YAML. A boolean shows the one spelling that changes its default (--in-process,
+    --no-progress); the opposite spelling still works, for overriding a --config file, but is not listed."""
+    fields = {f.name: f for f in dataclasses.fields(RepairConfig)}
+    for title, names in OPTION_GROUPS.items():
+        names = tuple(n for n in names if only is None or n in only or n == "config")
+        if not names:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if default is not None and default != [] and not isinstance(default, bool):
-            help_text += f" (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, list):
-            parser.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "REGEX"), **kw)
-        else:
-            typ = f.metadata.get("type") or (type(default) if default is not None else str)
-            parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same options; flags override it")
+        group = parser.add_argument_group(title)
+        for name in names:
+            if name == "config":
+                group.add_argument("--config", metavar="FILE.yaml", help="YAML file with the options below (names "
+                                   "with _ or -); flags given on the command line override it")
+            else:
+                _add_field(group, fields[name], name in REQUIRED)
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, required: bool) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f.metadata.get("help", "")
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if required:
+        help_text = "REQUIRED (here or in --config): " + help_text
+    elif default is not None and default != [] and not isinstance(default, bool):
+        help_text += f" (default: {default})"
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    if isinstance(default, bool):
+        shown, hidden = (flag, "--no-" + flag[2:]) if not default else ("--no-" + flag[2:], flag)
+        group.add_argument(shown, action="store_const", const=not default, help=help_text, **kw)
+        group.add_argument(hidden, action="store_const", const=default, help=argparse.SUPPRESS, **kw)
+    elif isinstance(default, list):
+        group.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "REGEX"), help=help_text, **kw)
+    else:
+        typ = f.metadata.get("type") or (type(default) if default is not None else str)
+        metavar = None if f.metadata.get("choices") else f.metadata.get("metavar") or f.name.upper()
+        group.add_argument(flag, type=typ, choices=f.metadata.get("choices"), metavar=metavar, help=help_text, **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> RepairConfig:
@@ -108,6 +141,9 @@ def run(cfg: RepairConfig) -> dict[str, Any]:
 def cmd_repair(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run(cfg)
+    if summary.get("already_complete"):
+        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.out}")
+        return 0
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors "
           f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.out}")

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .hub import looks_like_repo
-from .hub import resolve as resolve_hub
+from .hub import locate
 from .remote_checkpoint import is_object_uri, read_shard_header, remote_root
 from .safetensors_format import AmbiguousJSON, ShardHeader, TensorEntry, strict_json
 
@@ -107,11 +106,12 @@ def hub_blob_store(root: Path) -> Path | None:
 def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
     """Open a local folder, an `org/name[@revision]` Hub repo, or an s3:// / gs:// prefix (role is used
     in messages)."""
-    if isinstance(path, str) and looks_like_repo(path):
-        path = resolve_hub(path, role)
-    root = remote_root(path) if is_object_uri(path) else Path(path).expanduser()
-    if not root.exists():
-        raise InputError(f"{role} checkpoint {root}: no such directory.")
+    if is_object_uri(path):
+        root = remote_root(path)
+        if not root.exists():
+            raise InputError(f"{role} checkpoint {root}: no such prefix in the bucket.")
+    else:
+        root = locate(path, role)
     if not root.is_dir():
         raise InputError(f"{role} checkpoint {root}: not a directory; pass the folder that holds the "
                          "safetensors files.")

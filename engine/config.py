@@ -38,10 +38,13 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class RepairConfig:
     """Everything a repair run needs; validated on construction."""
 
-    base: str | None = _opt(None, "base checkpoint directory (safetensors); `plan` also reads s3:// and gs:// prefixes")
-    ft: str | None = _opt(None, "fine-tuned checkpoint directory (safetensors); `plan` also reads s3:// and gs:// "
-                                "prefixes")
-    out: str | None = _opt(None, "output directory for the repaired checkpoint")
+    base: str | None = _opt(None, metavar="DIR|ORG/NAME|URI", help="base checkpoint: a local folder of safetensors "
+                            "files, or a Hugging Face Hub repo id org/name[@revision] (a local folder of that name "
+                            "wins); `plan` also reads s3:// and gs:// prefixes")
+    ft: str | None = _opt(None, metavar="DIR|ORG/NAME|URI", help="fine-tuned checkpoint: a local folder or a Hub "
+                          "repo id org/name[@revision], as for --base")
+    out: str | None = _opt(None, "output directory for the repaired checkpoint (resumes an interrupted run of "
+                           "the same plan)", metavar="DIR")
     method: str = _opt("dg_hard", "repair method: dg_hard (the paper's DG threshold), wise_ft (alpha * delta), ties "
                        "(top keep-ratio entries by magnitude, times lambda), dare (random drop, seeded per matrix), "
                        "fixed_rank (top-k singular components), mp_edge (cut at the Marchenko-Pastur edge), "
@@ -51,14 +54,16 @@ class RepairConfig:
     keep_ratio: float = _opt(0.2, "ties: fraction of each matrix's entries kept, by magnitude")
     ties_lambda: float = _opt(1.0, "ties: scale applied to the kept entries")
     drop_prob: float = _opt(0.25, "dare: probability of dropping each entry")
-    dare_rescale: bool = _opt(True, "dare: rescale survivors by 1/(1-p) (--no-dare-rescale = DARE-Linear)")
+    dare_rescale: bool = _opt(True, "dare: keep survivors unscaled (DARE-Linear); by default they are rescaled "
+                              "by 1/(1-p)")
     seed: int = _opt(0, "dare: seed of the per-matrix random streams")
     rank: int = _opt(16, "fixed_rank: singular components kept per matrix")
     target_rho: float | None = _opt(None, "bisect the method's knob (dg_hard/mp_edge scale, wise_ft alpha, ties "
                                     "keep-ratio, dare drop-prob, fixed_rank rank) so the global "
                                     "||delta*||_F / ||delta||_F equals this, from cached spectra and curves",
                                     type=float)
-    emit_adapter: str | None = _opt(None, "also write delta* as a PEFT LoRA adapter into this directory "
+    emit_adapter: str | None = _opt(None, metavar="DIR", help="also write delta* as a PEFT LoRA adapter into this "
+                                    "directory "
                                     "(spectral methods; plain Linear / Embedding weights)")
     min_numel: int = _opt(1024, "tensors with fewer elements keep the fine-tuned value")
     mask: str = _opt("all", "layer-mask preset", choices=tuple(MASK_PRESETS))
@@ -69,7 +74,9 @@ class RepairConfig:
                        "float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram guarded "
                        "by a float64 fallback", choices=BACKENDS)
     fused_layout: str = _opt("auto", "layout of fused experts.gate_up_proj stacks: auto (from config.json "
-                             "model_type), out_in_concat [E,2I,H], in_out_concat [E,H,2I], in_out_interleaved",
+                             "model_type), out_in_concat [E,2I,H] rows gate then up, in_out_concat [E,H,2I] columns "
+                             "gate then up, in_out_interleaved [E,H,2I] gate = even columns, out_in_interleaved "
+                             "[E,2I,H] gate = even rows",
                              choices=("auto", *FUSED_LAYOUTS))
     out_dtype: str = _opt("keep", "quantized weights (block-FP8, MXFP4): keep = re-quantize to the fine-tune's "
                           "layout; bf16 = write BF16, drop the scale tensors and config.json's quantization_config",
@@ -83,7 +90,10 @@ class RepairConfig:
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N")
     threads: int = _opt(0, "BLAS threads per CPU worker (0 = all cores in-process; cores / workers on Ray)")
     batch_mb: int = _opt(256, "memory budget (MiB) for batching same-shape matrices into one kernel call")
-    address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray)")
+    address: str | None = _opt(None, metavar="HOST:PORT", help="Ray cluster address to join (default: RAY_ADDRESS, "
+                                "else "
+                                "start a local Ray on 127.0.0.1); a cluster with token authentication also needs "
+                                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN exported")
     workers: int = _opt(0, "worker actors (0 = one per GPU, or one per CPU core without GPUs)")
     in_process: bool = _opt(False, "run in this process without Ray (small models, debugging)")
     max_attempts: int = _opt(3, "a unit that kills its worker this many times is marked failed")
@@ -92,7 +102,10 @@ class RepairConfig:
     commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
     force: bool = _opt(False, "replace an output directory that holds a different dgrepair run (removes only what "
                              "that run wrote; never a folder another run has locked)")
-    progress: bool = _opt(True, "show a progress bar on stderr")
+    progress: bool = _opt(True, "no progress on stderr; by default a bar on a terminal, otherwise (job logs, "
+                          "redirected output) a line every --progress-interval-s seconds")
+    progress_interval_s: float = _opt(30.0, "seconds between progress lines when stderr is not a terminal "
+                                      "(tensors, bytes, rate, ETA)")
 
     def __post_init__(self) -> None:
         if not (self.scale > 0):
@@ -104,6 +117,8 @@ class RepairConfig:
             raise InputError(f"median must be 'lower' or 'mean', got {self.median!r}.")
         if self.workers < 0 or self.max_attempts < 1 or self.inflight_per_worker < 1 or self.unit_timeout_s <= 0:
             raise InputError("workers must be >= 0, max_attempts and inflight_per_worker >= 1, unit_timeout_s > 0.")
+        if not (self.progress_interval_s > 0):
+            raise InputError(f"progress_interval_s must be > 0, got {self.progress_interval_s!r}.")
         if self.threads < 0 or self.batch_mb < 1:
             raise InputError(f"threads must be >= 0 and batch_mb >= 1 (got {self.threads}, {self.batch_mb}).")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

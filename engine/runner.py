@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from tqdm import tqdm
 
 from .. import __version__
 from ..kernels.spectral import resolve_device
@@ -34,6 +33,7 @@ from .layouts import row_identity
 from .lock import FileOutputLock, LockHolder, OutputLock
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, SCALE_KINDS, Plan, PlanEntry, build_plan
+from .progress import Progress
 from .repair_step import QUANTIZED_KINDS, EntryJob, StepSettings, execute_unit, sha256_range
 from .units import WorkUnit, make_units
 
@@ -163,8 +163,13 @@ class RunSession:
     def _prepare(self, cfg: RepairConfig, device: str, stream: TextIO | None) -> None:
         """Everything after the lock is taken: the output folder, what resume can skip, the work units."""
         state = output.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.force)
+        self.stream = stream or sys.stderr
         self.complete = state == "complete"
         self.done = verified_done(self.inp) if state == "resume" else set()
+        total = len(self.inp.plan.entries)
+        if state == "resume":  # a complete output is reported by the caller (CLI, job): "already complete"
+            self.say(f"resuming: {len(self.done)} of {total} entries verified on disk, {total - len(self.done)} "
+                     "to do")
         parts = adapter_parts(self.inp)
         self.settings = StepSettings(cfg.repair_method(), cfg.kernel, self.inp.plan.plan_id, device=device,
                                      threads=cfg.threads or None, adapter_parts=str(parts) if parts else None)
@@ -182,9 +187,8 @@ class RunSession:
         self.units = make_units(todo, cfg.batch_mb << 20)
         self.committer = Committer(self.inp.out, interval_s=cfg.commit_interval_s)
         self.finished = len(self.done)
-        self.bar = tqdm(total=sum(u.nbytes for u in self.units), unit="B", unit_scale=True, unit_divisor=1024,
-                        desc="repair", disable=not cfg.progress or self.complete, file=stream or sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = Progress("repair", sum(u.nbytes for u in self.units), total, self.finished,
+                            cfg.progress and not self.complete, cfg.progress_interval_s, self.stream)
         self.t_plan = time.perf_counter() - self.t0
 
     def __enter__(self) -> RunSession:
@@ -199,6 +203,10 @@ class RunSession:
                 raise  # otherwise the original error is the one to report
         finally:
             self.lock.release()
+
+    def say(self, message: str) -> None:
+        """A status line for the user (stderr by default), flushed at once for job logs."""
+        print(f"dgrepair: {message}", file=self.stream, flush=True)
 
     def resolve_target(self) -> None:
         """After the calibration pass: fix the method's knob so the global ρ meets --target-rho."""
@@ -221,8 +229,7 @@ class RunSession:
                 self.committer.flush()
                 output.finalize_shard(self.inp.out, e.shard)
         self.finished += len(unit.entries)
-        self.bar.update(unit.nbytes)
-        self.bar.set_postfix_str(f"tensors {self.finished}/{len(self.inp.plan.entries)}{note}", refresh=False)
+        self.bar.update(unit.nbytes, len(unit.entries), note)
 
     def close(self) -> None:
         self.committer.flush()
@@ -262,16 +269,17 @@ class CalibrationPhase:
         todo |= {e.companion for e in entries if e.companion and e.name in todo}  # quantized scales travel along
         self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], session.cfg.batch_mb << 20)
         self.pending: list[calibration.CalibrationRow] = []
-        self.bar = tqdm(total=sum(u.nbytes for u in self.units), unit="B", unit_scale=True, unit_divisor=1024,
-                        desc="calibrate", disable=not session.cfg.progress or not self.units,
-                        file=stream or sys.stderr, dynamic_ncols=True)
+        self.say = session.say
+        self.bar = Progress("calibrate", sum(u.nbytes for u in self.units), len(todo), 0,
+                            session.cfg.progress and bool(self.units), session.cfg.progress_interval_s,
+                            stream or sys.stderr)
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         return self.session.jobs(unit)
 
     def commit(self, unit: WorkUnit, rows: list[calibration.CalibrationRow], note: str = "") -> None:  # noqa: ARG002
         self.pending.extend(rows)
-        self.bar.update(unit.nbytes)
+        self.bar.update(unit.nbytes, len(unit.entries))
         if len(self.pending) >= FLUSH_ROWS:
             self.close()
 
@@ -295,7 +303,7 @@ def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any
     SIGTERM/SIGINT raise `Interrupted` after the finished work is committed and the lock released."""
     with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.out or ".")), RunSession(cfg, stream) as session:
         if session.complete:
-            return output.read_summary(session.inp.out)
+            return {**output.read_summary(session.inp.out), "already_complete": True}
         policy = cpu_thread_policy(session.settings.threads) if session.settings.device == "cpu" else nullcontext()
         with policy:
             if session.calibration is not None:

@@ -106,6 +106,12 @@ def test_report_numbers_match_the_manifest(run):
     assert sum(float(r[3]) for r in rows) == pytest.approx(1.0, abs=1e-3)
     # the experts stack dominates: expert 0 and 3 have noise 1e-2, so most of the delta mass
     assert rows[0][0] == "mlp.experts.down_proj"
+    # one path style (absolute), and p printed as an integer: every class here has one p per class
+    assert f"base `{pair.base.resolve()}`, fine-tune `{pair.ft.resolve()}`, output `{out.resolve()}`" in text
+    for r in rows:
+        kept, p = r[5].split(" / ")
+        assert p.isdigit(), r
+
 
     data = json.loads((folder / "report.json").read_text())
     for c in data["classes"]:
@@ -250,3 +256,13 @@ def test_spectra_of_fused_gate_up_and_fp8_tensors(tmp_path):
             assert {c["layer_class"] for c in data["classes"]} == {"mlp.experts.gate_proj", "mlp.experts.up_proj"}
         else:
             assert [s["tensor"] for s in data["spectra"]] == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_rank_bins_make_one_matrix_a_centred_bar_and_counts_print_as_ints():
+    from dgrepair.engine.report import _count, rank_bins
+
+    bins, xlim = rank_bins([7])
+    assert list(bins) == [7, 8] and xlim == (4.5, 9.5)  # five ranks wide, centred on 7
+    bins, xlim = rank_bins([3, 12])
+    assert list(bins) == list(range(3, 14)) and xlim == (2.5, 12.5)
+    assert _count(576.0) == "576" and _count(12.25) == "12.2"
