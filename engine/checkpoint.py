@@ -109,7 +109,7 @@ def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
     if is_object_uri(path):
         root = remote_root(path)
         if not root.exists():
-            raise InputError(f"{role} checkpoint {root}: no such prefix in the bucket.")
+            raise InputError(f"{role} checkpoint {root}: no such directory (no object under this prefix).")
     else:
         root = locate(path, role)
     if not root.is_dir():

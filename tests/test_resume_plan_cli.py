@@ -174,7 +174,8 @@ def test_missing_required_paths(capsys):
 def test_help_lists_every_config_option():
     help_text = build_parser()._subparsers._group_actions[0].choices["repair"].format_help()
     for name in RepairConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in help_text
+        flag = name.replace("_", "-")
+        assert f"--{flag}" in help_text or f"--no-{flag}" in help_text, flag  # booleans: the non-default spelling
 
 
 def test_demo_recovers_the_planted_ranks(tmp_path, capsys):
