@@ -9,6 +9,10 @@ Kinds (SPEC.md §2–3):
   its scale tensor (`fp8_scale`) is rewritten by the same unit.
 - `mxfp4`: an MXFP4 weight (`*_blocks` U8 + `*_scales` U8, gpt-oss), dequantised, repaired per expert
   (gate/up halves split as its fused layout says), re-quantised; its scales (`mxfp4_scales`) go with it.
+- `packed_int`: a compressed-tensors `pack-quantized` weight (`X.weight_packed`), dequantised with the scheme
+  config.json declares, repaired, re-quantised; its `weight_scale` / `weight_zero_point` / `weight_shape`
+  (`packed_aux`) go with it (ADR 0010). A dense fine-tune of a packed base is an `svd` entry whose base is
+  dequantised.
 - `dequant`: a quantized weight that is not repaired but written as BF16 (`--out-dtype bf16`).
 - `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only, packed INT4
   with `--packed-int4 passthrough`).

@@ -25,11 +25,13 @@ code = round(clamp(W / scale + zero_point, q_min, q_max)), ties to even.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
 WORD_BITS = 32
+LITTLE_ENDIAN = sys.byteorder == "little"  # the byte-view fast path; big-endian hosts shift and mask
 SUPPORTED_BITS = (4, 8)
 STRATEGIES = ("group", "channel")
 
@@ -72,7 +74,7 @@ def pack(codes: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
     """I32 words from signed codes [rows, cols] (any integer dtype), packed along `packed_dim`."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"packing supports {SUPPORTED_BITS} bits, got {bits}")
-    v = codes.to(torch.int64) + (1 << (bits - 1))
+    v = codes.to(torch.int32) + (1 << (bits - 1))  # int32 throughout: the top field shifts into the sign bit
     if packed_dim == 0:
         v = v.transpose(0, 1)
     rows, cols = v.shape
@@ -80,14 +82,22 @@ def pack(codes: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
     words = packed_words(cols, bits)
     if words * per > cols:
         v = torch.nn.functional.pad(v, (0, words * per - cols))
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    acc = (v.reshape(rows, words, per) << shifts).sum(-1)  # disjoint bit fields: the sum is the OR
-    out = torch.where(acc >= 1 << 31, acc - (1 << 32), acc).to(torch.int32)
+    if LITTLE_ENDIAN:  # a word's bytes in memory order are its fields 0-1, 2-3, ... (4 bits) or 0, 1, ... (8)
+        u = v.to(torch.uint8)
+        if bits == 4:
+            u = u[:, 0::2] | (u[:, 1::2] << 4)
+        out = u.contiguous().reshape(-1).view(torch.int32).reshape(rows, words)  # 1-D: any size-1 axis is fine
+    else:
+        v = v.reshape(rows, words, per)  # disjoint fields, so adding them never carries: the sum is the OR
+        out = v[..., 0].clone()
+        for k in range(1, per):
+            out += v[..., k] << (k * bits)
     return (out.transpose(0, 1) if packed_dim == 0 else out).contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int, packed_dim: int = 1) -> torch.Tensor:
-    """Signed codes (int32) from I32 words; `n` is the unpacked length along `packed_dim`."""
+    """Signed codes (int8, as the library returns them) from I32 words; `n` is the unpacked length along
+    `packed_dim`."""
     if packed.dtype != torch.int32:
         raise ValueError(f"packed words must be int32, got {packed.dtype}")
     if bits not in SUPPORTED_BITS:
@@ -98,9 +108,20 @@ def unpack(packed: torch.Tensor, bits: int, n: int, packed_dim: int = 1) -> torc
         raise ValueError(f"{words} packed words per line cannot hold exactly {n} {bits}-bit codes "
                          f"(expected {packed_words(n, bits)})")
     per = WORD_BITS // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    fields = (w.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
-    codes = (fields.reshape(rows, words * per)[:, :n] - (1 << (bits - 1))).to(torch.int32)
+    if LITTLE_ENDIAN:
+        u = w.contiguous().reshape(-1).view(torch.uint8).reshape(rows, 4 * words)  # memory order = field order
+        if bits == 4:
+            nib = torch.empty(rows, words * per, dtype=torch.uint8)
+            torch.bitwise_and(u, 0xF, out=nib[:, 0::2])
+            torch.bitwise_right_shift(u, 4, out=nib[:, 1::2])
+            codes = nib[:, :n].view(torch.int8) - 8
+        else:
+            codes = (u[:, :n] ^ 0x80).view(torch.int8)  # stored code + 128, read back as signed
+    else:
+        codes = torch.empty(rows, words, per, dtype=torch.int32)
+        for k in range(per):  # arithmetic shifts drag the sign along; the mask removes it
+            torch.bitwise_and(w >> (k * bits), (1 << bits) - 1, out=codes[..., k])
+        codes = (codes.reshape(rows, words * per)[:, :n] - (1 << (bits - 1))).to(torch.int8)
     return (codes.transpose(0, 1) if packed_dim == 0 else codes).contiguous()
 
 

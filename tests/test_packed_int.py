@@ -79,7 +79,7 @@ def test_pack_and_unpack_match_the_library(bits, cols):
     for dim, n in ((1, cols), (0, 24)):
         ref = pack_to_int32(codes, bits, packed_dim=dim)
         assert torch.equal(packed_int.pack(codes, bits, dim), ref)
-        assert torch.equal(packed_int.unpack(ref, bits, n, dim), unpack_from_int32(ref, bits, codes.shape, dim).int())
+        assert torch.equal(packed_int.unpack(ref, bits, n, dim), unpack_from_int32(ref, bits, codes.shape, dim))
 
 
 def test_pack_order_worked_by_hand():
@@ -110,7 +110,7 @@ def test_quantise_and_dequantise_follow_the_library(bits, symmetric, strategy):
     if not symmetric:
         assert torch.equal(zp_codes, want_zp)
     want_codes = ct_quantize(w, scale, zp_codes, args, dtype=torch.int8)
-    assert torch.equal(packed_int.unpack(packed, bits, 64), want_codes.int())
+    assert torch.equal(packed_int.unpack(packed, bits, 64), want_codes)
     sd = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([16, 64])}
     if zp is not None:
         sd["weight_zero_point"] = zp
