@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .checkpoint import Checkpoint
 from .config import RepairConfig
 from .layouts import FUSED_GATE_UP, fused_matrix_shape
+from .quantized_int import FAMILY, PACKED
 from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry
 
 if TYPE_CHECKING:
@@ -20,8 +21,7 @@ if TYPE_CHECKING:
 SCALE_KINDS = ("fp8_scale", "mxfp4_scales", "packed_aux")  # rewritten (or dropped) by their weight's unit
 FP8_SCALE = "_scale_inv"
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
-INT4_PACKED = "weight_packed"
-INT4_FAMILY = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+INT4_PACKED, INT4_FAMILY = PACKED, FAMILY  # compressed-tensors packed families (engine/quantized_int.py)
 
 
 def classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
