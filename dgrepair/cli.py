@@ -187,6 +187,8 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
     for kind, count in summary["tensors_by_kind"].items():
         print(f"  {kind:<12} {count:>7} tensors  {summary['bytes_by_kind'][kind] / 2**20:>10.1f} MiB")
     print(f"  matrices to repair: {summary['matrices_to_repair']}  (~{summary['estimated_gflop']} GFLOP)")
+    for s in summary.get("packed_schemes", []):
+        print(f"  packed {s['side']} {s['group']}: {s['scheme']}, {s['tensors']} tensors")
     for reason, count in summary["passthrough_reasons"].items():
         print(f"  passthrough, {reason}: {count}")
     for label in ("ft_only", "base_only"):

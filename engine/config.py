@@ -78,12 +78,12 @@ class RepairConfig:
                              "gate then up, in_out_interleaved [E,H,2I] gate = even columns, out_in_interleaved "
                              "[E,2I,H] gate = even rows",
                              choices=("auto", *FUSED_LAYOUTS))
-    out_dtype: str = _opt("keep", "quantized weights (block-FP8, MXFP4): keep = re-quantize to the fine-tune's "
-                          "layout; bf16 = write BF16, drop the scale tensors and config.json's quantization_config",
-                          choices=("keep", "bf16"))
-    packed_int4: str = _opt("refuse", "packed INT4 tensors (compressed-tensors weight_packed/weight_scale): refuse, "
-                            "or passthrough = copy the fine-tune's tensors verbatim (never repaired)",
-                            choices=("refuse", "passthrough"))
+    out_dtype: str = _opt("keep", "quantized weights (block-FP8, MXFP4, compressed-tensors packed INT4/INT8): keep = "
+                          "re-quantize to the fine-tune's layout; bf16 = write BF16, drop the scale tensors and "
+                          "config.json's quantization_config", choices=("keep", "bf16"))
+    packed_int4: str = _opt("repair", "compressed-tensors pack-quantized tensors (weight_packed/weight_scale): repair "
+                            "= dequantize with the scheme in config.json, repair, re-quantize; passthrough = copy the "
+                            "fine-tune's tensors verbatim (never repaired)", choices=("repair", "passthrough"))
     treat_as: list[str] = _opt([], "REGEX=KIND (KIND: experts, conv, passthrough); overrides how a matching tensor "
                                "with more than 2 axes is classified (repeatable; first match wins)",
                                metavar="REGEX=KIND")
@@ -127,8 +127,8 @@ class RepairConfig:
             raise InputError(f"fused_layout must be auto or one of {', '.join(FUSED_LAYOUTS)}.")
         if self.kernel not in BACKENDS:
             raise InputError(f"kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}.")
-        if self.out_dtype not in ("keep", "bf16") or self.packed_int4 not in ("refuse", "passthrough"):
-            raise InputError(f"out_dtype must be keep or bf16 (got {self.out_dtype!r}); packed_int4 refuse or "
+        if self.out_dtype not in ("keep", "bf16") or self.packed_int4 not in ("repair", "passthrough"):
+            raise InputError(f"out_dtype must be keep or bf16 (got {self.out_dtype!r}); packed_int4 repair or "
                              f"passthrough (got {self.packed_int4!r}).")
         remote = [v for v in (self.base, self.ft, self.out) if is_object_uri(v)]
         if remote and self.out is not None:

@@ -1,4 +1,4 @@
-"""Tiny base/fine-tune pairs that copy the tensor layouts of real frontier checkpoints
+r"""Tiny base/fine-tune pairs that copy the tensor layouts of real frontier checkpoints
 (research/formats.md §1–3, §7): names, shapes (scaled down), dtypes, quantization and config.json.
 
 SYNTHETIC values: base weights are 0.02·N(0, 1); each fine-tuned matrix adds a rank-3 signal plus
@@ -17,7 +17,17 @@ routers and biases change a little. Used by the format tests and available to `d
 - `mixtral`: `block_sparse_moe.experts.E.w1/w2/w3`.
 - `vlm`: Conv3d [32, 3, 2, 4, 4] and Conv2d [32, 3, 4, 4] patch embeddings, a Mamba `mixer.conv1d`
   with bias; the base uses the older `visual.*` / `model.*` names, the fine-tune the ≥4.52 ones.
-- `kimi_int4`: K2-Thinking-style compressed-tensors packed-INT4 routed experts.
+- `kimi_int4`: a minimal compressed-tensors packed-INT4 module pair (one BF16 attention matrix, a BF16 shared
+  expert, two packed experts).
+- `kimi_k2_thinking`: Kimi-K2-Thinking's layout and its real `quantization_config` (compressed-tensors
+  `pack-quantized`, config group `group_0`: int4 symmetric group 32, targets `Linear`; ignore `lm_head`,
+  `re:.*self_attn.*`, `re:.*shared_experts.*`, `re:.*mlp\.(gate|up|gate_up|down)_proj.*`): DeepSeek-V3 naming,
+  MLA in BF16, first layer dense (BF16, ignored), routed experts stored as I32 `weight_packed` + BF16
+  `weight_scale` + I64 `weight_shape`, BF16 shared experts, router and embeddings; 2 shards with an index and
+  one expert's scale in the other shard. Both sides INT4.
+- `kimi_k2_thinking_bf16_ft`: the same base; the fine-tune stores every expert as BF16 `.weight` and its
+  config.json has no quantization_config (a BF16 fine-tune of the INT4 release).
+- `kimi_k2_thinking_bf16_base`: a BF16 base; the fine-tune is INT4.
 """
 
 from __future__ import annotations
@@ -31,9 +41,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..kernels import fp8, mxfp4
+from ..kernels import fp8, mxfp4, packed_int
 
-FIXTURES = ("deepseek_v3", "gpt_oss", "qwen3_5_moe", "mixtral", "vlm", "kimi_int4")
+FIXTURES = ("deepseek_v3", "gpt_oss", "qwen3_5_moe", "mixtral", "vlm", "kimi_int4", "kimi_k2_thinking",
+            "kimi_k2_thinking_bf16_ft", "kimi_k2_thinking_bf16_base")
+KIMI_SCHEME = packed_int.IntScheme(num_bits=4, symmetric=True, strategy="group", group_size=32)
+KIMI_QUANTIZATION = {  # Kimi-K2-Thinking's config.json quantization_config
+    "config_groups": {"group_0": {
+        "input_activations": None, "output_activations": None, "targets": ["Linear"],
+        "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": 32, "num_bits": 4,
+                    "observer": "minmax", "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                    "type": "int"}}},
+    "format": "pack-quantized",
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,7 @@ class Fixture:
     config: dict
     tensors: list[T] = field(default_factory=list)
     shards: int = 1  # > 1: sharded with an index whose metadata is empty
+    dense_side: str | None = None  # "base" / "ft": that side stores `int4` tensors as BF16 `.weight`, unquantised
 
 
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
@@ -186,13 +208,52 @@ def vlm() -> Fixture:
 
 
 def kimi_int4() -> Fixture:
-    cfg = {"model_type": "kimi_k2", "quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*"]}}
+    cfg = {"model_type": "kimi_k2", "quantization_config": KIMI_QUANTIZATION}
     p = "model.layers.1."
     ts = [T(p + "self_attn.o_proj.weight", (64, 64)), T(p + "mlp.shared_experts.down_proj.weight", (64, 32))]
     ts += [T(p + f"mlp.experts.{e}.down_proj", (64, 32), role="int4") for e in range(2)]
     return Fixture("kimi_int4", cfg, ts)
+
+
+def kimi_k2_thinking(dense_side: str | None = None) -> Fixture:
+    cfg = {"model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 128,
+           "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 2, "n_routed_experts": 4, "n_shared_experts": 1,
+           "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+           "q_lora_rank": 48, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 8,
+           "v_head_dim": 32, "max_position_embeddings": 64, "tie_word_embeddings": False,
+           "quantization_config": KIMI_QUANTIZATION}
+    ts = [T("model.embed_tokens.weight", (128, 64)), T("model.norm.weight", (64,), role="vector"),
+          T("lm_head.weight", (128, 64), shard=1)]
+    for n in range(2):
+        p = f"model.layers.{n}."
+        ts += [T(p + "input_layernorm.weight", (64,), role="vector"),
+               T(p + "post_attention_layernorm.weight", (64,), role="vector"),
+               T(p + "self_attn.q_a_proj.weight", (48, 64)), T(p + "self_attn.q_a_layernorm.weight", (48,),
+                                                                 role="vector"),
+               T(p + "self_attn.q_b_proj.weight", (80, 48)), T(p + "self_attn.kv_a_proj_with_mqa.weight", (72, 64)),
+               T(p + "self_attn.kv_a_layernorm.weight", (64,), role="vector"),
+               T(p + "self_attn.kv_b_proj.weight", (128, 64)), T(p + "self_attn.o_proj.weight", (64, 64))]
+        if n == 0:  # first_k_dense_replace = 1: a BF16 dense MLP (ignored by `re:.*mlp\.(gate|up|down)_proj.*`)
+            ts += [T(p + f"mlp.{k}_proj.weight", s) for k, s in (("gate", (96, 64)), ("up", (96, 64)),
+                                                                 ("down", (64, 96)))]
+            continue
+        ts += [T(p + "mlp.gate.weight", (4, 64), role="vector"),
+               T(p + "mlp.gate.e_score_correction_bias", (4,), "F32", role="vector")]
+        ts += [T(p + f"mlp.shared_experts.{k}_proj.weight", s, shard=1)
+               for k, s in (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32)))]
+        ts += [T(p + f"mlp.experts.{e}.{k}_proj", s, role="int4", shard=1)
+               for e in range(4) for k, s in (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32)))]
+    name = "kimi_k2_thinking" + (f"_bf16_{dense_side}" if dense_side else "")
+    return Fixture(name, cfg, ts, shards=2, dense_side=dense_side)
+
+
+def kimi_k2_thinking_bf16_ft() -> Fixture:
+    return kimi_k2_thinking("ft")
+
+
+def kimi_k2_thinking_bf16_base() -> Fixture:
+    return kimi_k2_thinking("base")
 
 
 def build(name: str) -> Fixture:
@@ -227,15 +288,10 @@ def _stored(t: T, w: torch.Tensor) -> dict[str, torch.Tensor]:
     if t.role == "mxfp4":
         blocks, scales = mxfp4.quantize(w.float())
         return {t.name + "_blocks": blocks, t.name + "_scales": scales}
-    if t.role == "int4":  # compressed-tensors pack-quantized, group 32, symmetric
-        m, n = t.shape
-        q = torch.clamp(torch.round(w.float() / 0.004), -8, 7).to(torch.int32) & 0xF
-        packed = torch.zeros(m, n // 8, dtype=torch.int32)
-        for k in range(8):
-            packed |= q[:, k::8] << (4 * k)
-        return {t.name + ".weight_packed": packed, t.name + ".weight_scale":
-                torch.full((m, n // 32), 0.004, dtype=torch.bfloat16),
-                t.name + ".weight_shape": torch.tensor([m, n], dtype=torch.int32)}
+    if t.role == "int4":  # compressed-tensors pack-quantized, int4 symmetric group 32, BF16 scales
+        packed, scale, _ = packed_int.quantize(w.float(), KIMI_SCHEME, torch.bfloat16)
+        return {t.name + ".weight_packed": packed, t.name + ".weight_scale": scale,
+                t.name + ".weight_shape": torch.tensor(list(t.shape), dtype=torch.int64)}
     return {t.name: w.to(DTYPES[t.dtype])}
 
 
@@ -256,17 +312,21 @@ def write_pair(name: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
         for role, w in (("base", w0), ("ft", w1)):
             if role == "ft" and t.base_only:
                 continue
-            stored = _stored(t, w)
+            stored = {t.name + ".weight": w.to(torch.bfloat16)} if t.role == "int4" and role == fx.dense_side \
+                else _stored(t, w)
             if role == "base" and t.base_name:
                 stored = {t.base_name + k[len(t.name):]: v for k, v in stored.items()}
             for k, v in stored.items():  # a weight's block scales can live in the other shard
-                shard = (t.shard + 1) % fx.shards if k.endswith("_scale_inv") and "kv_a_proj" in k else t.shard
+                other = (k.endswith("_scale_inv") and "kv_a_proj" in k) or (k.endswith("weight_scale")
+                                                                            and ".experts.1.down" in k)
+                shard = (t.shard + 1) % fx.shards if other else t.shard
                 stores[role][shard][k] = v
     paths = []
     for role in ("base", "ft"):
         d = root / role
         d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps(fx.config, indent=2))
+        config = {k: v for k, v in fx.config.items() if not (role == fx.dense_side and k == "quantization_config")}
+        (d / "config.json").write_text(json.dumps(config, indent=2))
         if fx.shards == 1:
             save_file(stores[role][0], str(d / "model.safetensors"), metadata={"format": "pt"})
         else:

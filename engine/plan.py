@@ -9,6 +9,10 @@ Kinds (SPEC.md §2–3):
   its scale tensor (`fp8_scale`) is rewritten by the same unit.
 - `mxfp4`: an MXFP4 weight (`*_blocks` U8 + `*_scales` U8, gpt-oss), dequantised, repaired per expert
   (gate/up halves split as its fused layout says), re-quantised; its scales (`mxfp4_scales`) go with it.
+- `packed_int`: a compressed-tensors `pack-quantized` weight (`X.weight_packed`), dequantised with the scheme
+  config.json declares, repaired, re-quantised; its `weight_scale` / `weight_zero_point` / `weight_shape`
+  (`packed_aux`) go with it (ADR 0010). A dense fine-tune of a packed base is an `svd` entry whose base is
+  dequantised.
 - `dequant`: a quantized weight that is not repaired but written as BF16 (`--out-dtype bf16`).
 - `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only, packed INT4
   with `--packed-int4 passthrough`).
@@ -45,9 +49,10 @@ from .quantized import (
     is_int4_family,
     to_bf16,
 )
+from .quantized_int import PackedModule, classify_packed, compressed_config, packed_base
 from .safetensors_format import DTYPE_BITS, FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 
-REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8", "mxfp4")
+REPAIR_KINDS = ("svd", "conv", "experts", "experts_fused", "fp8", "mxfp4", "packed_int")
 QUANTIZED_DTYPES = tuple(d for d in DTYPE_BITS if d.startswith(("F8_", "F6_")) or d == "F4")
 QUANTIZED_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "_blocks", "_scales", "weight_zero_point")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
@@ -78,6 +83,8 @@ class PlanEntry:
     out_dtype: str | None = None  # written in another dtype (--out-dtype bf16)
     out_shape: tuple[int, ...] | None = None  # written in another shape (MXFP4 -> BF16)
     dropped: bool = False  # not written at all (the scales of a weight written as BF16)
+    packed: PackedModule | None = None  # the fine-tune stores it compressed-tensors pack-quantized
+    base_packed: PackedModule | None = None  # the base does (dequantised with its own scales)
 
     @property
     def written(self) -> tuple[str, str, tuple[int, ...]]:
@@ -93,7 +100,7 @@ class PlanEntry:
         """How the (dequantised) tensor splits into matrices, as engine/layouts.py names it."""
         if self.kind == "mxfp4":
             return "experts_fused" if self.layout else ("experts" if len(self.ft.shape) == 4 else "svd")
-        if self.kind == "fp8":
+        if self.kind in ("fp8", "packed_int"):
             return "svd"
         return self.kind
 
@@ -178,7 +185,18 @@ class Plan:
             "base_only": self.base_only,
             "shape_mismatches": self.shape_mismatches,
             "refused": [{"tensor": e.name, "shard": e.shard, "reason": e.reason} for e in self.refused],
+            "packed_schemes": self.packed_schemes(),
         }
+
+    def packed_schemes(self) -> list[dict[str, Any]]:
+        """compressed-tensors config groups in use, per side: scheme and how many packed weights use it."""
+        seen: Counter[tuple[str, str, str]] = Counter()
+        for e in self.entries:
+            for side, mod in (("fine-tune", e.packed), ("base", e.base_packed)):
+                if mod is not None:
+                    seen[(side, mod.group, mod.scheme.describe())] += 1
+        return [{"side": side, "group": group, "scheme": scheme, "tensors": n}
+                for (side, group, scheme), n in sorted(seen.items())]
 
 
 def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
@@ -191,6 +209,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     base_names.update({n: n for n in base.locations if canonical(n) == n})  # exact names win a collision
     used: set[str] = set()
     model_type, ue8m0 = ft.model_type, ft.scale_fmt == "ue8m0"  # config.json, read once
+    ccs = (compressed_config(ft), compressed_config(base))
     for shard_name, header in sorted(ft.shards.items()):
         shift = len(output_prefix(header)) - header.data_start
         for t in sorted(header.tensors.values(), key=lambda e: e.begin):
@@ -209,17 +228,14 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
             if base_name:
                 used.add(base_name)
             kind, reason, mshape, count = _classify(t, b, cfg, mask.selects(t.name), rules)
-            companion = base_companion = None
+            companion = base_companion = pc = None
             layout = None
             if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
                 kind, reason, mshape, count, companion, base_companion = classify_fp8(
                     t, b, base_name, ft, base, cfg, mask.selects(t.name))
             elif is_int4_family(t.name, ft):
-                kind, reason = (("passthrough", "packed INT4 (compressed-tensors), copied verbatim (--packed-int4 "
-                                 "passthrough); never repaired") if cfg.packed_int4 == "passthrough" else
-                                ("refuse", "packed INT4 (compressed-tensors weight_packed) cannot be repaired by this "
-                                 "version; pass --packed-int4 passthrough to copy the fine-tune's tensors verbatim, "
-                                 "or dequantize both checkpoints to BF16 first"))
+                pc = classify_packed(t, base_name if b is not None else None, ft, base,
+                                     cfg.packed_int4 == "passthrough", cfg.min_numel, mask.selects(t.name), ccs)
             elif t.name.endswith((MX_BLOCKS, MX_SCALES)):
                 kind, reason, mshape, count, companion, base_companion, layout = classify_mxfp4(
                     t, b, base_name, ft, base, cfg, mask.selects(t.name))
@@ -227,6 +243,17 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                 kind, reason, mshape, count, base_companion = fp8_base(
                     t, b, base_name, base, _classify(t, dataclasses.replace(b, dtype="F32"), cfg,
                                                      mask.selects(t.name), rules))
+            if pc is None and b is None and not is_int4_family(t.name, ft):  # a dense fine-tune of a packed base
+                sel = mask.selects(t.name)
+                pc = packed_base(t, base, ccs[1], lambda stand_in, t=t, sel=sel: _classify(t, stand_in, cfg, sel,
+                                                                                             rules))
+            if pc is not None:
+                kind, reason, mshape, count = pc.kind, pc.reason, pc.matrix_shape, pc.count
+                companion, base_companion = pc.companion, pc.base_companion
+                if pc.base_name is not None:
+                    base_name, b = pc.base_name, base.entry(pc.base_name)[1]
+                    base_shard = base.locations[base_name]
+                    used.update({base_name, *(pc.base_packed.names if pc.base_packed else ())})
             if kind == "experts_fused":
                 layout, assumed = fused_layout_for(cfg.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)
@@ -248,11 +275,13 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                      resized_rows=resized if kind == "svd" else None, companion=companion,
                                      base_companion=base_companion,
                                      base_scale=base.entry(base_companion)[1] if base_companion else None,
-                                     power_of_two_scales=ue8m0))
+                                     power_of_two_scales=ue8m0, packed=pc.packed if pc else None,
+                                     base_packed=pc.base_packed if pc else None))
     if cfg.out_dtype == "bf16":
         entries = [to_bf16(e) for e in entries]
-    rewritten = {e.name for e in entries if e.kind in ("fp8", "mxfp4", "dequant")}
-    entries = [dataclasses.replace(e, kind="passthrough", reason=f"block scales of {e.companion}, kept with it")
+    rewritten = {e.name for e in entries if e.kind in ("fp8", "mxfp4", "dequant", "packed_int")}
+    entries = [dataclasses.replace(e, kind="passthrough", reason=f"{_companion_word(e.kind)} of {e.companion}, kept "
+                                   "with it")
                if e.kind in SCALE_KINDS and e.companion not in rewritten else e for e in entries]
     base_only = sorted(set(base.locations) - used - {e.base_companion for e in entries if e.base_companion})
     entries, out_shards, changed = output_layout(entries, ft)
@@ -262,6 +291,10 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                 config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()},
                 out_shards=out_shards, layout_changed=changed,
                 drop_quantization_config=cfg.out_dtype == "bf16" and changed and not quantized_left)
+
+
+def _companion_word(kind: str) -> str:
+    return "companion" if kind == "packed_aux" else "block scales"
 
 
 def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:

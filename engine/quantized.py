@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING
 from .checkpoint import Checkpoint
 from .config import RepairConfig
 from .layouts import FUSED_GATE_UP, fused_matrix_shape
+from .quantized_int import FAMILY, PACKED
 from .safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry
 
 if TYPE_CHECKING:
     from .plan import PlanEntry
 
-SCALE_KINDS = ("fp8_scale", "mxfp4_scales")  # rewritten (or dropped) by their weight's unit
+SCALE_KINDS = ("fp8_scale", "mxfp4_scales", "packed_aux")  # rewritten (or dropped) by their weight's unit
 FP8_SCALE = "_scale_inv"
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
-INT4_PACKED = "weight_packed"
-INT4_FAMILY = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+INT4_PACKED, INT4_FAMILY = PACKED, FAMILY  # compressed-tensors packed families (engine/quantized_int.py)
 
 
 def classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, ft: Checkpoint, base: Checkpoint,
@@ -139,6 +139,12 @@ def to_bf16(e: PlanEntry) -> PlanEntry:
         return dataclasses.replace(e, dropped=True, kind=e.kind if e.kind in SCALE_KINDS else
                                    ("fp8_scale" if e.name.endswith(FP8_SCALE) else "mxfp4_scales"),
                                    reason=f"scales of {e.companion}, dropped: the weight is written as BF16")
+    if e.packed is not None and e.kind in ("packed_int", "passthrough"):  # compressed-tensors -> `X.weight`
+        kind, reason = ("dequant", f"{e.reason}; dequantised, not repaired") if e.kind == "passthrough" else \
+            (e.kind, e.reason)
+        return dataclasses.replace(e, kind=kind, out_dtype="BF16", out_shape=e.packed.shape,
+                                   out_name=e.packed.dense_name, reason=f"{reason}; written as BF16 "
+                                   f"{e.packed.dense_name} {list(e.packed.shape)}")
     is_fp8 = e.ft.dtype == "F8_E4M3" and e.companion is not None
     is_mx = e.name.endswith(MX_BLOCKS) and e.companion is not None
     if not (is_fp8 or is_mx) or e.kind == "refuse":

@@ -54,7 +54,8 @@ class EntryJob:
     base_file: Path | None
     ft_file: Path
     out_file: Path
-    base_scale_file: Path | None = None  # fp8: where the base's block scales live
+    base_scale_file: Path | None = None  # fp8 / packed: where the base's scales live
+    base_zero_point_file: Path | None = None  # packed asymmetric base: where its weight_zero_point lives
 
 
 def matrix_key(name: str, kind: str, index: int) -> str:
@@ -70,16 +71,31 @@ def execute_unit(jobs: list[EntryJob], settings: StepSettings) -> list:
     if settings.mode == "calibrate":
         return calibrate_unit(jobs, settings)
     rows: list[ManifestRow] = []
-    scales = {j.entry.companion: j for j in jobs if j.entry.kind in SCALE_KINDS}
+    scales = companions(jobs)
+    packed = [j for j in jobs if j.entry.packed is not None and j.entry.kind in ("packed_int", "dequant")]
+    if packed:
+        from .packed_step import repair_packed  # imports this module's helpers
+
+        rows.extend(repair_packed(packed, scales, settings))
     for job in jobs:
-        if job.entry.kind in QUANTIZED_KINDS:
-            rows.extend(_repair_quantized(job, scales[job.entry.name], settings))
-        elif job.entry.kind not in REPAIR_KINDS and job.entry.kind not in SCALE_KINDS:
+        if job.entry.kind in QUANTIZED_KINDS and job.entry.packed is None:
+            rows.extend(_repair_quantized(job, scales[job.entry.name][0], settings))
+        elif job.entry.kind not in REPAIR_KINDS and job.entry.kind not in SCALE_KINDS + QUANTIZED_KINDS:
             rows.extend(_copy_entry(job, settings))
-    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind not in QUANTIZED_KINDS]
+    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind not in QUANTIZED_KINDS
+               and j.entry.kind != "packed_int"]
     if repairs:
         rows.extend(_repair_entries(repairs, settings))
     return rows
+
+
+def companions(jobs: list[EntryJob]) -> dict[str, list[EntryJob]]:
+    """Weight name -> the unit's jobs of its scale-like companions (written by the weight's step)."""
+    out: dict[str, list[EntryJob]] = {}
+    for j in jobs:
+        if j.entry.kind in SCALE_KINDS and j.entry.companion is not None:
+            out.setdefault(j.entry.companion, []).append(j)
+    return out
 
 
 def _dequantize(entry: PlanEntry, path: Path, tensor: TensorEntry, scale_path: Path,
@@ -251,7 +267,11 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     rows_kept = e.repair_shape[0]
     extra = ft_t[rows_kept:].clone()  # new vocabulary rows (empty unless resized)
     delta = to_matrices(ft_t[:rows_kept].to(torch.float32), e.kind, e.matrix_shape, e.layout)
-    if e.base_scale is not None:  # a block-FP8 base of a dense fine-tune
+    if e.base_packed is not None:  # a compressed-tensors packed base of a dense fine-tune
+        from .packed_step import base_values
+
+        b_t = base_values(job)
+    elif e.base_scale is not None:  # a block-FP8 base of a dense fine-tune
         assert job.base_scale_file is not None
         b_t = _dequantize(e, job.base_file, e.base, job.base_scale_file, e.base_scale)
     else:
@@ -262,13 +282,18 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return delta.sub_(base32), base32, extra
 
 
-def delta_matrices(job: EntryJob, scale_job: EntryJob | None = None) -> tuple[torch.Tensor, str]:
+def delta_matrices(job: EntryJob, aux: list[EntryJob] | None = None) -> tuple[torch.Tensor, str]:
     """Δ of a repair entry as float32 matrices, read exactly as the repair reads it (reshape, layout,
-    FP8/MXFP4 dequantisation with each side's own scales), and the batch kind naming its matrices."""
+    FP8/MXFP4/packed dequantisation with each side's own scales), and the batch kind naming its matrices.
+    `aux` are the jobs of its scale-like companions."""
     e = job.entry
+    if e.kind == "packed_int":
+        from .packed_step import packed_matrices
+
+        return packed_matrices(job, aux or []), e.batch_kind
     if e.kind in QUANTIZED_KINDS:
-        assert scale_job is not None
-        _, mats1, mats0 = _quantized_matrices(job, scale_job)
+        assert aux
+        _, mats1, mats0 = _quantized_matrices(job, aux[0])
         assert mats1 is not None and mats0 is not None
         return mats1.sub_(mats0), e.batch_kind
     return _load_delta(job)[0], e.kind
@@ -277,7 +302,7 @@ def delta_matrices(job: EntryJob, scale_job: EntryJob | None = None) -> tuple[to
 def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[CalibrationRow]:
     """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method)."""
     method = settings.method
-    scales = {j.entry.companion: j for j in jobs if j.entry.kind in SCALE_KINDS}
+    scales = companions(jobs)
     out: list[CalibrationRow] = []
     for job in jobs:
         e = job.entry

@@ -201,12 +201,16 @@ def _num(x: float | None) -> str:
 
 def _class_blocks(classes: list[report_stats.ClassStats]) -> list[Block]:
     rows = [[c.layer_class, str(c.matrices), _num(c.mean_noise), _num(c.norm_share), _num(c.noise_mass),
-             f"{_count(c.mean_rank_kept)} / {_count(c.mean_rank_total)}", _num(c.rho)] for c in classes]
+             f"{_count(c.mean_rank_kept)} / {_count(c.mean_rank_total)}", _num(c.rho), _num(c.max_requant_error)]
+            for c in classes]
     return [("h", 2, "Noise by layer class (paper App. I.1)"),
             ("p", "Mean noise-energy fraction: share of Σs² at or below the Marchenko–Pastur edge, averaged over "
                   "the class's matrices with Δ ≠ 0. Norm share: the class's Σ‖Δ‖²_F over the run's. Noise mass: "
-                  "their product. ρ: sqrt(Σ‖Δ*‖² / Σ‖Δ‖²) over the class."),
-            ("table", ["class", "matrices", "mean noise", "norm share", "noise mass", "kept / p (mean)", "ρ"], rows)]
+                  "their product. ρ: sqrt(Σ‖Δ*‖² / Σ‖Δ‖²) over the class. Requant err: the largest "
+                  "‖written − W*‖_F / ‖W*‖_F of the class's quantized (FP8, MXFP4, packed INT) or BF16-converted "
+                  "weights; empty for dense ones."),
+            ("table", ["class", "matrices", "mean noise", "norm share", "noise mass", "kept / p (mean)", "ρ",
+                       "requant err (max)"], rows)]
 
 
 def _spectra(out: Path, summary: dict[str, Any], rows: list[manifest.ManifestRow], tensors: list[str] | None,

@@ -20,7 +20,7 @@ from ..kernels.threshold import SpectralRule, SpectralStats, ThresholdParams, th
 from .config import RepairConfig
 from .errors import InputError
 from .layouts import row_identity
-from .plan import REPAIR_KINDS, PlanEntry
+from .plan import REPAIR_KINDS, SCALE_KINDS, PlanEntry
 from .repair_step import delta_matrices
 from .runner import Inputs, entry_job, load_inputs
 
@@ -80,8 +80,8 @@ def spectral_rule(inp: Inputs, summary: dict | None) -> SpectralRule:
 def entry_spectra(inp: Inputs, entry: PlanEntry, limit: int, summary: dict | None = None) -> list[Spectrum]:
     """Spectra of the first `limit` matrices of an entry (stacks hold one per expert and half)."""
     assert entry.matrix_shape is not None
-    scale = next((e for e in inp.plan.entries if e.name == entry.companion), None) if entry.companion else None
-    mats, kind = delta_matrices(entry_job(inp, entry), entry_job(inp, scale) if scale else None)
+    aux = [entry_job(inp, e) for e in inp.plan.entries if e.companion == entry.name and e.kind in SCALE_KINDS]
+    mats, kind = delta_matrices(entry_job(inp, entry), aux)
     params = spectral_rule(inp, summary)
     out = []
     for i in range(min(limit, mats.shape[0])):

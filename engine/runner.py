@@ -72,7 +72,9 @@ def entry_job(inp: Inputs, e: PlanEntry) -> EntryJob:
     """The files an entry reads and the partial shard it writes."""
     return EntryJob(e, inp.base.entry(e.base_name)[0] if e.base is not None and e.base_name else None,
                     inp.ft.entry(e.name)[0], output.partial_path(inp.out, e.shard),
-                    inp.base.entry(e.base_companion)[0] if e.base_companion else None)
+                    inp.base.entry(e.base_companion)[0] if e.base_companion else None,
+                    inp.base.entry(e.base_packed.zero_point.name)[0]
+                    if e.base_packed is not None and e.base_packed.zero_point is not None else None)
 
 
 def verified_done(inp: Inputs) -> set[str]:
@@ -90,12 +92,17 @@ def verified_done(inp: Inputs) -> set[str]:
         ranges = {(r.byte_begin, r.byte_end): r.sha256 for r in rows if r is not None}  # fused halves share one
         if all(sha256_range(where, lo, hi) == digest for (lo, hi), digest in ranges.items() if hi > lo):
             done.add(entry.name)
-    # A quantized weight and its scales are written together, so they are done (or redone) together.
-    for entry in inp.plan.entries:
-        if entry.companion is not None and entry.kind in QUANTIZED_KINDS + SCALE_KINDS \
-                and not {entry.name, entry.companion} <= done:
-            done.discard(entry.name)
-            done.discard(entry.companion)
+    # A quantized weight and its scales are written together, so they are done (or redone) together; a packed
+    # weight has several companions, so this runs until nothing changes.
+    pairs = [(e.name, e.companion) for e in inp.plan.entries
+             if e.companion is not None and e.kind in QUANTIZED_KINDS + SCALE_KINDS + ("packed_int",)]
+    changed = True
+    while changed:
+        changed = False
+        for pair in pairs:
+            if not set(pair) <= done and set(pair) & done:
+                done.difference_update(pair)
+                changed = True
     return done
 
 
@@ -267,6 +274,7 @@ class CalibrationPhase:
         have = calibration.read_rows(self.meta, self.calib_id)
         todo = {e.name for e in entries if any(k not in have for k in expected_keys(e))}
         todo |= {e.companion for e in entries if e.companion and e.name in todo}  # quantized scales travel along
+        todo |= {e.name for e in session.inp.plan.entries if e.kind in SCALE_KINDS and e.companion in todo}
         self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], session.cfg.batch_mb << 20)
         self.pending: list[calibration.CalibrationRow] = []
         self.say = session.say

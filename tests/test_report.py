@@ -96,8 +96,9 @@ def test_report_numbers_match_the_manifest(run):
     rows = markdown_table(text, "## Noise by layer class")
     expected = expected_class_table(out)
     assert {r[0] for r in rows} == set(expected) and len(rows) == len(expected) == 10
-    for cls, n, noise, share, mass, _kept, rho in rows:
+    for cls, n, noise, share, mass, _kept, rho, requant in rows:
         e = expected[cls]
+        assert requant == "", cls  # a dense pair has no re-quantised weight
         assert int(n) == e[0], cls
         for got, want in zip((noise, share, mass, rho), e[1:], strict=True):
             assert float(got) == pytest.approx(want, abs=5e-5), cls  # printed to 4 decimals
