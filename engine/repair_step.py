@@ -103,9 +103,8 @@ def _repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings
     w_star = w1
     if mats1 is not None and mats0 is not None:
         keys = [matrix_key(e.name, e.batch_kind, i) for i in range(mats1.shape[0])]
-        written = e.out_dtype or ("MXFP4" if e.is_mxfp4 else "FP8")
         d_star, stats = apply_method(settings.method, mats1 - mats0, keys, settings.kernel,
-                                     device=settings.device, threads=settings.threads, out_dtype=written,
+                                     device=settings.device, threads=settings.threads, out_dtype=policy_out_dtype(e),
                                      fp64_rate=settings.fp64_rate)
         mats = d_star.add_(mats0)
         for i, st in enumerate(stats):
@@ -245,9 +244,16 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
     return rows
 
 
+def policy_out_dtype(e: PlanEntry) -> str:
+    """The output dtype the precision policy sees for an entry (a kept FP8/MXFP4 layout by its format)."""
+    if e.kind in QUANTIZED_KINDS and e.out_dtype is None:
+        return "MXFP4" if e.is_mxfp4 else "FP8"
+    return e.written[1]
+
+
 def batch_out_dtype(jobs: list[EntryJob]) -> str:
     """The output dtype the precision policy sees for a batch: the most precise one stored in it."""
-    dtypes = {j.entry.written[1] for j in jobs}
+    dtypes = {policy_out_dtype(j.entry) for j in jobs}
     return next(iter(dtypes)) if len(dtypes) == 1 else max(dtypes, key=lambda d: DTYPE_BITS.get(d, 32))
 
 

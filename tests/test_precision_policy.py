@@ -141,3 +141,36 @@ def test_out_of_memory_on_the_cpu_at_the_smallest_block_is_raised(monkeypatch):
     monkeypatch.setattr(linalg, "gram", always)
     with pytest.raises(torch.OutOfMemoryError):
         repair_batch(torch.randn(1, 80, 60), ThresholdParams(), "gram64")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_resident_feed_matches_the_cpu_ranks_and_reference():
+    rng = np.random.default_rng(6)
+    mats = np.stack([reference.spiked(700, 300, rank=6, rng=rng) for _ in range(4)]).astype(np.float32)
+    got, stats = repair_batch(torch.from_numpy(mats), ThresholdParams(), "auto", device="cuda", out_dtype="BF16")
+    for i, st in enumerate(stats):
+        want, r_want, _ = reference.dg_hard(mats[i])
+        assert st.rank_kept == r_want and "out of memory" not in st.precision
+        tol = 1e-6 if st.backend == "gram64" else 1e-3
+        assert np.linalg.norm(got[i].numpy() - want) / np.linalg.norm(want) <= tol
+    assert got.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_out_of_memory_finishes_the_matrix(monkeypatch):
+    real = linalg.gram
+    calls = []
+
+    def flaky(work, dtype, device, chunk_elems, lapack=None):
+        calls.append(torch.device(device).type)
+        if torch.device(device).type == "cuda":
+            raise torch.OutOfMemoryError("injected")
+        return real(work, dtype, device, chunk_elems, lapack)
+    monkeypatch.setattr(linalg, "gram", flaky)
+    rng = np.random.default_rng(7)
+    delta = reference.spiked(300, 200, rank=4, rng=rng).astype(np.float32)
+    want, r_want, _ = reference.dg_hard(delta)
+    got, (st,) = repair_batch(torch.from_numpy(delta)[None], ThresholdParams(), "gram64", device="cuda")
+    assert calls[-1] == "cpu" and st.rank_kept == r_want and "finished on the CPU" in st.precision
