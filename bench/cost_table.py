@@ -12,24 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 from pathlib import Path
-
-import torch
 
 from dgrepair.kernels.spectral import repair_batch
 from dgrepair.kernels.threshold import ThresholdParams
 
 SHAPES = ((256, 2048), (2048, 2048), (5632, 2048), (2048, 5632), (7168, 2048), (2048, 7168), (32000, 2048))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import spiked  # noqa: E402  (bench/kernels.py: the same test matrices as the kernel table)
+
 TABLE = Path(__file__).resolve().parents[1] / "engine" / "cost_table.py"
-
-
-def spiked(m: int, n: int, rank: int = 24) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    u = torch.linalg.qr(torch.randn(m, rank, generator=g))[0]
-    v = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
-    s = torch.linspace(12, 3, rank) * 1e-3 * max(m, n) ** 0.5
-    return (u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=g)
 
 
 def main() -> None:
