@@ -76,11 +76,16 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def timed_run(cmd: list[str], log: Path) -> tuple[float, float, float]:
+def timed_run(cmd: list[str], log: Path, limit: float) -> tuple[float, float, float]:
+    """(wall, load before, load after); a run past `limit` is stopped and counts as `inf` (the ratio
+    of that round is then a lower bound, printed as such)."""
     before = load1()
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        try:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            return float("inf"), before, load1()
     wall = time.perf_counter() - t0
     if rc != 0:
         sys.exit(f"command failed ({rc}): {' '.join(cmd)}; see {log}")
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default="bench/_work")
     ap.add_argument("--no-profile", action="store_true", help="skip the timed in-process breakdown")
+    ap.add_argument("--profile-only", action="store_true", help="only the breakdown (no rounds)")
+    ap.add_argument("--run-timeout", type=float, default=3600.0, help="stop a run after this many seconds")
     ap.add_argument("--dgrepair-args", default="", help="extra arguments for dgrepair repair (quoted)")
     args = ap.parse_args()
 
@@ -119,15 +126,29 @@ def main() -> None:
                 "--out", str(work / "out-dgrepair"), "--no-progress", "--force", *args.dgrepair_args.split()]
     paper_cmd = [args.dghard, "repair", "--base", str(base), "--ft", str(ft), "--out", str(work / "out-dghard"),
                  "--report", str(work / "dghard-report.json")]
+    if not args.profile_only:
+        compare(args, work, ours_cmd, paper_cmd)
+    if args.no_profile:
+        return
+    profile(work, base, ft)
+
+
+def compare(args: argparse.Namespace, work: Path, ours_cmd: list[str], paper_cmd: list[str]) -> None:
+    """Alternating rounds, the median ratio and the kept-rank comparison."""
     ours, paper = [], []
     for k in range(args.rounds):
         order = [("dgrepair", ours_cmd, ours), ("dghard", paper_cmd, paper)]
         for name, cmd, sink in (order if k % 2 == 0 else order[::-1]):
             shutil.rmtree(work / f"out-{name}", ignore_errors=True)
-            wall, before, after = timed_run(cmd, work / f"{name}-{k}.log")
+            wall, before, after = timed_run(cmd, work / f"{name}-{k}.log", args.run_timeout)
             sink.append(wall)
-            print(f"round {k + 1} {name:<8} {wall:7.1f} s   load {before:.2f} -> {after:.2f}", flush=True)
+            shown = f"{wall:7.1f} s" if wall < float("inf") else f"> {args.run_timeout:.0f} s (stopped)"
+            print(f"round {k + 1} {name:<8} {shown}   load {before:.2f} -> {after:.2f}", flush=True)
     ratios = [p / o for o, p in zip(ours, paper, strict=True)]
+    if any(r == float("inf") for r in ratios):
+        print(f"a run was stopped at {args.run_timeout:.0f} s: the ratio is at least "
+              f"{args.run_timeout / max(ours):.2f}x; no rank comparison")
+        return
     print(f"median dgrepair {statistics.median(ours):.1f} s, dghard {statistics.median(paper):.1f} s; "
           f"ratio per round {', '.join(f'{r:.2f}' for r in ratios)}; median ratio {statistics.median(ratios):.2f}x")
     mine, theirs = dgrepair_ranks(work / "out-dgrepair"), dghard_ranks(work / "dghard-report.json")
@@ -136,8 +157,10 @@ def main() -> None:
     print(f"kept ranks: {len(common)} matrices compared, {len(differ)} differ; total kept "
           f"dgrepair {sum(mine[n] for n in common)}, dghard {sum(theirs[n] for n in common)}"
           + (f"; e.g. {differ[0]}: {mine[differ[0]]} vs {theirs[differ[0]]}" if differ else ""))
-    if args.no_profile:
-        return
+
+
+def profile(work: Path, base: Path, ft: Path) -> None:
+    """Ray start-up alone, then one timed in-process run with one thread."""
     ray_s = float(subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True,
                                  check=True).stdout.strip().splitlines()[-1])
     out = work / "out-profile"
