@@ -36,9 +36,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--workdir", default="bench/_work")
+    ap.add_argument("--pair", help="the pair's directory (base/, ft/; default WORKDIR/tinyllama_L<layers>)")
+    ap.add_argument("--reuse", action="store_true", help="keep an out-<kernel> that already has summary.json")
     ap.add_argument("--extra", default="", help="extra dgrepair repair arguments (quoted), e.g. '--in-process'")
     args = ap.parse_args()
-    work = Path(args.workdir) / f"tinyllama_L{args.layers}"
+    work = Path(args.pair) if args.pair else Path(args.workdir) / f"tinyllama_L{args.layers}"
     if not (work / "ft" / "config.json").exists():
         t0 = time.perf_counter()
         write_pair(work, tinyllama_spec(args.layers))
@@ -46,13 +48,16 @@ def main() -> None:
     rows = {}
     for kernel in ("auto", "gram64"):
         out = work / f"out-{kernel}"
-        shutil.rmtree(out, ignore_errors=True)
-        before, t0 = os.getloadavg()[0], time.perf_counter()
-        subprocess.run([sys.executable, "-m", "dgrepair", "repair", "--base", str(work / "base"), "--ft",
-                        str(work / "ft"), "--out", str(out), "--kernel", kernel, "--no-progress",
-                        *args.extra.split()], check=True, stdout=subprocess.DEVNULL)
-        print(f"--kernel {kernel}: {time.perf_counter() - t0:.1f} s (load {before:.2f} -> {os.getloadavg()[0]:.2f})",
-              flush=True)
+        if args.reuse and (out / "dgrepair" / "summary.json").is_file():
+            print(f"--kernel {kernel}: reusing {out}", flush=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            before, t0 = os.getloadavg()[0], time.perf_counter()
+            subprocess.run([sys.executable, "-m", "dgrepair", "repair", "--base", str(work / "base"), "--ft",
+                            str(work / "ft"), "--out", str(out), "--kernel", kernel, "--no-progress",
+                            *args.extra.split()], check=True, stdout=subprocess.DEVNULL)
+            print(f"--kernel {kernel}: {time.perf_counter() - t0:.1f} s (load {before:.2f} -> "
+                  f"{os.getloadavg()[0]:.2f})", flush=True)
         rows[kernel] = {(r["tensor"], r["expert"], r["part"]): r
                         for r in pq.read_table(out / "dgrepair" / "manifest.parquet").to_pylist()}
     auto, f64 = rows["auto"], rows["gram64"]

@@ -61,7 +61,7 @@ print(json.dumps({"total": total, **spent}))
 RAY_START = r"""
 import time, ray
 t0 = time.perf_counter()
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 @ray.remote
 class A:
     def ping(self):
@@ -161,8 +161,8 @@ def compare(args: argparse.Namespace, work: Path, ours_cmd: list[str], paper_cmd
 
 def profile(work: Path, base: Path, ft: Path) -> None:
     """Ray start-up alone, then one timed in-process run with one thread."""
-    ray_s = float(subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True,
-                                 check=True).stdout.strip().splitlines()[-1])
+    started = subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True)
+    ray_s = float(started.stdout.strip().splitlines()[-1]) if started.returncode == 0 else float("nan")
     out = work / "out-profile"
     shutil.rmtree(out, ignore_errors=True)
     before = load1()
@@ -171,7 +171,8 @@ def profile(work: Path, base: Path, ft: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     total = prof.pop("total")
     rest = total - sum(prof.values())
-    print(f"Ray start-up + one actor + shutdown: {ray_s:.1f} s")
+    print(f"Ray start-up + one actor + shutdown: {ray_s:.1f} s" if ray_s == ray_s else
+          f"Ray start-up failed on this machine: {started.stderr.strip().splitlines()[-1:]}")
     print(f"in-process, 1 thread: {total:.1f} s (load {before:.2f} -> {load1():.2f}); "
           + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in prof.items())
           + f", rest {rest:.1f} s ({rest / total:.0%})")

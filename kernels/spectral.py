@@ -190,7 +190,9 @@ class _DeviceFeed:
         self._start(i)
         moved, sync = self.pending.pop(i)
         if sync is not None:
-            torch.cuda.current_stream(self.dev).wait_event(sync[0])
+            current = torch.cuda.current_stream(self.dev)
+            current.wait_event(sync[0])
+            moved.record_stream(current)  # allocated on the copy stream, used and freed on this one
         self._start(i + 1)
         return moved
 
