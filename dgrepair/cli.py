@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(plan, only=("base", "ft", "method", "scale", "alpha", "keep_ratio", "ties_lambda",
                                     "drop_prob", "dare_rescale", "seed", "rank", "min_numel", "mask", "include",
                                     "exclude", "median", "kernel", "fused_layout", "out_dtype", "packed_int4",
-                                    "treat_as"))
+                                    "treat_as", "fp64_rate", "device"))
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--estimate", metavar="NxTYPE", help="project wall time and peak memory on a cluster: N "
+                      "GPUs (a100, h100, h200, b200, l4, a10, l40s) or N CPU workers (cpu), e.g. 8xh100, 32xcpu")
+    plan.add_argument("--io-gbps", type=float, default=1.0, help="with --estimate: aggregate read+write rate of "
+                      "the shared storage in GB/s (default 1.0)")
     plan.add_argument("--tensors", action="store_true", help="list every tensor with its kind and reason")
     plan.set_defaults(func=cmd_plan)
 
@@ -163,6 +167,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     inp = load_inputs(cfg, need_out=False)
     summary = inp.plan.summary()
+    summary["precision"] = _precision(inp.plan.entries, cfg)
+    if args.estimate:
+        from .engine.estimate import estimate, parse_cluster, plan_work
+
+        work, io, largest = plan_work(inp.plan.entries)
+        summary["estimate"] = estimate(work, io, largest, parse_cluster(args.estimate), args.io_gbps, cfg.kernel)
     entries = [{"tensor": e.name, "kind": e.kind, "reason": e.reason, "shape": list(e.ft.shape),
                 "dtype": e.ft.dtype, "shard": e.shard, "written": _written(e)} for e in inp.plan.entries]
     if args.json:
@@ -170,6 +180,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         _print_plan(summary, entries if args.tensors else None)
     return 0 if not (summary["shape_mismatches"] or summary["refused"]) else 2
+
+
+def _precision(entries, cfg) -> dict[str, str]:
+    """Output dtype -> the precision policy's decision on this machine's device (ADR 0011)."""
+    from .engine.plan import REPAIR_KINDS
+    from .engine.repair_step import policy_out_dtype
+    from .kernels.spectral import precision_policy, resolve_device
+
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    dtypes = sorted({policy_out_dtype(e) for e in entries if e.kind in REPAIR_KINDS})
+    return {d: "{}: {}".format(*precision_policy(cfg.kernel, d, device, cfg.fp64_rate)) + f" (on {device})"
+            for d in dtypes}
 
 
 def _written(e) -> dict[str, Any] | None:
@@ -189,6 +214,8 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
     print(f"  matrices to repair: {summary['matrices_to_repair']}  (~{summary['estimated_gflop']} GFLOP)")
     for s in summary.get("packed_schemes", []):
         print(f"  packed {s['side']} {s['group']}: {s['scheme']}, {s['tensors']} tensors")
+    for dtype, decision in summary.get("precision", {}).items():
+        print(f"  precision, {dtype} outputs: {decision}")
     for reason, count in summary["passthrough_reasons"].items():
         print(f"  passthrough, {reason}: {count}")
     for label in ("ft_only", "base_only"):
@@ -200,6 +227,11 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
         print(f"  ERROR {line}")
     for r in summary["refused"]:
         print(f"  REFUSED {r['tensor']} ({r['shard']}): {r['reason']}")
+    if "estimate" in summary:
+        from .engine.estimate import format_estimate
+
+        for line in format_estimate(summary["estimate"]):
+            print(line)
     if entries:
         for e in entries:
             print(f"  {e['kind']:<12} {e['dtype']:<5} {str(e['shape']):<20} {e['tensor']}  [{e['reason']}]")

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..kernels.methods import METHODS, Method, build_method, method_fields
-from ..kernels.spectral import BACKENDS
+from ..kernels.spectral import BACKENDS, FP64_RATES
 from .errors import InputError
 from .layouts import FUSED_LAYOUTS
 from .objstore import is_object_uri
@@ -24,7 +24,7 @@ from .scope import MASK_PRESETS, LayerMask
 # Fields that change the output bytes; they (and the inputs' fingerprints) make the plan id.
 # The method's own parameters are added by `output_affecting` (only those of the chosen method).
 OUTPUT_AFFECTING = ("method", "min_numel", "mask", "include", "exclude", "kernel", "fused_layout", "target_rho",
-                    "emit_adapter", "out_dtype", "packed_int4", "treat_as")
+                    "emit_adapter", "out_dtype", "packed_int4", "treat_as", "fp64_rate")
 TREAT_AS_KINDS = ("experts", "conv", "passthrough")
 
 
@@ -70,9 +70,13 @@ class RepairConfig:
     include: list[str] = _opt([], "regex; only matching tensors are repaired (repeatable)")
     exclude: list[str] = _opt([], "regex; matching tensors keep the fine-tuned value (repeatable)")
     median: str = _opt("lower", "median convention for s_med", choices=("lower", "mean"))
-    kernel: str = _opt("auto", "spectral backend: auto (gram64; exact SVD when min(m, n) <= 32), exact = "
-                       "float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram guarded "
-                       "by a float64 fallback", choices=BACKENDS)
+    kernel: str = _opt("auto", "spectral backend: auto (the precision policy: gram32 for BF16/FP16/FP8/INT4 "
+                       "outputs, gram64 for F32 outputs and on fast-FP64 GPUs; exact SVD when min(m, n) <= 32), "
+                       "exact = float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram "
+                       "guarded by a float64 fallback", choices=BACKENDS)
+    fp64_rate: str = _opt("auto", "float64 speed of the device, for --kernel auto: auto (from the GPU model: "
+                          "A100/H100/H200/B200 fast; L4/A10/RTX/T4 and the CPU slow), fast = float64 for "
+                          "every output, slow = guarded float32 for low-precision outputs", choices=FP64_RATES)
     fused_layout: str = _opt("auto", "layout of fused experts.gate_up_proj stacks: auto (from config.json "
                              "model_type), out_in_concat [E,2I,H] rows gate then up, in_out_concat [E,H,2I] columns "
                              "gate then up, in_out_interleaved [E,H,2I] gate = even columns, out_in_interleaved "
@@ -127,6 +131,8 @@ class RepairConfig:
             raise InputError(f"fused_layout must be auto or one of {', '.join(FUSED_LAYOUTS)}.")
         if self.kernel not in BACKENDS:
             raise InputError(f"kernel must be one of {', '.join(BACKENDS)}, got {self.kernel!r}.")
+        if self.fp64_rate not in FP64_RATES:
+            raise InputError(f"fp64_rate must be one of {', '.join(FP64_RATES)}, got {self.fp64_rate!r}.")
         if self.out_dtype not in ("keep", "bf16") or self.packed_int4 not in ("repair", "passthrough"):
             raise InputError(f"out_dtype must be keep or bf16 (got {self.out_dtype!r}); packed_int4 repair or "
                              f"passthrough (got {self.packed_int4!r}).")

@@ -47,6 +47,7 @@ SCHEMA = pa.schema([
     ("plan_id", pa.string()),
     ("node", pa.string()),
     ("requant_error", pa.float64()),
+    ("precision", pa.string()),
 ])
 
 
@@ -85,6 +86,7 @@ class ManifestRow:
     plan_id: str
     node: str = ""
     requant_error: float | None = None
+    precision: str | None = None  # the precision policy's decision ("gram32: BF16 output"), see ADR 0011
 
 
 def manifest_dir(out: Path) -> Path:

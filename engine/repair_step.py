@@ -26,7 +26,7 @@ from .errors import RepairFailure
 from .layouts import from_matrices, row_identity, to_matrices
 from .manifest import ManifestRow
 from .plan import REPAIR_KINDS, SCALE_KINDS, PlanEntry
-from .safetensors_format import TORCH_DTYPES, TensorEntry, read_tensor
+from .safetensors_format import DTYPE_BITS, TORCH_DTYPES, TensorEntry, read_tensor
 
 COPY_CHUNK = 64 << 20
 QUANTIZED_KINDS = ("fp8", "mxfp4", "dequant")  # dequantised, (repaired,) re-quantised or written as BF16
@@ -44,6 +44,7 @@ class StepSettings:
     # "repair" writes Δ*; "calibrate" only measures what --target-rho needs (no output bytes).
     mode: str = "repair"
     adapter_parts: str | None = None  # where Δ* factors of exportable matrices go (--emit-adapter)
+    fp64_rate: str = "auto"  # the device's float64 speed for the precision policy (auto: from its model)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def _repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings
     if mats1 is not None and mats0 is not None:
         keys = [matrix_key(e.name, e.batch_kind, i) for i in range(mats1.shape[0])]
         d_star, stats = apply_method(settings.method, mats1 - mats0, keys, settings.kernel,
-                                     device=settings.device, threads=settings.threads)
+                                     device=settings.device, threads=settings.threads, out_dtype=policy_out_dtype(e),
+                                     fp64_rate=settings.fp64_rate)
         mats = d_star.add_(mats0)
         for i, st in enumerate(stats):
             if st.degenerate:
@@ -221,7 +223,8 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
     keys = [matrix_key(j.entry.name, j.entry.kind, i) for j in jobs for i in range(j.entry.n_matrices)]
     factors: Factors | None = [] if settings.adapter_parts and isinstance(settings.method, SpectralMethod) else None
     d_star, stats = apply_method(settings.method, stacked, keys, settings.kernel, device=settings.device,
-                                 threads=settings.threads, factors=factors)
+                                 threads=settings.threads, factors=factors, out_dtype=batch_out_dtype(jobs),
+                                 fp64_rate=settings.fp64_rate)
     del stacked
     if factors is not None:
         _save_factors(jobs, factors, Path(settings.adapter_parts))
@@ -255,6 +258,19 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
                              digest=hashlib.sha256(payload[slab * per:(slab + 1) * per]).hexdigest(),
                              seconds=seconds, plan_id=settings.plan_id, part=part))
     return rows
+
+
+def policy_out_dtype(e: PlanEntry) -> str:
+    """The output dtype the precision policy sees for an entry (a kept FP8/MXFP4 layout by its format)."""
+    if e.kind in QUANTIZED_KINDS and e.out_dtype is None:
+        return "MXFP4" if e.is_mxfp4 else "FP8"
+    return e.written[1]
+
+
+def batch_out_dtype(jobs: list[EntryJob]) -> str:
+    """The output dtype the precision policy sees for a batch: the most precise one stored in it."""
+    dtypes = {policy_out_dtype(j.entry) for j in jobs}
+    return next(iter(dtypes)) if len(dtypes) == 1 else max(dtypes, key=lambda d: DTYPE_BITS.get(d, 32))
 
 
 def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -361,7 +377,7 @@ def _row(entry: PlanEntry, expert: int | None, status: str, st: SpectralStats | 
         rho=st.rho if st else None, frob_delta=st.frob_delta if st else None,
         frob_kept=st.rho * st.frob_delta if st else None,
         kernel=kernel, byte_begin=begin, byte_end=end, sha256=digest, seconds=seconds, plan_id=plan_id,
-        node=socket.gethostname(), requant_error=requant_error,
+        node=socket.gethostname(), requant_error=requant_error, precision=st.precision or None if st else None,
     )
 
 

@@ -179,7 +179,8 @@ class RunSession:
                      "to do")
         parts = adapter_parts(self.inp)
         self.settings = StepSettings(cfg.repair_method(), cfg.kernel, self.inp.plan.plan_id, device=device,
-                                     threads=cfg.threads or None, adapter_parts=str(parts) if parts else None)
+                                     threads=cfg.threads or None, adapter_parts=str(parts) if parts else None,
+                                     fp64_rate=cfg.fp64_rate)
         self.solution: calibration.Solution | None = None
         self.calibration = CalibrationPhase(self, stream) if cfg.target_rho is not None else None
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
