@@ -34,7 +34,7 @@ EXAMPLES = """examples:
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "inputs": ("config", "base", "ft"),
     "method": ("method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob", "dare_rescale", "seed", "rank",
-               "target_rho", "median", "kernel"),
+               "target_rho", "median", "kernel", "fp64_rate"),
     "scope": ("min_numel", "mask", "include", "exclude", "treat_as"),
     "formats": ("fused_layout", "out_dtype", "packed_int4"),
     "execution": ("in_process", "device", "threads", "batch_mb", "commit_interval_s", "progress",
