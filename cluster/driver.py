@@ -31,9 +31,9 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError, RepairFailure
-from ..engine.output import meta_dir
-from ..engine.runner import CalibrationPhase, RunSession
-from ..engine.units import WorkUnit
+from ..engine.output.shards import meta_dir
+from ..engine.plan.units import WorkUnit
+from ..engine.run.runner import CalibrationPhase, RunSession
 from ..kernels.threads import available_cores, threads_per_worker
 from .session import ray_session
 from .worker import FAULT_ENV, RepairWorker, actor_name
@@ -96,7 +96,7 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
     """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS."""
     session = RunSession(cfg, stream)
     if session.complete:
-        from ..engine.output import read_summary
+        from ..engine.output.shards import read_summary
 
         return read_summary(session.inp.out)
     phase = session.calibration

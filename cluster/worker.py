@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from ..engine.repair_step import EntryJob, StepSettings, execute_unit
+from ..engine.run.repair_step import EntryJob, StepSettings, execute_unit
 from ..kernels.threads import cpu_thread_policy
 
 FAULT_ENV = ("DGREPAIR_FAULT_CRASH_ON", "DGREPAIR_FAULT_SLEEP_ON", "DGREPAIR_FAULT_UNIT_DELAY")

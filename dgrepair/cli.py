@@ -96,7 +96,7 @@ def run(cfg: RepairConfig) -> dict[str, Any]:
     """One code path: the Ray driver (embedded local Ray unless an address is given), or the engine
     alone with --in-process."""
     if cfg.in_process:
-        from .engine.runner import run_repair
+        from .engine.run.runner import run_repair
 
         return run_repair(cfg)
     from .cluster.driver import run_distributed
@@ -121,7 +121,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .engine.runner import load_inputs
+    from .engine.run.runner import load_inputs
 
     cfg = config_from_args(args)
     inp = load_inputs(cfg, need_out=False)
@@ -167,7 +167,7 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .engine.demo import run_demo
+    from .engine.demo.demo import run_demo
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dgrepair-demo-"))
     run_demo(workdir, dtype=args.dtype, kernel=args.kernel, stream=sys.stdout, executor=run,
@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_score_parser(sub: argparse._SubParsersAction) -> None:
-    from .engine.score_inputs import UNITS
+    from .engine.analysis.score_inputs import UNITS
 
     score = sub.add_parser(
         "score", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -222,7 +222,7 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .engine import score_inputs, scoring
+    from .engine.analysis import score_inputs, scoring
 
     if not args.table and not args.lm_eval:
         raise InputError("score: give --table FILE.csv and/or --lm-eval METHOD=PATH (with base= and ft=).")
@@ -266,7 +266,7 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .engine.report import build_report
+    from .engine.analysis.report import build_report
 
     if args.max_spectra < 1:
         raise InputError(f"--max-spectra must be >= 1, got {args.max_spectra}.")

@@ -17,8 +17,8 @@ import yaml
 from ..kernels.methods import METHODS, Method, build_method, method_fields
 from ..kernels.spectral import BACKENDS
 from .errors import InputError
-from .layouts import FUSED_LAYOUTS
-from .scope import MASK_PRESETS, LayerMask
+from .plan.layouts import FUSED_LAYOUTS
+from .plan.scope import MASK_PRESETS, LayerMask
 
 # Fields that change the output bytes; they (and the inputs' fingerprints) make the plan id.
 # The method's own parameters are added by `output_affecting` (only those of the chosen method).

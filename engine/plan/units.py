@@ -1,0 +1,74 @@
+"""Work units: what one call of the repair step does, and what a Ray actor receives.
+
+Same-shape 2-D matrices (one layer's per-expert tensors, a layer's equal-shape projections) are
+batched into one kernel call up to a memory budget; every other repair entry (a stacked expert
+tensor, a convolution, a large matrix) is a unit of its own; passthrough copies are grouped by
+shard up to the same budget. Batching never changes results: the kernel treats each matrix of a
+batch independently (tested).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .build import PlanEntry
+
+DEFAULT_BATCH_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Entries executed together; `key` names the unit in logs and the Ray driver."""
+
+    entries: tuple[PlanEntry, ...]
+    splittable: bool = True  # False for entries that must be executed together (an FP8 weight and its scales)
+
+    @property
+    def cost(self) -> float:
+        return sum(e.cost for e in self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.ft.nbytes for e in self.entries)
+
+    @property
+    def key(self) -> str:
+        first = self.entries[0].name
+        return first if len(self.entries) == 1 else f"{first} (+{len(self.entries) - 1})"
+
+
+def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[WorkUnit]:
+    """Group entries into units; order follows the plan (first entry of each group)."""
+    groups: dict[tuple, list[PlanEntry]] = defaultdict(list)
+    order: list[tuple] = []
+    for e in entries:
+        if e.kind == "svd":
+            key: tuple = ("svd", e.matrix_shape)
+        elif e.kind in ("experts", "experts_fused", "conv", "fp8", "mxfp4", "dequant"):
+            key = ("alone", e.name)
+        elif e.kind in ("fp8_scale", "mxfp4_scales"):  # rewritten (or dropped) by its weight's unit
+            key = ("alone", e.companion)
+        else:
+            key = ("copy", e.shard)
+        if key not in groups:
+            order.append(key)
+        groups[key].append(e)
+    units: list[WorkUnit] = []
+    for key in order:
+        if key[0] == "alone":  # never split (an FP8 weight travels with its scales)
+            units.append(WorkUnit(tuple(groups[key]), splittable=False))
+            continue
+        # float32 working copies per matrix: about 4 (delta, base, Δ*, output) of 4 bytes per element
+        weight = (lambda e: 16 * e.ft.numel) if key[0] == "svd" else (lambda e: e.ft.nbytes)
+        batch: list[PlanEntry] = []
+        size = 0
+        for e in groups[key]:
+            if batch and size + weight(e) > batch_bytes:
+                units.append(WorkUnit(tuple(batch)))
+                batch, size = [], 0
+            batch.append(e)
+            size += weight(e)
+        if batch:
+            units.append(WorkUnit(tuple(batch)))
+    return units

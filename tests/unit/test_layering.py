@@ -1,0 +1,18 @@
+"""The import-linter contracts of pyproject.toml hold (cli -> cluster -> engine -> kernels; no Ray in the
+engine; no I/O in the kernels). Run by hand with `lint-imports` from the repository root."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_import_contracts_hold() -> None:
+    exe = shutil.which("lint-imports")
+    assert exe, "lint-imports is missing: install the test extra (pip install -e '.[test]')"
+    run = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "0 broken" in run.stdout
