@@ -31,14 +31,15 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError, RepairFailure
-from ..engine.output.shards import meta_dir
+from ..engine.output.paths import failures_file
+from ..engine.output.shards import read_summary
 from ..engine.plan.units import WorkUnit
-from ..engine.run.runner import CalibrationPhase, RunSession
+from ..engine.run.jobs import StepSettings, for_workers
+from ..engine.run.session import CalibrationPhase, Phase, RunSession
 from ..kernels.threads import available_cores, threads_per_worker
 from .session import ray_session
 from .worker import FAULT_ENV, RepairWorker, actor_name
 
-FAILURES_FILE = "failures.json"
 NAMESPACE = "dgrepair"
 
 
@@ -96,13 +97,11 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
     """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS."""
     session = RunSession(cfg, stream)
     if session.complete:
-        from ..engine.output.shards import read_summary
-
         return read_summary(session.inp.out)
     phase = session.calibration
     if not session.units and not (phase and phase.units):  # all committed earlier: nothing to distribute
         session.resolve_target()
-        (meta_dir(session.inp.out) / FAILURES_FILE).unlink(missing_ok=True)
+        failures_file(session.inp.out).unlink(missing_ok=True)
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     actors: list[Any] = []
@@ -112,26 +111,26 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
             if phase is not None and phase.units:
                 _calibrate(phase, cfg, info, env)
             session.resolve_target()
-            book = _dispatch(session, cfg, info, actors, env)
+            book, settings = _dispatch(session, cfg, info, actors, env)
         finally:
             if stop is not None:
                 signal.signal(signal.SIGTERM, stop)
             session.close()
             for actor in actors:
                 ray.kill(actor)
-    executor = {"kind": "ray", "address": info["address"], "workers": len(actors), "device": session.settings.device,
-                "threads_per_worker": session.settings.threads, "requeued_units": book.requeues,
+    executor = {"kind": "ray", "address": info["address"], "workers": len(actors), "device": settings.device,
+                "threads_per_worker": settings.threads, "requeued_units": book.requeues,
                 "per_node": book.nodes}
     if book.failed:
         report = {"failed": [{"tensors": [e.name for e in book.units[u].entries], "shards":
                               sorted({e.shard for e in book.units[u].entries}), "attempts": book.attempts[u],
                               "reason": why} for u, why in sorted(book.failed.items())], "executor": executor}
-        path = meta_dir(session.inp.out) / FAILURES_FILE
+        path = failures_file(session.inp.out)
         path.write_text(json.dumps(report, indent=2) + "\n")
         names = ", ".join(n for f in report["failed"] for n in f["tensors"])
         raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.max_attempts} attempts: {names}. The "
                             f"rest is committed; details in {path}. Re-run the same command to retry them.")
-    (meta_dir(session.inp.out) / FAILURES_FILE).unlink(missing_ok=True)
+    failures_file(session.inp.out).unlink(missing_ok=True)
     return session.finish({"executor": executor})
 
 
@@ -139,7 +138,7 @@ def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any],
     """The --target-rho calibration pass on its own actors (same dispatch, retries and isolation)."""
     actors: list[Any] = []
     try:
-        book = _dispatch(phase, cfg, info, actors, env)
+        book, _ = _dispatch(phase, cfg, info, actors, env)
     finally:
         phase.close()
         for actor in actors:
@@ -149,8 +148,9 @@ def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any],
         raise RepairFailure(f"calibration for --target-rho failed on: {names}. Re-run the same command to retry.")
 
 
-def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
-              env: dict[str, str]) -> _Book:
+def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
+              env: dict[str, str]) -> tuple[_Book, StepSettings]:
+    """Run a phase's units on fresh actors; returns the bookkeeping and the settings the actors ran with."""
     gpus = int(info["resources"].get("GPU", 0))
     use_gpu = session.settings.device != "cpu" and gpus > 0
     if use_gpu:
@@ -164,12 +164,12 @@ def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: d
         # and is always schedulable; how many BLAS threads it uses is set separately.
         options = {"num_cpus": min(1.0, cpus / n_workers)}
         threads = cfg.threads or threads_per_worker(n_workers, int(cpus))
-        settings = type(session.settings)(**{**session.settings.__dict__, "device": "cpu", "threads": threads})
-    session.settings = settings
+        settings = for_workers(session.settings, device="cpu", threads=threads)
     if env:
         options["runtime_env"] = {"env_vars": env}
     actors.extend(RepairWorker.options(scheduling_strategy="SPREAD", name=actor_name(settings.plan_id, i),
-                                       namespace=NAMESPACE, **options).remote(settings, i)
+                                       namespace=NAMESPACE, **options).remote(session.step, settings, i,
+                                                                              session.writes_output)
                   for i in range(n_workers))
     order = sorted(range(len(session.units)), key=lambda i: -session.units[i].cost)
     book = _Book(units=dict(enumerate(session.units)), queue=deque(order), next_id=len(session.units))
@@ -206,10 +206,10 @@ def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: d
                 flight.deadline = float("inf")  # kill once; the ref then fails and is requeued
                 flight.expired = True
                 ray.kill(actors[flight.actor], no_restart=False)
-    return book
+    return book, settings
 
 
-def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
+def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
              cfg: RepairConfig) -> None:
     unit_id = flight.unit_id
     try:
@@ -230,17 +230,17 @@ def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.Objec
         _retry(book, unit_id, why, cfg.max_attempts, split=True)
         return
     unit = book.units[unit_id]
-    node = book.nodes.setdefault(result["node"], {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
-                                                  "bytes_written": 0})
+    node = book.nodes.setdefault(result.node, {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
+                                               "bytes_written": 0})
     node["units"] += 1
     node["tensors"] += len(unit.entries)
-    node["seconds"] += result["seconds"]
-    node["bytes_read"] += result["bytes_read"]
-    node["bytes_written"] += result["bytes_written"]
+    node["seconds"] += result.seconds
+    node["bytes_read"] += result.bytes_read
+    node["bytes_written"] += result.bytes_written
     read_gb = sum(n["bytes_read"] for n in book.nodes.values()) / 1e9
     written_gb = sum(n["bytes_written"] for n in book.nodes.values()) / 1e9
-    session.commit(unit, result["rows"], note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
-                                              f"failed {len(book.failed)}")
+    session.commit(unit, result.rows, note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
+                                           f"failed {len(book.failed)}", node=result.node)
 
 
 def _retry(book: _Book, unit_id: int, why: str, max_attempts: int, split: bool) -> None:

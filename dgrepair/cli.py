@@ -96,7 +96,7 @@ def run(cfg: RepairConfig) -> dict[str, Any]:
     """One code path: the Ray driver (embedded local Ray unless an address is given), or the engine
     alone with --in-process."""
     if cfg.in_process:
-        from .engine.run.runner import run_repair
+        from .engine.run.executor import run_repair
 
         return run_repair(cfg)
     from .cluster.driver import run_distributed
@@ -121,7 +121,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .engine.run.runner import load_inputs
+    from .engine.run.inputs import load_inputs
 
     cfg = config_from_args(args)
     inp = load_inputs(cfg, need_out=False)

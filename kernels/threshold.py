@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from .dg_constants import lambda_star, mp_median
+from .dg_constants import mp_median
+from .dg_constants import omega as dg_omega
 
 MedianRule = Literal["lower", "mean"]
 
@@ -126,7 +127,7 @@ def threshold_spectrum(s_desc: np.ndarray, rows: int, cols: int, params: Spectra
         raise ValueError(f"expected {p} singular values for a {rows}x{cols} matrix, got shape {s.shape}")
     beta = p / big
     mu = mp_median(beta)
-    omega = lambda_star(beta) / math.sqrt(mu)
+    omega = dg_omega(beta)  # mp_median is cached: no second integration
     energy = float(np.sum(s * s))
     s_max = float(s[0]) if p else 0.0
     common = dict(rows=rows, cols=cols, rank_total=p, beta=beta, omega=omega, s_max=s_max)

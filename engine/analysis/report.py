@@ -19,7 +19,8 @@ from typing import Any
 
 from ..errors import InputError
 from ..output import manifest
-from ..output.shards import meta_dir
+from ..output.paths import report_dir, summary_file
+from ..plan.kinds import Kind
 from . import report_stats
 from .report_spectra import Spectrum, recompute
 
@@ -31,13 +32,9 @@ HIST_COLUMNS = 3
 Block = tuple[Any, ...]
 
 
-def report_dir(out: Path) -> Path:
-    return meta_dir(out) / "report"
-
-
 def load_run(out: Path) -> tuple[dict[str, Any], list[manifest.ManifestRow]]:
     """summary.json and the spectral manifest rows of a finished run."""
-    path = meta_dir(out) / "summary.json"
+    path = summary_file(out)
     if not path.is_file():
         raise InputError(f"{out}: no dgrepair/summary.json, so this is not a finished dgrepair run (a run writes it "
                          "last); finish it by re-running the same repair command, then render the report.")
@@ -121,7 +118,7 @@ def plot_spectrum(sp: Spectrum, tau: float, mp_edge: float, path: Path) -> tuple
 
 def _default_tensor(rows: list[manifest.ManifestRow]) -> list[str]:
     """Without --tensors: the 2-D matrix with the largest ‖Δ‖_F."""
-    plain = [r for r in rows if r.kind == "svd" and (r.frob_delta or 0) > 0]
+    plain = [r for r in rows if r.kind == Kind.SVD and (r.frob_delta or 0) > 0]
     if not plain:
         return []
     return ["^" + re.escape(max(plain, key=lambda r: r.frob_delta or 0.0).tensor) + "$"]
@@ -197,7 +194,7 @@ def _spectra(out: Path, summary: dict[str, Any], rows: list[manifest.ManifestRow
         if tensors:
             raise
         return [], [*blocks, ("p", f"Spectrum not plotted: {exc}")]
-    latest = {(r.tensor, r.expert, r.part): r for r in rows}
+    latest = manifest.latest_by_key(rows)
     if matched > len(spectra):
         blocks.append(("p", f"{matched} matrices match; the first {len(spectra)} are plotted (--max-spectra)."))
     table, records = [], []

@@ -19,10 +19,11 @@ from ...kernels.spectral import singular_values
 from ...kernels.threshold import SpectralRule, SpectralStats, ThresholdParams, threshold_spectrum
 from ..config import RepairConfig
 from ..errors import InputError
-from ..plan.build import REPAIR_KINDS, PlanEntry
+from ..plan.kinds import REPAIR_KINDS
 from ..plan.layouts import row_identity
+from ..plan.model import PlanEntry
+from ..run.inputs import Inputs, entry_job, load_inputs
 from ..run.repair_step import delta_matrices
-from ..run.runner import Inputs, entry_job, load_inputs
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ paper's "noise mass".
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+from ..output import manifest
 from ..output.manifest import ManifestRow
-from ..plan.build import REPAIR_KINDS
+from ..plan.kinds import REPAIR_KINDS
 from ..plan.names import canonical
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -73,15 +73,8 @@ class ClassStats:
 
 def spectral_rows(rows: list[ManifestRow], plan_id: str | None = None) -> list[ManifestRow]:
     """The last row per matrix (resume semantics) that carries spectral statistics."""
-    latest = {(r.tensor, r.expert, r.part): r for r in rows}
-    return [r for r in latest.values() if r.kind in REPAIR_KINDS and r.rank_total is not None
+    return [r for r in manifest.latest_by_key(rows).values() if r.kind in REPAIR_KINDS and r.rank_total is not None
             and (plan_id is None or r.plan_id == plan_id)]
-
-
-def _rho(rows: list[ManifestRow]) -> float:
-    energy = sum((r.frob_delta or 0.0) ** 2 for r in rows)
-    kept = sum((r.frob_kept or 0.0) ** 2 for r in rows)
-    return math.sqrt(kept / energy) if energy > 0 else 1.0
 
 
 def class_table(rows: list[ManifestRow]) -> list[ClassStats]:
@@ -97,7 +90,7 @@ def class_table(rows: list[ManifestRow]) -> list[ClassStats]:
         share = sum(r.frob_delta ** 2 for r in live) / total if total > 0 else 0.0
         out.append(ClassStats(cls, len(members), len(members) - len(live), mean_noise, share, mean_noise * share,
                               sum(r.rank_kept or 0 for r in members) / len(members),
-                              sum(r.rank_total or 0 for r in members) / len(members), _rho(members)))
+                              sum(r.rank_total or 0 for r in members) / len(members), manifest.global_rho(members)))
     return sorted(out, key=lambda c: (-c.noise_mass, c.layer_class))
 
 
@@ -116,7 +109,7 @@ def rho_by_layer(rows: list[ManifestRow], group: str | None = None) -> dict[int,
         if idx is None or (group is not None and layer_class(r.tensor, r.part).split(".")[0] != group):
             continue
         by_layer[idx].append(r)
-    return {i: _rho(rs) for i, rs in sorted(by_layer.items())}
+    return {i: manifest.global_rho(rs) for i, rs in sorted(by_layer.items())}
 
 
 def class_groups(rows: list[ManifestRow]) -> list[str]:

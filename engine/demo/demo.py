@@ -11,7 +11,7 @@ import torch
 from ..config import RepairConfig
 from ..io.checkpoint import open_checkpoint
 from ..io.safetensors_format import read_tensor
-from ..run.runner import run_repair
+from ..run.executor import run_repair
 from .synthetic import SyntheticSpec, planted_signal, write_pair
 
 

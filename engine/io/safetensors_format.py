@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .bytes import read_range
 
 MAX_HEADER_BYTES = 100_000_000  # the Rust reader's MAX_HEADER_SIZE
 
@@ -160,23 +161,6 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, 
                          "appended to.")
 
 
-def read_bytes(path: Path, begin: int, end: int) -> bytearray:
-    """Read an exact byte range (pread: no shared file position, safe across threads)."""
-    buf = bytearray(end - begin)
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = 0
-        while got < len(buf):
-            n = os.preadv(fd, [view[got:]], begin + got)
-            if n <= 0:
-                raise InputError(f"{path}: unexpected end of file at byte {begin + got}; the file is truncated.")
-            got += n
-    finally:
-        os.close(fd)
-    return buf
-
-
 def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
     """Read one tensor's bytes into a torch tensor of its stored dtype and shape."""
     torch_dtype = TORCH_DTYPES.get(entry.dtype)
@@ -184,7 +168,7 @@ def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
         raise InputError(f"{path}: tensor {entry.name!r}: dtype {entry.dtype} cannot be loaded as a dense tensor.")
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=torch_dtype)
-    buf = read_bytes(path, entry.begin, entry.end)
+    buf = read_range(path, entry.begin, entry.end)
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(entry.shape)
 
 

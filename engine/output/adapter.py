@@ -13,7 +13,6 @@ tensors) and that differ from the base are shipped whole through PEFT's `modules
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -23,17 +22,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..io.bytes import write_json_atomic
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import read_tensor
-from ..plan.build import REPAIR_KINDS, Plan, PlanEntry
+from ..plan.kinds import REPAIR_KINDS, Kind
+from ..plan.model import Plan, PlanEntry
 
-PARTS_DIR = "adapter_parts"
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
 
 
 def exportable(entry: PlanEntry) -> str | None:
     """None when the entry can be a LoRA module, else why not."""
-    if entry.kind != "svd":
+    if entry.kind != Kind.SVD:
         return f"{entry.kind} tensors are not plain Linear/Embedding weights"
     if entry.resized_rows is not None:
         return "resized vocabulary: the new rows are copied, a LoRA delta cannot add rows"
@@ -111,7 +111,7 @@ def finalize(parts: Path, plan: Plan, target: Path, base: Checkpoint, ft: Checkp
             tensors[f"{prefix}.lora_A.weight"] = right
             tensors[f"{prefix}.lora_B.weight"] = left
         ranks[module] = int(left.shape[1])
-    lora_modules = {e.name.rsplit(".", 1)[0] for e in plan.entries if e.kind == "svd"}
+    lora_modules = {e.name.rsplit(".", 1)[0] for e in plan.entries if e.kind == Kind.SVD}
     saved = _kept_finetune_modules(plan, base, ft, lora_modules, tensors, skipped)
     target.mkdir(parents=True, exist_ok=True)
     top = max(ranks.values(), default=1)
@@ -125,9 +125,9 @@ def finalize(parts: Path, plan: Plan, target: Path, base: Checkpoint, ft: Checkp
     tmp = target / ".adapter_model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, target / "adapter_model.safetensors")
-    (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json_atomic(target / "adapter_config.json", config, sort_keys=False)
     report = {"adapter_dir": str(target), "modules": len(ranks), "total_rank": sum(ranks.values()),
               "modules_to_save": saved, "not_exportable": skipped}
-    (target / "adapter_export.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(target / "adapter_export.json", report, sort_keys=False)
     return {k: v for k, v in report.items() if k not in ("not_exportable", "modules_to_save")} | {
         "modules_to_save": len(saved), "not_exportable": len(skipped)}

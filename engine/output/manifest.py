@@ -1,61 +1,28 @@
-"""The Parquet manifest: one row per repaired matrix and per passthrough tensor.
+"""The Parquet manifest: one row per repaired matrix and per passthrough tensor (docs/output.md).
 
-`OUT/dgrepair/manifest.parquet/` is a directory dataset of part files, each written to a temporary
-name and renamed, so a crash never leaves a half-written part. Readers (`pandas.read_parquet`,
-`read_manifest`) see every committed row; on resume the last row per (tensor, expert, part) wins.
+`OUT/dgrepair/manifest.parquet/` is a folder of part files (output/parts.py); any Parquet reader
+(`pandas.read_parquet`) sees every committed row; on resume the last row per (tensor, expert, part) wins.
+The columns are `ManifestRow`'s fields, in order.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
-    ("tensor", pa.string()),
-    ("expert", pa.int32()),
-    ("part", pa.string()),
-    ("shard", pa.string()),
-    ("shape", pa.list_(pa.int64())),
-    ("dtype", pa.string()),
-    ("kind", pa.string()),
-    ("reason", pa.string()),
-    ("status", pa.string()),
-    ("rank_total", pa.int64()),
-    ("rank_kept", pa.int64()),
-    ("beta", pa.float64()),
-    ("omega", pa.float64()),
-    ("s_max", pa.float64()),
-    ("s_med", pa.float64()),
-    ("sigma_hat", pa.float64()),
-    ("tau", pa.float64()),
-    ("mp_edge", pa.float64()),
-    ("noise_energy_fraction", pa.float64()),
-    ("rho", pa.float64()),
-    ("frob_delta", pa.float64()),
-    ("frob_kept", pa.float64()),
-    ("kernel", pa.string()),
-    ("fallback", pa.string()),
-    ("byte_begin", pa.int64()),
-    ("byte_end", pa.int64()),
-    ("sha256", pa.string()),
-    ("seconds", pa.float64()),
-    ("plan_id", pa.string()),
-    ("node", pa.string()),
-    ("requant_error", pa.float64()),
-])
+from . import parts
+from .paths import manifest_dir
 
 
 @dataclass
 class ManifestRow:
-    """One manifest row; field names and order match SCHEMA."""
+    """One manifest row: the manifest's columns, in order (SCHEMA is derived from it)."""
 
     tensor: str
-    expert: int | None
+    expert: int | None = field(metadata={"arrow": pa.int32()})
     part: str | None
     shard: str
     shape: list[int]
@@ -87,38 +54,24 @@ class ManifestRow:
     requant_error: float | None = None
 
 
-def manifest_dir(out: Path) -> Path:
-    return out / "dgrepair" / "manifest.parquet"
+SCHEMA = parts.schema_of(ManifestRow)
 
 
 def write_part(out: Path, rows: list[ManifestRow]) -> Path | None:
-    """Append one part file atomically (tmp + fsync + rename); returns its path."""
-    if not rows:
-        return None
-    folder = manifest_dir(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    seq = len(list(folder.glob("part-*.parquet")))
-    final = folder / f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = folder / f".tmp-{final.name}"
-    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
+    """Append one part file atomically; returns its path."""
+    return parts.write_part(manifest_dir(out), rows, SCHEMA)
 
 
 def read_rows(out: Path) -> list[ManifestRow]:
-    """All committed rows in commit order (part files sort by sequence number)."""
-    folder = manifest_dir(out)
-    if not folder.is_dir():
-        return []
-    rows: list[ManifestRow] = []
-    for part in sorted(folder.glob("part-*.parquet")):
-        rows.extend(ManifestRow(**r) for r in pq.read_table(part, schema=SCHEMA).to_pylist())
-    return rows
+    """All committed rows in commit order."""
+    return parts.read_parts(manifest_dir(out), ManifestRow, SCHEMA)
 
 
-def latest_by_key(rows: list[ManifestRow]) -> dict[tuple[str, int | None, str | None], ManifestRow]:
-    """Last row per (tensor, expert, part): what resume trusts."""
-    return {(r.tensor, r.expert, r.part): r for r in rows}
+latest_by_key = parts.latest_by_key
+
+
+def global_rho(rows: list[ManifestRow]) -> float:
+    """sqrt(Σ ‖Δ*‖² / Σ ‖Δ‖²) over the given matrices' rows (1 when there is no Δ at all)."""
+    energy = sum((r.frob_delta or 0.0) ** 2 for r in rows)
+    kept = sum((r.frob_kept or 0.0) ** 2 for r in rows)
+    return math.sqrt(kept / energy) if energy > 0 else 1.0

@@ -16,19 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
+from ..io.bytes import write_atomic, write_json_atomic
 from ..io.checkpoint import Checkpoint
-from ..plan.build import Plan
-
-RUN_FILE = "run.json"
-SUMMARY_FILE = "summary.json"
-
-
-def meta_dir(out: Path) -> Path:
-    return out / "dgrepair"
-
-
-def partial_path(out: Path, shard: str) -> Path:
-    return meta_dir(out) / "partial" / shard
+from ..plan.model import Plan
+from .paths import partial_dir, partial_path, run_file, summary_file
 
 
 def check_out_path(out: Path, inputs: list[Path]) -> Path:
@@ -46,16 +37,16 @@ def check_out_path(out: Path, inputs: list[Path]) -> Path:
 def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool) -> str:
     """Make `out` ready; returns 'fresh', 'resume' or 'complete'."""
     state = "fresh"
-    run_file = meta_dir(out) / RUN_FILE
+    owner = run_file(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory.")
     if out.exists() and any(out.iterdir()):
-        if not run_file.is_file():
+        if not owner.is_file():
             raise OutputError(f"--out {out} is not empty and holds no dgrepair run; choose an empty or new "
                               "directory (dgrepair never deletes files it did not write).")
-        previous = json.loads(run_file.read_text())
+        previous = json.loads(owner.read_text())
         if previous.get("plan_id") == plan.plan_id:
-            state = "complete" if (meta_dir(out) / SUMMARY_FILE).is_file() else "resume"
+            state = "complete" if summary_file(out).is_file() else "resume"
         elif force:
             _wipe(out)
         else:
@@ -64,9 +55,8 @@ def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool) -> str:
                               "--force to replace it.")
     if state == "complete":
         return state
-    partial_dir = meta_dir(out) / "partial"
-    partial_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_file, {"plan_id": plan.plan_id, "config": plan.config, "inputs": plan.fingerprints})
+    partial_dir(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(owner, {"plan_id": plan.plan_id, "config": plan.config, "inputs": plan.fingerprints})
     for shard, (prefix, size) in plan.out_shards.items():
         # The prefix is the fine-tune's header byte for byte unless --out-dtype bf16 changed the layout.
         if (out / shard).is_file():
@@ -79,12 +69,6 @@ def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool) -> str:
             fh.write(prefix)
             fh.truncate(size)
     return state
-
-
-def shard_location(out: Path, shard: str) -> Path:
-    """Where a shard's bytes are now: the final file once finalised, else the partial one."""
-    final = out / shard
-    return final if final.is_file() else partial_path(out, shard)
 
 
 def finalize_shard(out: Path, shard: str) -> None:
@@ -108,18 +92,18 @@ def finalize_run(out: Path, ft: Checkpoint, summary: dict[str, Any], plan: Plan)
     copied = []
     for src in ft.sidecar_files():
         if src.name == "config.json" and plan.drop_quantization_config:
-            _write_bytes_atomic(out / src.name, _without_quantization_config(src))
+            write_atomic(out / src.name, _without_quantization_config(src))
         else:
             tmp = out / f".{src.name}.dgrepair-tmp"
             shutil.copyfile(src, tmp)
             os.replace(tmp, out / src.name)
         copied.append(src.name)
     if ft.index_name and ft.index_bytes is not None:
-        _write_bytes_atomic(out / ft.index_name, new_index(ft.index_bytes, plan) if plan.layout_changed
+        write_atomic(out / ft.index_name, new_index(ft.index_bytes, plan) if plan.layout_changed
                             else ft.index_bytes)
-    shutil.rmtree(meta_dir(out) / "partial", ignore_errors=True)
+    shutil.rmtree(partial_dir(out), ignore_errors=True)
     summary["sidecars"] = copied
-    _write_json_atomic(meta_dir(out) / SUMMARY_FILE, summary)
+    write_json_atomic(summary_file(out), summary)
     return copied
 
 
@@ -142,7 +126,7 @@ def _without_quantization_config(path: Path) -> bytes:
 
 
 def read_summary(out: Path) -> dict[str, Any]:
-    return json.loads((meta_dir(out) / SUMMARY_FILE).read_text())
+    return json.loads(summary_file(out).read_text())
 
 
 def _wipe(out: Path) -> None:
@@ -156,17 +140,3 @@ def _wipe(out: Path) -> None:
 def _starts_with(path: Path, prefix: bytes) -> bool:
     with open(path, "rb") as fh:
         return fh.read(len(prefix)) == prefix
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.dgrepair-tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

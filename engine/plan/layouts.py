@@ -1,10 +1,10 @@
-"""How a stored tensor maps to the batch of matrices DG-Hard repairs, and back (SPEC.md §3).
+"""How a stored tensor maps to the batch of matrices DG-Hard repairs, and back (docs/maths.md).
 
 - `svd`: a 2-D matrix, one matrix.
 - `conv`: `[out, in, k...]` as one `[out, in·Πk]` matrix.
 - `experts`: `[E, a, b]`, E matrices.
 - `experts_fused`: a fused gate/up stack, 2E matrices (each expert's gate and up halves separately,
-  so the result equals the per-expert 2-D layout's bit for bit). Layouts (research/formats.md §2):
+  so the result equals the per-expert 2-D layout's bit for bit). Layouts (docs/formats.md):
   `out_in_concat` `[E, 2I, H]`, rows gate then up (transformers v5, Qwen3.5);
   `in_out_concat` `[E, H, 2I]`, columns gate then up (Llama-4);
   `in_out_interleaved` `[E, H, 2I]`, gate = even columns, up = odd columns (gpt-oss in memory);
@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 
 import torch
+
+from .kinds import Kind
 
 FUSED_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")  # anchored: not shared_experts.*
 FUSED_LAYOUTS = ("out_in_concat", "in_out_concat", "in_out_interleaved", "out_in_interleaved")
@@ -44,7 +46,7 @@ def fused_matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int] |
 def to_matrices(t: torch.Tensor, kind: str, matrix_shape: tuple[int, int], layout: str | None) -> torch.Tensor:
     """The stored tensor as a (B, m, n) batch (a view where possible)."""
     m, n = matrix_shape
-    if kind != "experts_fused":
+    if kind != Kind.EXPERTS_FUSED:
         return t.reshape(-1, m, n)
     e = t.shape[0]
     if layout == "out_in_concat":  # [E, 2I, H]: rows [gate; up]
@@ -60,7 +62,7 @@ def to_matrices(t: torch.Tensor, kind: str, matrix_shape: tuple[int, int], layou
 
 def from_matrices(mats: torch.Tensor, kind: str, shape: tuple[int, ...], layout: str | None) -> torch.Tensor:
     """Inverse of `to_matrices`: the (B, m, n) batch back in the stored layout, contiguous."""
-    if kind != "experts_fused" or layout == "out_in_concat":
+    if kind != Kind.EXPERTS_FUSED or layout == "out_in_concat":
         return mats.reshape(shape).contiguous()
     e, h, two_i = shape
     m, n = mats.shape[1:]
@@ -75,8 +77,8 @@ def from_matrices(mats: torch.Tensor, kind: str, shape: tuple[int, ...], layout:
 
 def row_identity(kind: str, index: int) -> tuple[int | None, str | None]:
     """(expert, part) of matrix `index` of a batch, as recorded in the manifest."""
-    if kind == "experts":
+    if kind == Kind.EXPERTS:
         return index, None
-    if kind == "experts_fused":
+    if kind == Kind.EXPERTS_FUSED:
         return index // 2, FUSED_PARTS[index % 2]
     return None, None

@@ -1,4 +1,4 @@
-"""Output shard headers planned from the plan entries (ADR 0003, 0006).
+"""Output shard headers planned from the plan entries (ADR 0003, 0008).
 
 With shapes and dtypes unchanged, an output shard's header is the fine-tune's bytes (plus `format: pt`
 when missing). When `--out-dtype bf16` changes dtypes, shapes or names, or drops scale tensors, the
@@ -9,13 +9,10 @@ header is rebuilt in the fine-tune's tensor order with contiguous offsets, and e
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import build_header, output_prefix
-
-if TYPE_CHECKING:
-    from .build import PlanEntry
+from .model import PlanEntry
 
 
 def output_layout(entries: list[PlanEntry], ft: Checkpoint) -> tuple[list[PlanEntry], dict, bool]:

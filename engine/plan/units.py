@@ -12,14 +12,15 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .build import PlanEntry
+from .kinds import ALONE_KINDS, SCALE_KINDS, Kind
+from .model import PlanEntry
 
 DEFAULT_BATCH_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Entries executed together; `key` names the unit in logs and the Ray driver."""
+    """Entries executed together (one call of the repair step)."""
 
     entries: tuple[PlanEntry, ...]
     splittable: bool = True  # False for entries that must be executed together (an FP8 weight and its scales)
@@ -32,22 +33,17 @@ class WorkUnit:
     def nbytes(self) -> int:
         return sum(e.ft.nbytes for e in self.entries)
 
-    @property
-    def key(self) -> str:
-        first = self.entries[0].name
-        return first if len(self.entries) == 1 else f"{first} (+{len(self.entries) - 1})"
-
 
 def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[WorkUnit]:
     """Group entries into units; order follows the plan (first entry of each group)."""
     groups: dict[tuple, list[PlanEntry]] = defaultdict(list)
     order: list[tuple] = []
     for e in entries:
-        if e.kind == "svd":
+        if e.kind == Kind.SVD:
             key: tuple = ("svd", e.matrix_shape)
-        elif e.kind in ("experts", "experts_fused", "conv", "fp8", "mxfp4", "dequant"):
+        elif e.kind in ALONE_KINDS:
             key = ("alone", e.name)
-        elif e.kind in ("fp8_scale", "mxfp4_scales"):  # rewritten (or dropped) by its weight's unit
+        elif e.kind in SCALE_KINDS:  # rewritten (or dropped) by its weight's unit
             key = ("alone", e.companion)
         else:
             key = ("copy", e.shard)

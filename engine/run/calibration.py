@@ -8,33 +8,34 @@ bisection itself never touches Δ again: every knob value is evaluated from the 
 from __future__ import annotations
 
 import math
-import os
-import uuid
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import torch
 
-from ...kernels.methods import Method
+from ...kernels.methods import Method, SpectralMethod
+from ...kernels.spectral import singular_values
 from ..errors import InputError
+from ..output import parts
+from ..output.paths import calibration_dir
+from ..plan.kinds import REPAIR_KINDS, SCALE_KINDS
+from ..plan.layouts import row_identity
+from .jobs import EntryJob, StepSettings, matrix_key
+from .repair_step import delta_matrices
 
-CALIBRATION_DIR = "calibration.parquet"
 BISECTION_STEPS = 200
-
-SCHEMA = pa.schema([
-    ("tensor", pa.string()), ("expert", pa.int32()), ("part", pa.string()), ("rows", pa.int64()),
-    ("cols", pa.int64()), ("energy", pa.float64()), ("curve", pa.list_(pa.float64())), ("plan_id", pa.string()),
-    ("seconds", pa.float64()),
-])
 
 
 @dataclass
 class CalibrationRow:
+    """One matrix's calibration: what the knob solver needs, nothing about output bytes."""
+
     tensor: str
-    expert: int | None
+    expert: int | None = field(metadata={"arrow": pa.int32()})
     part: str | None
     rows: int
     cols: int
@@ -44,36 +45,46 @@ class CalibrationRow:
     seconds: float
 
 
-def calibration_dir(meta: Path) -> Path:
-    return meta / CALIBRATION_DIR
+SCHEMA = parts.schema_of(CalibrationRow)
 
 
-def write_part(meta: Path, rows: list[CalibrationRow]) -> None:
-    if not rows:
-        return
-    where = calibration_dir(meta)
-    where.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
-    name = f"part-{uuid.uuid4().hex}.parquet"
-    tmp = where / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, where / name)
+def write_part(out: Path, rows: list[CalibrationRow]) -> None:
+    parts.write_part(calibration_dir(out), rows, SCHEMA)
 
 
-def read_rows(meta: Path, plan_id: str) -> dict[tuple[str, int | None, str | None], CalibrationRow]:
+def read_rows(out: Path, plan_id: str) -> dict[tuple[str, int | None, str | None], CalibrationRow]:
     """Committed rows of this plan, last one per matrix."""
-    where = calibration_dir(meta)
-    found: dict[tuple[str, int | None, str | None], CalibrationRow] = {}
-    if not where.is_dir():
-        return found
-    for part in sorted(where.glob("part-*.parquet"), key=lambda p: p.stat().st_mtime_ns):
-        for rec in pq.read_table(part, schema=SCHEMA).to_pylist():
-            row = CalibrationRow(**rec)
-            if row.plan_id == plan_id:
-                found[(row.tensor, row.expert, row.part)] = row
-    return found
+    return parts.latest_by_key([r for r in parts.read_parts(calibration_dir(out), CalibrationRow, SCHEMA)
+                                if r.plan_id == plan_id])
+
+
+def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[CalibrationRow]:
+    """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method)."""
+    method = settings.method
+    scales = {j.entry.companion: j for j in jobs if j.entry.kind in SCALE_KINDS}
+    out: list[CalibrationRow] = []
+    for job in jobs:
+        e = job.entry
+        if e.kind not in REPAIR_KINDS:  # passthrough, scales, and `dequant` (converted, never repaired)
+            continue
+        start = time.perf_counter()
+        mats, kind = delta_matrices(job, scales.get(e.name))
+        mine = []
+        for i in range(mats.shape[0]):
+            d = mats[i]
+            key = matrix_key(e.name, kind, i)
+            if isinstance(method, SpectralMethod):
+                curve = singular_values(d.contiguous(), settings.kernel, device=settings.device)
+            else:
+                curve = method.curve(d, key)
+            expert, part = row_identity(kind, i)
+            mine.append(CalibrationRow(tensor=e.name, expert=expert, part=part, rows=int(d.shape[0]),
+                                       cols=int(d.shape[1]), energy=float(torch.sum(d.double() ** 2)),
+                                       curve=[float(x) for x in curve], plan_id=settings.plan_id, seconds=0.0))
+        per = (time.perf_counter() - start) / len(mine)  # the entry's time, shared by its matrices
+        out.extend(replace(r, seconds=per) for r in mine)
+    return out
+
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,8 @@ def solve_knob(method: Method, rows: list[CalibrationRow], target: float) -> Sol
 
     ρ is monotone in every knob; a spectral cut makes it a step function, so the answer is the
     value whose ρ is nearest the target (the caller reports the ρ actually achieved)."""
-    assert method.knob is not None
+    if method.knob is None:
+        raise InputError(f"--target-rho: method {method.name} has no knob to bisect.")
     lo, hi = method.knob_bounds
     at = {}
 

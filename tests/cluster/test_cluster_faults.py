@@ -22,7 +22,7 @@ from raytools import start_driver_with_a_slow_unit
 ray = pytest.importorskip("ray")
 
 from dgrepair.engine.config import RepairConfig  # noqa: E402
-from dgrepair.engine.run.runner import run_repair  # noqa: E402
+from dgrepair.engine.run.executor import run_repair  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

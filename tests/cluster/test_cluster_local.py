@@ -17,7 +17,7 @@ from dgrepair.cluster.driver import NAMESPACE, run_distributed  # noqa: E402
 from dgrepair.cluster.worker import actor_name  # noqa: E402
 from dgrepair.engine.config import RepairConfig  # noqa: E402
 from dgrepair.engine.errors import RepairFailure  # noqa: E402
-from dgrepair.engine.run.runner import run_repair  # noqa: E402
+from dgrepair.engine.run.executor import run_repair  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

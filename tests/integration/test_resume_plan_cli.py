@@ -12,11 +12,11 @@ import yaml
 from ckpt import tree_digest, write_single
 from pairs import SHARDS
 
-import dgrepair.engine.run.runner as runner
 from dgrepair.cli import build_parser, main
 from dgrepair.engine.config import RepairConfig
 from dgrepair.engine.demo.demo import run_demo
 from dgrepair.engine.io import safetensors_format
+from dgrepair.engine.run.session import RunSession
 
 
 def repair(pair, out: Path, *extra: str) -> int:
@@ -26,7 +26,7 @@ def repair(pair, out: Path, *extra: str) -> int:
 
 def interrupt_after(monkeypatch, n: int) -> None:
     """Raise KeyboardInterrupt when the (n+1)-th work unit starts."""
-    real = runner.execute_unit
+    real = RunSession.step
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -35,7 +35,7 @@ def interrupt_after(monkeypatch, n: int) -> None:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "execute_unit", flaky)
+    monkeypatch.setattr(RunSession, "step", staticmethod(flaky))
 
 
 def clean_and_interrupted(pair, tmp_path: Path, monkeypatch, units: int) -> tuple[Path, Path]:
@@ -86,7 +86,7 @@ def test_rerunning_a_complete_run_changes_nothing(pair, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert repair(pair, out) == 0
     snapshot = tree_digest(out)
-    monkeypatch.setattr(runner, "execute_unit", lambda *a, **k: pytest.fail("complete run recomputed"))
+    monkeypatch.setattr(RunSession, "step", staticmethod(lambda *a, **k: pytest.fail("complete run recomputed")))
     assert repair(pair, out) == 0
     assert tree_digest(out) == snapshot
 
@@ -95,7 +95,7 @@ def test_plan_reads_headers_only_and_writes_nothing(pair, tmp_path, monkeypatch,
     def no_data(*args, **kwargs):
         raise AssertionError("plan read tensor data")
 
-    monkeypatch.setattr(safetensors_format, "read_bytes", no_data)
+    monkeypatch.setattr(safetensors_format, "read_range", no_data)
     monkeypatch.setattr(safetensors_format, "read_tensor", no_data)
     monkeypatch.chdir(tmp_path)
     before = sorted(tmp_path.rglob("*"))
