@@ -94,7 +94,7 @@ def deadline_seconds(unit: WorkUnit, floor: float) -> float:
 
 
 def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
-    """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS."""
+    """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.cluster.address` / RAY_ADDRESS."""
     session = RunSession(cfg, stream)
     if session.complete:
         return read_summary(session.inp.out)
@@ -105,7 +105,7 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     actors: list[Any] = []
-    with ray_session(cfg.address, cfg.workers) as info:
+    with ray_session(cfg.cluster.address, cfg.cluster.workers) as info:
         stop = _install_sigterm(session)
         try:
             if phase is not None and phase.units:
@@ -128,8 +128,9 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
         path = failures_file(session.inp.out)
         path.write_text(json.dumps(report, indent=2) + "\n")
         names = ", ".join(n for f in report["failed"] for n in f["tensors"])
-        raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.max_attempts} attempts: {names}. The "
-                            f"rest is committed; details in {path}. Re-run the same command to retry them.")
+        raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.cluster.max_attempts} attempts: "
+                            f"{names}. The rest is committed; details in {path}. Re-run the same command to retry "
+                            "them.")
     failures_file(session.inp.out).unlink(missing_ok=True)
     return session.finish({"executor": executor})
 
@@ -154,16 +155,16 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
     gpus = int(info["resources"].get("GPU", 0))
     use_gpu = session.settings.device != "cpu" and gpus > 0
     if use_gpu:
-        n_workers = min(cfg.workers or gpus, gpus)  # an actor beyond the GPUs would never be scheduled
+        n_workers = min(cfg.cluster.workers or gpus, gpus)  # an actor beyond the GPUs would never be scheduled
         options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
         settings = session.settings
     else:
         cpus = float(info["resources"].get("CPU", available_cores()))
-        n_workers = cfg.workers or max(1, int(cpus))
+        n_workers = cfg.cluster.workers or max(1, int(cpus))
         # Reserve at most one CPU (a fraction when oversubscribed) so every actor fits on any node
         # and is always schedulable; how many BLAS threads it uses is set separately.
         options = {"num_cpus": min(1.0, cpus / n_workers)}
-        threads = cfg.threads or threads_per_worker(n_workers, int(cpus))
+        threads = cfg.execution.threads or threads_per_worker(n_workers, int(cpus))
         settings = for_workers(session.settings, device="cpu", threads=threads)
     if env:
         options["runtime_env"] = {"env_vars": env}
@@ -183,13 +184,13 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
         for other in flights.values():
             if other.actor == actor:
                 other.shared = True
-        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.unit_timeout_s),
+        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.cluster.unit_timeout_s),
                                shared=shared, solo=unit_id in book.isolated)
         load[actor] += 1
 
     while book.queue or flights:
         for actor in sorted(range(n_workers), key=lambda a: load[a]):
-            while load[actor] < cfg.inflight_per_worker and not any(f.solo and f.actor == actor
+            while load[actor] < cfg.cluster.inflight_per_worker and not any(f.solo and f.actor == actor
                                                                      for f in flights.values()):
                 unit_id = book.next_for(busy=load[actor] > 0)
                 if unit_id is None:
@@ -218,7 +219,7 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         if isinstance(cause, DGRepairError):
             raise cause from None  # bad input (NaN, truncated file): stop like the in-process engine
-        _retry(book, unit_id, f"error: {exc}", cfg.max_attempts, split=False)
+        _retry(book, unit_id, f"error: {exc}", cfg.cluster.max_attempts, split=False)
         return
     except RayActorError as exc:
         if flight.shared and not flight.expired:  # the death may be another unit's doing
@@ -227,7 +228,7 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
             book.queue.appendleft(unit_id)
             return
         why = "past its deadline" if flight.expired else f"worker died: {type(exc).__name__}"
-        _retry(book, unit_id, why, cfg.max_attempts, split=True)
+        _retry(book, unit_id, why, cfg.cluster.max_attempts, split=True)
         return
     unit = book.units[unit_id]
     node = book.nodes.setdefault(result.node, {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors; plan {summary['plan_id']}"
-          f"; wrote {cfg.out}")
+          f"; wrote {cfg.output.out}")
     return 0
 
 

@@ -7,7 +7,6 @@ one schema. Errors the user can act on print one message and exit non-zero witho
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .engine.config import RepairConfig
+from .engine.config import RepairConfig, flag_specs
 from .engine.errors import DGRepairError, InputError
 from .kernels.spectral import BACKENDS
 
@@ -30,28 +29,27 @@ EXAMPLES = """examples:
 
 
 def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One flag per RepairConfig field; defaults are SUPPRESSed so only explicit flags override YAML."""
-    for f in dataclasses.fields(RepairConfig):
-        if only is not None and f.name not in only:
+    """One flag per option (engine/config.py); defaults are SUPPRESSed so only explicit flags override YAML."""
+    for spec in flag_specs():
+        if only is not None and spec.name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if default is not None and default != [] and not isinstance(default, bool):
-            help_text += f" (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if isinstance(default, bool):
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = spec.help
+        if spec.default is not None and spec.default != () and not isinstance(spec.default, bool):
+            help_text += f" (default: {spec.default})"
+        kw: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
+        if isinstance(spec.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, list):
-            parser.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "REGEX"), **kw)
+        elif spec.repeatable:
+            parser.add_argument(flag, action="append", metavar=spec.metavar or "REGEX", **kw)
         else:
-            typ = f.metadata.get("type") or (type(default) if default is not None else str)
-            parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
+            typ = spec.type or (type(spec.default) if spec.default is not None else str)
+            parser.add_argument(flag, type=typ, choices=spec.choices, **kw)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same options; flags override it")
 
 
 def config_from_args(args: argparse.Namespace) -> RepairConfig:
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(RepairConfig) if hasattr(args, f.name)}
+    explicit = {s.name: getattr(args, s.name) for s in flag_specs() if hasattr(args, s.name)}
     if getattr(args, "config", None):
         return RepairConfig.from_yaml(args.config, explicit)
     return RepairConfig.from_mapping(explicit, "command line")
@@ -95,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(cfg: RepairConfig) -> dict[str, Any]:
     """One code path: the Ray driver (embedded local Ray unless an address is given), or the engine
     alone with --in-process."""
-    if cfg.in_process:
+    if cfg.execution.in_process:
         from .engine.run.executor import run_repair
 
         return run_repair(cfg)
@@ -109,14 +107,14 @@ def cmd_repair(args: argparse.Namespace) -> int:
     summary = run(cfg)
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors "
-          f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.out}")
+          f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.output.out}")
     for kind, agg in totals["by_kind"].items():
         print(f"  {kind:<8} {agg['matrices']:>7} matrices, kept rank {agg['rank_kept']} of {agg['rank_total']}")
     for node, agg in summary.get("executor", {}).get("per_node", {}).items():
         print(f"  node {node}: {agg['tensors']} tensors in {agg['units']} units, {agg['seconds']:.1f} s busy, "
               f"read {agg['bytes_read'] / 1e9:.2f} GB, wrote {agg['bytes_written'] / 1e9:.2f} GB")
-    print(f"manifest: {Path(cfg.out) / 'dgrepair' / 'manifest.parquet'}  summary: "
-          f"{Path(cfg.out) / 'dgrepair' / 'summary.json'}")
+    print(f"manifest: {Path(cfg.output.out) / 'dgrepair' / 'manifest.parquet'}  summary: "
+          f"{Path(cfg.output.out) / 'dgrepair' / 'summary.json'}")
     return 0
 
 

@@ -51,9 +51,10 @@ def open_run_inputs(summary: dict) -> Inputs:
         raise InputError("summary.json has no 'config'; it was not written by this version of dgrepair.") from None
     inp = load_inputs(cfg, need_out=False)
     if inp.plan.plan_id != summary.get("plan_id"):
-        raise InputError(f"the checkpoints recorded in summary.json ({cfg.base}, {cfg.ft}) no longer match the run "
-                         f"(plan id {inp.plan.plan_id}, the run's {summary.get('plan_id')}); spectra cannot be "
-                         "recomputed. Render the report without --tensors, or point it at the original inputs.")
+        raise InputError(f"the checkpoints recorded in summary.json ({cfg.inputs.base}, {cfg.inputs.ft}) no "
+                         f"longer match the run (plan id {inp.plan.plan_id}, the run's {summary.get('plan_id')}); "
+                         "spectra cannot be recomputed. Render the report without --tensors, or point it at the "
+                         "original inputs.")
     return inp
 
 
@@ -75,7 +76,9 @@ def spectral_rule(inp: Inputs, summary: dict | None) -> SpectralRule:
     when the method is element-wise."""
     recorded = (summary or {}).get("method")
     method = build_method(recorded["name"], recorded["params"]) if recorded else inp.cfg.repair_method()
-    return method.rule() if isinstance(method, SpectralMethod) else ThresholdParams(median=inp.cfg.median)
+    if isinstance(method, SpectralMethod):
+        return method.rule()
+    return ThresholdParams(median=getattr(method, "median", "lower"))
 
 
 def entry_spectra(inp: Inputs, entry: PlanEntry, limit: int, summary: dict | None = None) -> list[Spectrum]:
@@ -87,7 +90,7 @@ def entry_spectra(inp: Inputs, entry: PlanEntry, limit: int, summary: dict | Non
     out = []
     for i in range(min(limit, mats.shape[0])):
         m = mats[i].contiguous()
-        s = singular_values(m, inp.cfg.kernel)
+        s = singular_values(m, inp.cfg.execution.kernel)
         expert, part = row_identity(kind, i)
         out.append(Spectrum(entry.name, expert, part, (m.shape[0], m.shape[1]), s,
                             threshold_spectrum(s, m.shape[0], m.shape[1], params)))

@@ -24,8 +24,8 @@ def run_demo(workdir: Path, dtype: str, kernel: str, stream: TextIO,
           f"{workdir}", file=stream)
     base_dir, ft_dir = write_pair(workdir, spec)
     out = workdir / "repaired"
-    cfg = RepairConfig(base=str(base_dir), ft=str(ft_dir), out=str(out), kernel=kernel, force=True,
-                       in_process=in_process, progress=False)
+    cfg = RepairConfig.of(base=str(base_dir), ft=str(ft_dir), out=str(out), kernel=kernel, force=True,
+                          in_process=in_process, progress=False)
     summary = executor(cfg)
     print(f"repaired with {summary['executor']['kind']} executor", file=stream)
     base, ft, rep = (open_checkpoint(p, r) for p, r in ((base_dir, "base"), (ft_dir, "fine-tune"), (out, "output")))

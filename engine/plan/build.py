@@ -24,8 +24,8 @@ EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3
 
 def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     """Pair and classify every fine-tune tensor; headers only."""
-    mask = cfg.layer_mask()
-    rules = cfg.treat_as_rules()
+    mask = cfg.scope.layer_mask()
+    rules = cfg.scope.treat_as_rules()
     entries: list[PlanEntry] = []
     mismatches: list[str] = []
     base_names = {canonical(n): n for n in sorted(base.locations)}
@@ -52,8 +52,9 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
             if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
                 c = classify_fp8(t, b, base_name, ft, base, cfg, mask.selects(t.name))
             elif is_int4_family(t.name, ft):
+                passthrough = cfg.formats.packed_int4 == "passthrough"
                 c = (Classification(Kind.PASSTHROUGH, "packed INT4 (compressed-tensors), copied verbatim "
-                                    "(--packed-int4 passthrough); never repaired") if cfg.packed_int4 == "passthrough"
+                                    "(--packed-int4 passthrough); never repaired") if passthrough
                      else Classification(Kind.REFUSE, "packed INT4 (compressed-tensors weight_packed) cannot be "
                                          "repaired by this version; pass --packed-int4 passthrough to copy the "
                                          "fine-tune's tensors verbatim, or dequantize both checkpoints to BF16 first"))
@@ -63,7 +64,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                 c = fp8_base(t, b, base_name, base, _classify(t, dataclasses.replace(b, dtype="F32"), cfg,
                                                               mask.selects(t.name), rules))
             if c.kind == Kind.EXPERTS_FUSED:
-                layout, assumed = fused_layout_for(cfg.fused_layout, model_type)
+                layout, assumed = fused_layout_for(cfg.formats.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)
                 if mshape is None:
                     c = dataclasses.replace(c, kind=Kind.REFUSE, layout=layout, reason=(
@@ -86,7 +87,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                      base_companion=c.base_companion,
                                      base_scale=base.entry(c.base_companion)[1] if c.base_companion else None,
                                      power_of_two_scales=ue8m0))
-    if cfg.out_dtype == "bf16":
+    if cfg.formats.out_dtype == "bf16":
         entries = [to_bf16(e) for e in entries]
     rewritten = {e.name for e in entries if e.kind in QUANTIZED_KINDS}
     entries = [dataclasses.replace(e, kind=Kind.PASSTHROUGH, reason=f"block scales of {e.companion}, kept with it")
@@ -98,7 +99,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     return Plan(entries=entries, base_only=base_only, shape_mismatches=mismatches,
                 config=cfg.output_affecting(), fingerprints={"base": base.fingerprint(), "ft": ft.fingerprint()},
                 out_shards=out_shards, layout_changed=changed,
-                drop_quantization_config=cfg.out_dtype == "bf16" and changed and not quantized_left)
+                drop_quantization_config=cfg.formats.out_dtype == "bf16" and changed and not quantized_left)
 
 
 def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
@@ -121,8 +122,8 @@ def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig, in_mask:
         return Classification(Kind.PASSTHROUGH, "non-float")
     if len(t.shape) < 2:
         return Classification(Kind.PASSTHROUGH, "1-D")
-    if t.numel < cfg.min_numel:
-        return Classification(Kind.PASSTHROUGH, f"numel < {cfg.min_numel}")
+    if t.numel < cfg.scope.min_numel:
+        return Classification(Kind.PASSTHROUGH, f"numel < {cfg.scope.min_numel}")
     if not in_mask:
         return Classification(Kind.PASSTHROUGH, "outside mask")
     if t.numel == 0:

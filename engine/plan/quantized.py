@@ -46,7 +46,7 @@ def classify_fp8(t: TensorEntry, b: TensorEntry | None, base_name: str | None, f
             return Classification(Kind.REFUSE, f"base FP8 weight has no matching {FP8_SCALE} block scales")
     elif b.dtype not in FLOAT_DTYPES_REPAIRABLE:
         return Classification(Kind.REFUSE, f"base dtype {b.dtype} cannot be paired with an FP8 fine-tune")
-    if t.numel < cfg.min_numel or not in_mask:
+    if t.numel < cfg.scope.min_numel or not in_mask:
         return Classification(Kind.PASSTHROUGH, "FP8 weight kept (numel < min_numel or outside mask)",
                               companion=scale)
     return Classification(Kind.FP8, "block-FP8 weight: dequantised, repaired, re-quantised to the same layout",
@@ -95,7 +95,7 @@ def classify_mxfp4(t: TensorEntry, b: TensorEntry | None, base_name: str | None,
         return Classification(Kind.REFUSE, "the base must store the same MXFP4 blocks/scales pair (same shapes); "
                               "dequantize both checkpoints to BF16 first")
     logical = mx_logical_shape(t.shape)
-    if math.prod(logical) < cfg.min_numel or not in_mask:
+    if math.prod(logical) < cfg.scope.min_numel or not in_mask:
         return Classification(Kind.PASSTHROUGH, "MXFP4 weight kept (numel < min_numel or outside mask)",
                               companion=scales_name)
     pair = {"companion": scales_name, "base_companion": base_scales}
@@ -103,7 +103,7 @@ def classify_mxfp4(t: TensorEntry, b: TensorEntry | None, base_name: str | None,
         return Classification(Kind.MXFP4, "MXFP4 matrix: dequantised, repaired, re-quantised", logical, 1, **pair)
     e, rows, cols = logical
     if FUSED_GATE_UP.search(stem):
-        layout = cfg.fused_layout if cfg.fused_layout != "auto" else "out_in_interleaved"
+        layout = cfg.formats.fused_layout if cfg.formats.fused_layout != "auto" else "out_in_interleaved"
         mshape = fused_matrix_shape(logical, layout)
         if mshape is None:
             return Classification(Kind.REFUSE, f"fused MXFP4 gate/up stack {list(logical)} has an odd fused axis")

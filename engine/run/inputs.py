@@ -29,9 +29,9 @@ class Inputs:
 
 def load_inputs(cfg: RepairConfig, need_out: bool = True) -> Inputs:
     cfg.require_paths("base", "ft", *(("out",) if need_out else ()))
-    base = open_checkpoint(cfg.base, "base")
-    ft = open_checkpoint(cfg.ft, "fine-tune")
-    out = shards.check_out_path(Path(cfg.out), [base.root, ft.root]) if need_out else Path()
+    base = open_checkpoint(cfg.inputs.base, "base")
+    ft = open_checkpoint(cfg.inputs.ft, "fine-tune")
+    out = shards.check_out_path(Path(cfg.output.out), [base.root, ft.root]) if need_out else Path()
     return Inputs(cfg, base, ft, out, build_plan(base, ft, cfg))
 
 
@@ -51,4 +51,4 @@ def entry_job(inp: Inputs, e: PlanEntry) -> EntryJob:
 
 def adapter_parts(inp: Inputs) -> Path | None:
     """Where --emit-adapter factors go (None without --emit-adapter)."""
-    return paths.adapter_parts_dir(inp.out) if inp.cfg.emit_adapter else None
+    return paths.adapter_parts_dir(inp.out) if inp.cfg.output.emit_adapter else None

@@ -106,18 +106,18 @@ class RunSession:
         self.cfg = cfg
         self.inp = load_inputs(cfg)
         self.inp.plan.check_runnable()
-        state = shards.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.force)
+        state = shards.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.output.force)
         self.complete = state == "complete"
         self.done = verified_done(self.inp) if state == "resume" else set()
         try:
-            device = resolve_device(cfg.device)
+            device = resolve_device(cfg.execution.device)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         parts = adapter_parts(self.inp)
-        self.settings = StepSettings(cfg.repair_method(), cfg.kernel, self.inp.plan.plan_id, device=device,
-                                     threads=cfg.threads or None, adapter_parts=str(parts) if parts else None)
+        self.settings = StepSettings(cfg.repair_method(), cfg.execution.kernel, self.inp.plan.plan_id, device=device,
+                                     threads=cfg.execution.threads or None, adapter_parts=str(parts) if parts else None)
         self.solution: calibration.Solution | None = None
-        self.calibration = CalibrationPhase(self, stream) if cfg.target_rho is not None else None
+        self.calibration = CalibrationPhase(self, stream) if cfg.method.target_rho is not None else None
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
         self.remaining = Counter(e.shard for e in todo)
         if not self.complete:
@@ -126,10 +126,10 @@ class RunSession:
                     shards.finalize_shard(self.inp.out, shard)  # all committed before an interruption
                 elif self.remaining[shard] > 0 and (self.inp.out / shard).is_file():
                     shards.reopen_shard(self.inp.out, shard)  # a finalised shard that no longer verifies
-        self.units = make_units(todo, cfg.batch_mb << 20)
-        self.committer = Committer(self.inp.out, interval_s=cfg.commit_interval_s)
+        self.units = make_units(todo, cfg.execution.batch_mb << 20)
+        self.committer = Committer(self.inp.out, interval_s=cfg.execution.commit_interval_s)
         self.finished = len(self.done)
-        self.bar = _bar("repair", self.units, not cfg.progress or self.complete, stream)
+        self.bar = _bar("repair", self.units, not cfg.execution.progress or self.complete, stream)
         self.t_plan = time.perf_counter() - self.t0
 
     def resolve_target(self) -> None:
@@ -138,7 +138,7 @@ class RunSession:
             return
         method = self.settings.method
         rows = self.calibration.rows()
-        self.solution = calibration.solve_knob(method, rows, float(self.cfg.target_rho))
+        self.solution = calibration.solve_knob(method, rows, float(self.cfg.method.target_rho))
         self.settings = replace(self.settings, method=method.with_knob(self.solution.value))
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
@@ -167,11 +167,11 @@ class RunSession:
                                 timings={"plan_s": self.t_plan, "total_s": time.perf_counter() - self.t0})
         summary["method"] = {"name": self.settings.method.name, "params": self.settings.method.params()}
         if self.solution is not None:
-            summary["target_rho"] = {"target": self.cfg.target_rho, **self.solution.to_dict(),
+            summary["target_rho"] = {"target": self.cfg.method.target_rho, **self.solution.to_dict(),
                                      "achieved_rho": summary["totals"]["global_rho"]}
-        if self.cfg.emit_adapter:
+        if self.cfg.output.emit_adapter:
             summary["adapter"] = adapter.finalize(adapter_parts(self.inp), self.inp.plan,
-                                                  Path(self.cfg.emit_adapter).expanduser().resolve(),
+                                                  Path(self.cfg.output.emit_adapter).expanduser().resolve(),
                                                   self.inp.base, self.inp.ft)
         summary.update(extra or {})
         shards.finalize_run(self.inp.out, self.inp.ft, summary, self.inp.plan)
@@ -195,9 +195,10 @@ class CalibrationPhase:
         have = calibration.read_rows(self.out, self.calib_id)
         todo = {e.name for e in entries if any(k not in have for k in expected_keys(e))}
         todo |= {e.companion for e in entries if e.companion and e.name in todo}  # quantized scales travel along
-        self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], session.cfg.batch_mb << 20)
+        budget = session.cfg.execution.batch_mb << 20
+        self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], budget)
         self.pending: list[CalibrationRow] = []
-        self.bar = _bar("calibrate", self.units, not session.cfg.progress or not self.units, stream)
+        self.bar = _bar("calibrate", self.units, not session.cfg.execution.progress or not self.units, stream)
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         return self.session.jobs(unit)

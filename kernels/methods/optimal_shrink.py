@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..threshold import Cut, MedianRule, NoiseScale, SpectralRule
-from .base import SpectralMethod
+from .base import MEDIAN, SpectralMethod
 
 
 def frobenius_shrinker(y: np.ndarray, beta: float) -> np.ndarray:
@@ -42,6 +42,7 @@ class OptimalShrinkRule:
 @dataclass(frozen=True)
 class OptimalShrink(SpectralMethod):
     name: ClassVar[str] = "optimal_shrink"
+    checks: ClassVar[dict] = {"median": MEDIAN}
 
     median: MedianRule = "lower"
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 def clean_copy(pair, tmp_path: Path) -> Path:
     out = tmp_path / "clean"
-    run_repair(RepairConfig(base=str(pair.base), ft=str(pair.ft), out=str(out), progress=False, in_process=True))
+    run_repair(RepairConfig.of(base=str(pair.base), ft=str(pair.ft), out=str(out), progress=False, in_process=True))
     return out
 
 
@@ -97,7 +97,7 @@ def test_node_removed_mid_run(pair, tmp_path, monkeypatch):
     nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 << 20) for _ in range(3)]
     try:
         ray.init(address=cluster.address, logging_level="ERROR")
-        config = RepairConfig(base=str(pair.base), ft=str(pair.ft), out=str(tmp_path / "out"), progress=False,
+        config = RepairConfig.of(base=str(pair.base), ft=str(pair.ft), out=str(tmp_path / "out"), progress=False,
                               workers=2, threads=1)
         driver, result, _, node_id = start_driver_with_a_slow_unit(config, tmp_path / "sleeping", monkeypatch, 60)
         victim = next(n for n in nodes if n.node_id == node_id)

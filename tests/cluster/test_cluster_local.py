@@ -31,7 +31,7 @@ def local_ray():
 
 
 def cfg(pair, out: Path, **kw) -> RepairConfig:
-    return RepairConfig(base=str(pair.base), ft=str(pair.ft), out=str(out), progress=False, **kw)
+    return RepairConfig.of(base=str(pair.base), ft=str(pair.ft), out=str(out), progress=False, **kw)
 
 
 def same_bytes(a: Path, b: Path) -> None:
@@ -98,7 +98,7 @@ def test_bad_input_found_by_a_worker_stops_the_run_with_the_engine_error(tmp_pat
     bad[0, 0] = float("nan")
     write_single(tmp_path / "b", {"w.weight": torch.zeros(64, 32)})
     write_single(tmp_path / "f", {"w.weight": bad})
-    c = RepairConfig(base=str(tmp_path / "b"), ft=str(tmp_path / "f"), out=str(tmp_path / "o"), progress=False)
+    c = RepairConfig.of(base=str(tmp_path / "b"), ft=str(tmp_path / "f"), out=str(tmp_path / "o"), progress=False)
     with pytest.raises(Failure, match="w.weight.*NaN/Inf"):
         run_distributed(c)
     assert not (tmp_path / "o" / "dgrepair" / "summary.json").exists()
@@ -127,7 +127,7 @@ def test_poison_fp8_weight_fails_together_with_its_scales(tmp_path, monkeypatch)
 
     fp8_pair(tmp_path)
     weight = "model.layers.0.mlp.down_proj.weight"
-    c = RepairConfig(base=str(tmp_path / "base"), ft=str(tmp_path / "ft"), out=str(tmp_path / "out"),
+    c = RepairConfig.of(base=str(tmp_path / "base"), ft=str(tmp_path / "ft"), out=str(tmp_path / "out"),
                      progress=False, workers=2, max_attempts=2)
     monkeypatch.setenv("DGREPAIR_FAULT_CRASH_ON", weight)
     with pytest.raises(RepairFailure, match=weight):
@@ -136,7 +136,7 @@ def test_poison_fp8_weight_fails_together_with_its_scales(tmp_path, monkeypatch)
     assert [sorted(f["tensors"]) for f in report["failed"]] == [[weight, weight + "_scale_inv"]]
     monkeypatch.delenv("DGREPAIR_FAULT_CRASH_ON")
     run_distributed(c)
-    run_repair(RepairConfig(base=str(tmp_path / "base"), ft=str(tmp_path / "ft"), out=str(tmp_path / "clean"),
+    run_repair(RepairConfig.of(base=str(tmp_path / "base"), ft=str(tmp_path / "ft"), out=str(tmp_path / "clean"),
                             progress=False, in_process=True))
     for shard in ("a.safetensors", "b.safetensors"):
         assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "clean" / shard).read_bytes()

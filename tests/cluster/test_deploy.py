@@ -66,7 +66,7 @@ def test_nightly_cronjob_creates_a_dated_rayjob():
 
 def test_example_config_is_a_valid_repair_config():
     cfg = RepairConfig.from_mapping(load("repair.example.yaml"), "repair.example.yaml")
-    assert cfg.out and cfg.workers == 0 and cfg.kernel == "auto"
+    assert cfg.output.out and cfg.cluster.workers == 0 and cfg.execution.kernel == "auto"
 
 
 def test_nightly_submit_script_is_valid_bash_and_uses_fresh_submission_ids():

@@ -13,7 +13,7 @@ from ckpt import tree_digest, write_single
 from pairs import SHARDS
 
 from dgrepair.cli import build_parser, main
-from dgrepair.engine.config import RepairConfig
+from dgrepair.engine.config import flag_specs
 from dgrepair.engine.demo.demo import run_demo
 from dgrepair.engine.io import safetensors_format
 from dgrepair.engine.run.session import RunSession
@@ -156,7 +156,7 @@ def test_yaml_config_with_flag_override(pair, tmp_path):
 
 @pytest.mark.parametrize("content,needle", [("scale: [", "invalid YAML"), ("bogus: 1", "unknown option 'bogus'"),
                                             ("scale: -1", "scale must be > 0"), ("- a", "must be a mapping"),
-                                            ("mask: nope", "unknown mask preset"),
+                                            ("mask: nope", "mask must be one of all, mlp_only"),
                                             ("include: ['(']", "invalid regular expression")])
 def test_bad_config_file(tmp_path, capsys, content, needle):
     cfg_file = tmp_path / "c.yaml"
@@ -173,8 +173,8 @@ def test_missing_required_paths(capsys):
 
 def test_help_lists_every_config_option():
     help_text = build_parser()._subparsers._group_actions[0].choices["repair"].format_help()
-    for name in RepairConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in help_text
+    for spec in flag_specs():
+        assert "--" + spec.name.replace("_", "-") in help_text
 
 
 def test_demo_recovers_the_planted_ranks(tmp_path, capsys):
