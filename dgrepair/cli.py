@@ -180,7 +180,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
         "score", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="score methods against base and ft from benchmark results (paper §3.4: healed, preserved, "
              "Combined, balance; population Clean-up / Retention / Combined)",
-        description="Score repair methods the way the paper does (SPEC.md §5). Input: a long-format CSV with "
+        description="Score repair methods the way the paper does (docs/scoring.md). Input: a long-format CSV with "
                     "columns cell,method,benchmark,score (methods 'base' and 'ft' are the references; the "
                     "on-task benchmark is named 'task'), and/or lm-evaluation-harness results files, one per "
                     "method, for one cell.")
@@ -203,7 +203,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
                             "(default: auto)")
     score.add_argument("--non-damage", choices=("one-sided", "two-sided"), default="two-sided",
                        help="population non-damage: one-sided = M - Base >= -0.03 on unchanged triples (reproduces "
-                            "the paper's numbers), two-sided = |M - Base| < 0.03 (SPEC §5 as written) "
+                            "the paper's numbers), two-sided = |M - Base| < 0.03 (docs/scoring.md, as written) "
                             "(default: two-sided)")
     score.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
     score.set_defaults(func=cmd_score)

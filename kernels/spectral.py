@@ -6,7 +6,7 @@ Backends (`--kernel`):
   top-r eigenvectors; Δ* = (ΔV_r)V_rᵀ. Never pays for the wide orientation.
 - `gram32`: the same in float32 (TF32 off), guarded: if κ = s_max/s_med > KAPPA_MAX_F32 or a
   singular value lies within NEAR_TAU_F32 of τ, the matrix is recomputed with `gram64` and the
-  stats record why (research/kernels.md §2: float32 breaks ranks from κ ≈ 1e4).
+  stats record why (docs/adr/0004-cpu-spectral-kernels.md: float32 breaks ranks from κ ≈ 1e4).
 τ and r always come from a full set of eigenvalues, never from a randomized estimate.
 """
 

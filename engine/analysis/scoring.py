@@ -1,4 +1,4 @@
-"""The paper's partition-conditional scoring (SPEC.md §5, paper §3.4 and App. C), as pure functions.
+"""The paper's partition-conditional scoring (docs/scoring.md, paper §3.4 and App. C), as pure functions.
 
 Input is a `ScoreTable`: benchmark scores as fractions in [0, 1] keyed by (cell, method, benchmark),
 with `base` and `ft` as the reference methods and `task` as the on-task benchmark. Reading CSV or
@@ -9,8 +9,8 @@ Conventions (docs/adr/0006-scoring-and-reports.md):
   comparisons allow `BOUNDARY_EPS` so that a difference of exactly 3 points in decimal (0.5320 →
   0.5020, which is −0.030000000000000027 in binary) is decided as written, so an FT effect of
   exactly 3 points is a change.
-- Non-damage (population): by default SPEC §5 as written, the share of unchanged triples with
-  |M − Base| < 0.03 (`two-sided`; SPEC.md is authoritative). `one-sided` (M − Base ≥ −0.03, exact
+- Non-damage (population): by default the metric as written (docs/scoring.md), the share of unchanged triples with
+  |M − Base| < 0.03 (`two-sided`). `one-sided` (M − Base ≥ −0.03, exact
   −3 points kept) is the rule that reproduces the paper's printed population numbers.
 - Per cell: healed/preserved are means of per-benchmark ratios clipped to [0, 1]; an empty side
   counts as 1; Combined is their harmonic mean (0 when either is 0). Balance is the harmonic mean
@@ -104,7 +104,7 @@ def classify(ft: float, base: float) -> str:
 def within_threshold(method: float, base: float, mode: str = "two-sided") -> bool:
     """Non-damage test for an unchanged triple.
 
-    `two-sided` (default): SPEC §5's literal |M − Base| < 0.03. `one-sided`: the method did not push it
+    `two-sided` (default): the literal rule, |M − Base| < 0.03. `one-sided`: the method did not push it
     more than 3 points below Base, M − Base ≥ −0.03 with an exact −3 points counted as kept; this
     reproduces the paper's population numbers (Tab. 1, Tab. 13, Fig. 2; docs/adr/0006-scoring-and-reports.md)."""
     if mode == "one-sided":

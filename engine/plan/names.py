@@ -2,7 +2,7 @@
 
 Transformers ≥ 4.52 stores VLM weights under `model.language_model.*` / `model.visual.*`; older files
 use `model.*` / `visual.*`; Llama-4 and older Gemma-3 files use `language_model.model.*`
-(research/formats.md §4). A head missing from the base is the base's embedding when the base ties
+(docs/formats.md). A head missing from the base is the base's embedding when the base ties
 them (decided from the files, not the config).
 """
 

@@ -1,4 +1,4 @@
-"""Which tensors DG-Hard touches (SPEC.md §2): layer-mask presets and include/exclude patterns."""
+"""Which tensors DG-Hard touches (docs/maths.md): layer-mask presets and include/exclude patterns."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """(Δ as float32 matrices (n, m, k), W0 as float32 matrices, the fine-tune's extra vocabulary rows)."""
     e = job.entry
     base_file, base = job.base_side()
-    # Upcast first, then subtract (SPEC §1.1). `.to` may alias an F32 input, so the fine-tuned
+    # Upcast first, then subtract (docs/maths.md). `.to` may alias an F32 input, so the fine-tuned
     # values are consumed here and re-read later only for degenerate matrices.
     ft_t = read_tensor(job.ft_file, e.ft)
     rows_kept = e.repair_shape[0]

@@ -1,4 +1,4 @@
-"""DG-Hard (the paper's method, SPEC §1): keep singular values above scale · ω(β) · s_med."""
+"""DG-Hard (the paper's method, docs/maths.md): keep singular values above scale · ω(β) · s_med."""
 
 from __future__ import annotations
 

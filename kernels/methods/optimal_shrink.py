@@ -1,6 +1,6 @@
 """Gavish–Donoho (2017) optimal singular-value shrinker for Frobenius loss, unknown noise level.
 
-With σ̂ = s_med / √(N μ_β) (SPEC §1) and y = s / (√N σ̂), each singular value becomes
+With σ̂ = s_med / √(N μ_β) (docs/maths.md) and y = s / (√N σ̂), each singular value becomes
 η(y) · √N σ̂ with η(y) = √((y² − β − 1)² − 4β) / y for y > 1 + √β and 0 below the bulk edge.
 A continuous shrinker has no knob, so --target-rho does not apply to it.
 """

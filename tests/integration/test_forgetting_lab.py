@@ -100,7 +100,7 @@ def test_lab_pipeline_smoke(tmp_path):
         assert {(r["cell"], r["method"]) for r in results["scores"] if r["level"] == "cell"} == {("s0-n1", "dg_hard@1")}
     else:
         assert results["scores"] == [] and results["unscorable_cells"] == ["s0-n1"]
-        assert "Not scorable by SPEC §5" in report.read_text()
+        assert "Not scorable by the metric (docs/scoring.md)" in report.read_text()
 
     base_dir, ft_dir = work / "base", work / "seed0" / "ft" / "steps1"
     out = work / "seed0" / "steps1" / "repairs" / "dg_hard@1"

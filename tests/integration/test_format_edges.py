@@ -1,4 +1,4 @@
-"""safetensors edge cases from research/formats.md §7: 0-d and empty tensors, a 2,500-tensor header,
+"""safetensors edge cases from docs/formats.md: 0-d and empty tensors, a 2,500-tensor header,
 whitespace-padded headers; all preserved byte for byte. Rows "Mixed-precision passthrough" (0-d scalar,
 empty [0, 8]) and "Header and metadata"."""
 

@@ -1,6 +1,6 @@
 """Block-FP8 (F8_E4M3 + weight_scale_inv per 128x128 block): dequantise with each checkpoint's own
-scales, repair, re-quantise to the same layout and scale convention (SPEC §4), checked against a
-reference built from the float64 numpy SVD and an independent blockwise loop. research/formats.md §7 rows
+scales, repair, re-quantise to the same layout and scale convention (docs/formats.md), checked against a
+reference built from the float64 numpy SVD and an independent blockwise loop. docs/formats.md rows
 "Block FP8 ... with ragged edges" ([320, 200] -> scale [3, 2], [192, 256]), "BF16 / UE8M0 scale variants" and
 "Sharded index" (a scale in a different shard than its weight)."""
 

@@ -1,4 +1,4 @@
-"""End-to-end repairs of the mini frontier checkpoints of tests/fixtures/frontier.py (research/formats.md §7 rows:
+"""End-to-end repairs of the mini frontier checkpoints of tests/fixtures/frontier.py (docs/formats.md rows:
 "Per-expert 2-D MoE", "Fused [E, 2I, H]", "MXFP4", "Convolutions", "MLA shapes", "Mixed-precision
 passthrough", "Prefix mismatch", "Block FP8"): every repaired matrix against the float64 reference
 per matrix, every passthrough byte-exact, and `dgrepair plan` classifying each tensor as written here

@@ -1,5 +1,5 @@
 """Fused gate/up expert stacks are repaired per expert and per half: the result equals the per-expert
-2-D layout's bit for bit, in all three on-disk layouts, and keeps the fused layout. research/formats.md
+2-D layout's bit for bit, in all three on-disk layouts, and keeps the fused layout. docs/formats.md
 §7 rows "Fused [E, 2I, H] (v5 / Qwen3.5)" and "Fused [E, H, 2I] (in, out)" (no `.weight` suffix, with a
 `gate_up_proj_bias`, split/merge inverse)."""
 
@@ -100,7 +100,7 @@ def test_split_and_merge_are_inverse_and_match_explicit_slicing(layout):
     mats = to_matrices(t, "experts_fused", shape, layout)
     assert torch.equal(from_matrices(mats, "experts_fused", tuple(t.shape), layout), t)
     for e in range(2):
-        for k in range(2):  # written from research/formats.md §2, independent of engine/plan/layouts.py
+        for k in range(2):  # written from docs/formats.md, independent of engine/plan/layouts.py
             want = {"out_in_concat": t[e, k * 4:(k + 1) * 4, :], "out_in_interleaved": t[e, k::2, :],
                     "in_out_concat": t[e, :, k * 3:(k + 1) * 3], "in_out_interleaved": t[e, :, k::2]}[layout]
             assert torch.equal(mats[2 * e + k], want), (layout, e, k)

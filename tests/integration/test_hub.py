@@ -1,6 +1,6 @@
 """Hub inputs, offline: a Hugging Face cache tree built by the test in the real layout
 (models--org--name/{blobs,snapshots/<sha>,refs/main}) is resolved with HF_HUB_OFFLINE=1; only the
-files named by the index are used, and the cache is left untouched. research/formats.md §7 row
+files named by the index are used, and the cache is left untouched. docs/formats.md row
 "Offline / partial fetch"."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MXFP4 conventions (research/formats.md §2 and §7 row "MXFP4 `_blocks` / `_scales`"), packed INT4 (row
+"""MXFP4 conventions (docs/formats.md), packed INT4 (row
 "INT4 compressed-tensors"), `--treat-as` classification overrides for tensors with more than two axes, and
 BF16 conversion of FP8 weights that are not repaired."""
 

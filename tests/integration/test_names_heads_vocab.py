@@ -40,7 +40,7 @@ def assert_repaired(out: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> No
 
 @pytest.mark.parametrize("ft_prefix", ["model.language_model.", "language_model.model."])
 def test_prefixed_fine_tune_pairs_with_plain_base_and_keeps_its_names(tmp_path, ft_prefix):
-    # research/formats.md §7 row "Prefix mismatch"
+    # docs/formats.md row "Prefix mismatch"
     w0, w1 = mat((96, 64), 0)
     v0, v1 = mat((64, 48), 1)
     base = {"model.layers.0.mlp.up_proj.weight": w0, "visual.blocks.0.attn.qkv.weight": v0}

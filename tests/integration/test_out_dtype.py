@@ -1,4 +1,4 @@
-"""`--out-dtype bf16` (research/formats.md §1 "fp8_cast_bf16", §7 rows "Block FP8" and "MXFP4": write BF16
+"""`--out-dtype bf16` (docs/formats.md "fp8_cast_bf16", §7 rows "Block FP8" and "MXFP4": write BF16
 instead of re-quantizing): scale tensors dropped, headers / offsets / index / total_size rebuilt from the
 plan, config.json's quantization_config removed, passthroughs byte-exact, values equal to the float64
 reference cast to BF16, and the output loads in transformers (DeepseekV3, GptOss). Resume works."""

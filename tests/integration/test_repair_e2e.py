@@ -38,7 +38,7 @@ def load_out(out: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_matrices(pair: Pair, name: str) -> list[tuple[np.ndarray, np.ndarray, int, float]]:
-    """Per matrix: (base float32 as float64, reference Δ*, rank, τ) following SPEC §1 and §3."""
+    """Per matrix: (base float32 as float64, reference Δ*, rank, τ) following docs/maths.md."""
     b = pair.base_tensors[name].float().numpy()
     f = pair.ft_tensors[name].float().numpy()
     if b.ndim == 3 and "experts" in name:
@@ -47,7 +47,7 @@ def reference_matrices(pair: Pair, name: str) -> list[tuple[np.ndarray, np.ndarr
         mats = [(b.reshape(b.shape[0], -1), f.reshape(f.shape[0], -1))]
     out = []
     for bm, fm in mats:
-        d_star, r, tau = reference.dg_hard(fm - bm)  # float32 subtraction, as SPEC §1.1
+        d_star, r, tau = reference.dg_hard(fm - bm)  # float32 subtraction, as docs/maths.md says
         out.append((bm.astype(np.float64), d_star, r, tau))
     return out
 

@@ -42,7 +42,7 @@ def test_repaired_llama_loads_and_matches_reference_forward(tmp_path):
                  "--no-progress", "--in-process"]) == 0
     repaired = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # the real client
 
-    # Expected weights: SPEC §1 via the float64 numpy reference; 1-D and small tensors keep the fine-tune.
+    # Expected weights: docs/maths.md via the float64 numpy reference; 1-D and small tensors keep the fine-tune.
     expected = {}
     saved_ft = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").state_dict()
     for name, w1 in saved_ft.items():

@@ -1,4 +1,4 @@
-"""DG constants against SPEC.md's table and an independent mpmath computation of the MP median."""
+"""DG constants against the table of docs/maths.md and an independent mpmath computation of the MP median."""
 
 import math
 
@@ -7,7 +7,7 @@ import reference
 
 from dgrepair.kernels.dg_constants import lambda_star, mp_median, omega, omega_poly
 
-SPEC_TABLE = [  # beta, lambda*, mu_beta, omega  (SPEC.md §1, 6 decimals)
+SPEC_TABLE = [  # beta, lambda*, mu_beta, omega  (docs/maths.md, 6 decimals)
     (0.05, 1.506607, 0.983308, 1.519341),
     (0.1, 1.581648, 0.966565, 1.608772),
     (0.25, 1.758029, 0.916004, 1.836866),
@@ -37,7 +37,7 @@ def test_square_case_closed_forms():
 
 
 def test_exact_omega_differs_from_the_paper_cubic_where_beta_is_small():
-    # research/kernels.md: the cubic is +0.76 % off at beta = 0.01.
+    # measured (docs/adr/0004-cpu-spectral-kernels.md): the cubic is +0.76 % off at beta = 0.01.
     assert omega_poly(0.01) / omega(0.01) - 1 == pytest.approx(0.0076, abs=5e-4)
 
 

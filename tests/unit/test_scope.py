@@ -1,4 +1,4 @@
-"""Mask presets (SPEC §2, paper App. I.2) and their MoE spellings; include/exclude semantics."""
+"""Mask presets (docs/maths.md, paper App. I.2) and their MoE spellings; include/exclude semantics."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""`dgrepair score` (SPEC.md §5): values worked by hand, the paper's Tab. 14/15 Combined column and
+"""`dgrepair score` (docs/scoring.md): values worked by hand, the paper's Tab. 14/15 Combined column and
 Tab. 9 partition counts, the population numbers the paper prints (Tab. 1, Tab. 13, Fig. 2), input
 validation, and lm-evaluation-harness result files."""
 
@@ -162,7 +162,7 @@ def test_paper_tab14_tab15_combined_column():
         checked += 1
     assert checked == 98
     assert worst < 1e-3
-    assert cells[("Qwen/MedQA", "WiSE-FT")].combined == pytest.approx(0.9437, abs=1e-3)  # SPEC §5's example
+    assert cells[("Qwen/MedQA", "WiSE-FT")].combined == pytest.approx(0.9437, abs=1e-3)  # the worked example
 
 
 def test_paper_tab9_partition_counts():
@@ -206,7 +206,7 @@ def test_paper_population_combined():
 
 
 def test_spec_two_sided_non_damage_does_not_reproduce_the_paper():
-    """Why one-sided exists beside the SPEC default: SPEC §5's literal |M - Base| < 0.03 misses Knowledge by
+    """Why one-sided exists beside the default: the literal |M - Base| < 0.03 misses Knowledge by
     6 points."""
     got = {(p.method, p.cohort): p for p in scoring.score_populations(paper_table(), non_damage="two-sided")}
     assert 100 * got[("DG-Hard", "dimension=Knowledge")].combined == pytest.approx(78.9, abs=0.05)
@@ -229,7 +229,7 @@ def test_cli_json_records(capsys):
     dg = next(r for r in pops if r["method"] == "DG-Hard" and r["cohort"] == "overall")
     assert dg["combined"] == pytest.approx(0.833, abs=5e-4)
     assert records.index(cells[-1]) < records.index(pops[0])  # population rows come below the cells
-    assert main(["score", "--table", str(PAPER_SCORES), "--json"]) == 0  # default: SPEC §5's two-sided rule
+    assert main(["score", "--table", str(PAPER_SCORES), "--json"]) == 0  # default: the two-sided rule
     dg_spec = next(r for r in json.loads(capsys.readouterr().out)
                    if r["level"] == "population" and r["method"] == "DG-Hard" and r["cohort"] == "overall")
     assert dg_spec["combined"] == pytest.approx(0.827, abs=5e-4)

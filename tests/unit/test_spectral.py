@@ -1,4 +1,4 @@
-"""The spectral step against the independent float64 numpy SVD reference (SPEC §1)."""
+"""The spectral step against the independent float64 numpy SVD reference (docs/maths.md)."""
 
 import math
 
