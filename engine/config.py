@@ -22,11 +22,10 @@ import yaml
 
 from ..kernels.methods import METHODS, Method, build_method, method_fields
 from ..kernels.methods.dg_hard import DGHard
+from ..kernels.spectral import Backend as Kernel
 from .errors import InputError
-from .plan.scope import LayerMask
 
 MethodName = Literal["dg_hard", "wise_ft", "ties", "dare", "fixed_rank", "mp_edge", "optimal_shrink"]
-Kernel = Literal["auto", "exact", "gram64", "gram32"]
 MaskPreset = Literal["all", "mlp_only", "attn_only", "gate_up"]
 FusedLayout = Literal["auto", "out_in_concat", "in_out_concat", "in_out_interleaved", "out_in_interleaved"]
 OutDtype = Literal["keep", "bf16"]
@@ -129,8 +128,7 @@ class ScopeOptions(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.treat_as_rules()  # validates REGEX=KIND
-        self.layer_mask()  # validates the regexes
+        self.treat_as_rules()  # validates REGEX=KIND; include/exclude are compiled (and checked) by plan/scope.py
 
     def treat_as_rules(self) -> tuple[tuple[re.Pattern[str], str], ...]:
         """Compiled `--treat-as REGEX=KIND` overrides, in the order given."""
@@ -145,9 +143,6 @@ class ScopeOptions(Section):
             except re.error as exc:
                 raise InputError(f"treat_as {item!r}: invalid regular expression ({exc}).") from exc
         return tuple(rules)
-
-    def layer_mask(self) -> LayerMask:
-        return LayerMask(self.mask, self.include, self.exclude)
 
 
 @dataclass(frozen=True)

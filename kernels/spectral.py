@@ -12,6 +12,7 @@ Backends (`--kernel`):
 
 from __future__ import annotations
 
+import typing
 from contextlib import nullcontext
 from typing import Literal
 
@@ -23,7 +24,7 @@ from .threads import cpu_thread_policy
 from .threshold import SpectralRule, SpectralStats, threshold_spectrum
 
 Backend = Literal["auto", "exact", "gram64", "gram32"]
-BACKENDS: tuple[str, ...] = ("auto", "exact", "gram64", "gram32")
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 
 # Float working-set bound of the Gram backends (elements per streamed block: 128 MiB in float64).
 DEFAULT_CHUNK_ELEMS = 1 << 24

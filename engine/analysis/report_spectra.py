@@ -83,7 +83,8 @@ def spectral_rule(inp: Inputs, summary: dict | None) -> SpectralRule:
 
 def entry_spectra(inp: Inputs, entry: PlanEntry, limit: int, summary: dict | None = None) -> list[Spectrum]:
     """Spectra of the first `limit` matrices of an entry (stacks hold one per expert and half)."""
-    assert entry.matrix_shape is not None
+    if entry.matrix_shape is None:
+        raise InputError(f"tensor {entry.name!r} is not repaired as matrices ({entry.kind}); it has no spectrum.")
     scale = next((e for e in inp.plan.entries if e.name == entry.companion), None) if entry.companion else None
     mats, kind = delta_matrices(entry_job(inp, entry), entry_job(inp, scale) if scale else None)
     params = spectral_rule(inp, summary)

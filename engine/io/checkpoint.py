@@ -17,7 +17,6 @@ from .hub import resolve as resolve_hub
 from .safetensors_format import ShardHeader, TensorEntry, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SINGLE_FILE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)

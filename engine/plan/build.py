@@ -18,13 +18,14 @@ from .model import Classification, Plan, PlanEntry
 from .names import EMBEDDING, HEAD, base_partner, canonical
 from .out_layout import output_layout
 from .quantized import classify_fp8, classify_mxfp4, fp8_base, is_int4_family, to_bf16
+from .scope import LayerMask
 
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
 
 
 def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     """Pair and classify every fine-tune tensor; headers only."""
-    mask = cfg.scope.layer_mask()
+    mask = LayerMask(cfg.scope.mask, cfg.scope.include, cfg.scope.exclude)
     rules = cfg.scope.treat_as_rules()
     entries: list[PlanEntry] = []
     mismatches: list[str] = []

@@ -11,36 +11,11 @@ import numpy as np
 import pytest
 import reference
 import torch
+from spectra import SHAPES, bulk_plus_spikes, with_spectrum
 
 from dgrepair.kernels.spectral import repair_batch
 from dgrepair.kernels.threads import cpu_thread_policy, threads_per_worker
-from dgrepair.kernels.threshold import ThresholdParams, threshold_spectrum
-
-SHAPES = [(2000, 40), (40, 2000), (600, 300), (300, 600), (500, 125), (400, 400)]  # beta 0.02 .. 1
-
-
-def with_spectrum(shape, s: np.ndarray, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    m, n = shape
-    u, _ = np.linalg.qr(rng.standard_normal((m, len(s))))
-    v, _ = np.linalg.qr(rng.standard_normal((n, len(s))))
-    return ((u * s) @ v.T).astype(np.float32)
-
-
-def bulk_plus_spikes(shape, seed: int, kappa: float | None = None, near_tau: float | None = None) -> np.ndarray:
-    """MP-like bulk, 6 spikes, optionally a spike of κ·s_med and a value at τ·(1 + near_tau)."""
-    m, n = shape
-    p, big = min(shape), max(shape)
-    rng = np.random.default_rng(seed)
-    s = np.sort(np.linalg.svd(rng.standard_normal((p, big)), compute_uv=False))[::-1].copy()
-    s[:6] = np.linspace(12, 4, 6) * np.sqrt(big)
-    if kappa is not None:
-        s[0] = kappa * s[(p - 1) - (p - 1) // 2]
-    if near_tau is not None:
-        tau = threshold_spectrum(s, m, n, ThresholdParams()).tau
-        s[6] = tau * (1 + near_tau)
-        s = np.sort(s)[::-1]
-    return with_spectrum(shape, s, seed + 1)
+from dgrepair.kernels.threshold import ThresholdParams
 
 
 def check(delta: np.ndarray, backend: str, tol: float) -> tuple[int, str | None]:
@@ -101,19 +76,6 @@ def test_thread_policy_restores_torch_threads_and_splits_cores():
     assert threads_per_worker(2, cores=2) == 1
     assert threads_per_worker(3, cores=16) == 5
     assert threads_per_worker(8, cores=2) == 1
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["exact", "gram64", "gram32"])
-def test_cuda_paths_meet_the_same_contract(backend):
-    for shape in SHAPES:
-        delta = bulk_plus_spikes(shape, seed=21)
-        want, r_want, _ = reference.dg_hard(delta)
-        got, stats = repair_batch(torch.from_numpy(delta)[None], ThresholdParams(), backend, device="cuda")
-        assert stats[0].rank_kept == r_want
-        err = np.linalg.norm(got[0].numpy().astype(np.float64) - want) / np.linalg.norm(want)
-        assert err <= (1e-3 if backend == "gram32" else 1e-6)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-3)])
