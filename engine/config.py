@@ -128,7 +128,12 @@ class ScopeOptions(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.treat_as_rules()  # validates REGEX=KIND; include/exclude are compiled (and checked) by plan/scope.py
+        self.treat_as_rules()  # validates REGEX=KIND
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"invalid regular expression {pattern!r} in include/exclude: {exc}.") from exc
 
     def treat_as_rules(self) -> tuple[tuple[re.Pattern[str], str], ...]:
         """Compiled `--treat-as REGEX=KIND` overrides, in the order given."""
