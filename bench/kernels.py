@@ -7,6 +7,7 @@ time exceeds --baseline-budget.
 
     python bench/kernels.py                       # CPU, default shapes
     python bench/kernels.py --device cuda         # on a GPU machine (adds 163840x7168)
+    python bench/kernels.py --shapes 7168x2048 2048x7168   # a subset
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--baseline-budget", type=float, default=120.0, help="seconds; skip longer SVD baselines")
     ap.add_argument("--exact-budget", type=float, default=60.0, help="seconds; skip longer exact-backend rows")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--shapes", nargs="+", help="only these MxN shapes (default: all, plus 163840x7168 on CUDA)")
     args = ap.parse_args()
     dev = args.device
     gpu = torch.cuda.get_device_name(0) if dev.startswith("cuda") else None
@@ -71,7 +73,10 @@ def main() -> None:
     for b in args.backends:
         repair_batch(warm[None], ThresholdParams(), b, device=dev)
     ref = None  # (flop proxy, seconds) of the first measured SVD, to estimate the others
-    for (m, n), batches in SHAPES + (GPU_ONLY if gpu else []):
+    shapes = SHAPES + (GPU_ONLY if gpu else [])
+    if args.shapes:
+        shapes = [s for s in shapes if f"{s[0][0]}x{s[0][1]}" in args.shapes]
+    for (m, n), batches in shapes:
         one = spiked(m, n).to(dev)
         proxy = max(m, n) * min(m, n) ** 2
         est = ref[1] * proxy / ref[0] if ref else 0.0

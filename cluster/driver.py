@@ -17,13 +17,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import ray
@@ -31,9 +32,11 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError, RepairFailure
+from ..engine.io.bytes import write_json_atomic
+from ..engine.output import shards as output
 from ..engine.output.paths import failures_file
-from ..engine.output.shards import read_summary
 from ..engine.plan.units import WorkUnit
+from ..engine.run import interrupt
 from ..engine.run.jobs import StepSettings, for_workers
 from ..engine.run.session import CalibrationPhase, Phase, RunSession
 from ..kernels.threads import available_cores, threads_per_worker
@@ -94,27 +97,35 @@ def deadline_seconds(unit: WorkUnit, floor: float) -> float:
 
 
 def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
-    """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.cluster.address` / RAY_ADDRESS."""
-    session = RunSession(cfg, stream)
-    if session.complete:
-        return read_summary(session.inp.out)
+    """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS.
+    SIGTERM/SIGINT raise `Interrupted` in every phase, after the finished units are committed, the
+    actors killed and the output lock released (the same contract as the in-process engine)."""
+    with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.output.out or ".")), \
+            RunSession(cfg, stream) as session:
+        if session.complete:
+            return {**output.read_summary(session.inp.out), "already_complete": True}
+        return _run(session, cfg)
+
+
+def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
+    failures = failures_file(session.inp.out)
     phase = session.calibration
     if not session.units and not (phase and phase.units):  # all committed earlier: nothing to distribute
         session.resolve_target()
-        failures_file(session.inp.out).unlink(missing_ok=True)
+        failures.unlink(missing_ok=True)
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     actors: list[Any] = []
-    with ray_session(cfg.cluster.address, cfg.cluster.workers) as info:
-        stop = _install_sigterm(session)
+    started = time.monotonic()
+    with _ray_started(cfg, session.say) as info:
+        session.say(f"Ray ready after {time.monotonic() - started:.1f} s: {info['address']}, "
+                    f"{info['resources'].get('CPU', 0):g} CPUs, {info['resources'].get('GPU', 0):g} GPUs")
         try:
             if phase is not None and phase.units:
                 _calibrate(phase, cfg, info, env)
             session.resolve_target()
             book, settings = _dispatch(session, cfg, info, actors, env)
         finally:
-            if stop is not None:
-                signal.signal(signal.SIGTERM, stop)
             session.close()
             for actor in actors:
                 ray.kill(actor)
@@ -125,14 +136,30 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
         report = {"failed": [{"tensors": [e.name for e in book.units[u].entries], "shards":
                               sorted({e.shard for e in book.units[u].entries}), "attempts": book.attempts[u],
                               "reason": why} for u, why in sorted(book.failed.items())], "executor": executor}
-        path = failures_file(session.inp.out)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(failures, report)
         names = ", ".join(n for f in report["failed"] for n in f["tensors"])
         raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.cluster.max_attempts} attempts: "
-                            f"{names}. The rest is committed; details in {path}. Re-run the same command to retry "
-                            "them.")
-    failures_file(session.inp.out).unlink(missing_ok=True)
+                            f"{names}. The rest is committed; details in {failures}. Re-run the same command to "
+                            "retry them.")
+    failures.unlink(missing_ok=True)
     return session.finish({"executor": executor})
+
+
+@contextmanager
+def _ray_started(cfg: RepairConfig, say: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """ray_session, with dgrepair's signal handlers back in place: ray.init installs its own SIGTERM
+    handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else, and
+    ray.shutdown leaves the default one."""
+    try:
+        with ray_session(cfg.cluster.address, cfg.cluster.workers, say) as info:
+            interrupt.install()
+            yield info
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:
+            raise interrupt.Interrupted(signal.SIGTERM) from None
+        raise
+    finally:
+        interrupt.install()  # ray.shutdown resets SIGTERM to the default: finalising must stay covered
 
 
 def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], env: dict[str, str]) -> None:
@@ -197,6 +224,7 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
                     break
                 submit(unit_id, actor)
         ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
+        session.bar.tick()
         for ref in ready:
             flight = flights.pop(ref)
             load[flight.actor] -= 1
@@ -206,6 +234,8 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
             if now > flight.deadline:
                 flight.deadline = float("inf")  # kill once; the ref then fails and is requeued
                 flight.expired = True
+                session.say(f"{_describe(book.units[flight.unit_id])} passed its deadline on worker "
+                            f"{flight.actor}; restarting that worker")
                 ray.kill(actors[flight.actor], no_restart=False)
     return book, settings
 
@@ -217,18 +247,25 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
         result = ray.get(ref)
     except RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
-        if isinstance(cause, DGRepairError):
-            raise cause from None  # bad input (NaN, truncated file): stop like the in-process engine
+        if isinstance(cause, DGRepairError) or (isinstance(cause, OSError) and cause.errno in output.OUTPUT_ERRNOS):
+            raise cause from None  # bad input (NaN, truncated file), full disk: stop like the in-process engine
         _retry(book, unit_id, f"error: {exc}", cfg.cluster.max_attempts, split=False)
         return
     except RayActorError as exc:
+        what = _describe(book.units[unit_id])
         if flight.shared and not flight.expired:  # the death may be another unit's doing
             book.requeues += 1
             book.isolated.add(unit_id)
             book.queue.appendleft(unit_id)
+            session.say(f"{what} on worker {flight.actor}: worker died ({type(exc).__name__}) with other work in "
+                        "flight; requeued without charge, to run alone")
             return
         why = "past its deadline" if flight.expired else f"worker died: {type(exc).__name__}"
         _retry(book, unit_id, why, cfg.cluster.max_attempts, split=True)
+        outcome = ("marked failed" if unit_id in book.failed else
+                   f"requeued (attempt {book.attempts[unit_id] + 1} of {cfg.cluster.max_attempts})"
+                   if unit_id in book.units else "split into single tensors and requeued")
+        session.say(f"{what} on worker {flight.actor}: {why}; {outcome}")
         return
     unit = book.units[unit_id]
     node = book.nodes.setdefault(result.node, {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
@@ -244,6 +281,11 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
                                            f"failed {len(book.failed)}", node=result.node)
 
 
+def _describe(unit: WorkUnit) -> str:
+    first = unit.entries[0].name
+    return f"unit {first}" if len(unit.entries) == 1 else f"a unit of {len(unit.entries)} tensors ({first}, ...)"
+
+
 def _retry(book: _Book, unit_id: int, why: str, max_attempts: int, split: bool) -> None:
     book.requeues += 1
     if split and book.units[unit_id].splittable and len(book.units[unit_id].entries) > 1:
@@ -254,18 +296,3 @@ def _retry(book: _Book, unit_id: int, why: str, max_attempts: int, split: bool) 
         book.failed[unit_id] = why
     else:
         book.queue.appendleft(unit_id)
-
-
-def _install_sigterm(session: RunSession):
-    """`ray job stop` sends SIGTERM: commit what is done, then stop (resume picks up the rest).
-
-    Only a driver on the main thread can own signals; elsewhere (a driver embedded in a thread)
-    this is a no-op and the embedding program handles termination."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):  # noqa: ARG001
-        session.close()
-        raise SystemExit(143)
-
-    return signal.signal(signal.SIGTERM, handler)

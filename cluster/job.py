@@ -3,7 +3,8 @@
 The config file has the same schema as the CLI options (dgrepair.engine.config.RepairConfig). The
 Ray job supervisor sets RAY_ADDRESS, so the driver joins the cluster the job runs on. Exit codes
 match the CLI: 0 done, 2 bad input, 3 some tensors failed (the rest is committed; resubmit with a
-new submission id to retry them), 143 stopped by `ray job stop` (resubmit to resume).
+new submission id to retry them), 143 stopped by SIGTERM (`ray job stop`) or 130 by SIGINT (resubmit to
+resume).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError
+from ..engine.run.interrupt import Interrupted
 from .driver import run_distributed
 
 
@@ -23,10 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = RepairConfig.from_yaml(args.config, {"address": args.address} if args.address else {})
-        summary = run_distributed(cfg)
+        summary = run_distributed(cfg, sys.stdout)  # status and progress lines into the job log
     except DGRepairError as exc:
         print(f"dgrepair: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Interrupted as exc:
+        print(f"dgrepair: stopped by {exc}; finished work is committed and the output lock released. Resubmit "
+              "to resume.", file=sys.stderr)
+        return exc.exit_code
+    if summary.get("already_complete"):
+        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.output.out}", flush=True)
+        return 0
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors; plan {summary['plan_id']}"
           f"; wrote {cfg.output.out}")

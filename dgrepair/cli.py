@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .engine.config import RepairConfig, flag_specs
+from .engine.config import FlagSpec, RepairConfig, flag_specs
 from .engine.errors import DGRepairError, InputError
+from .engine.run.interrupt import Interrupted
 from .kernels.spectral import BACKENDS
 
 EXAMPLES = """examples:
@@ -28,24 +29,57 @@ EXAMPLES = """examples:
 """
 
 
+# --help groups, in this order; every option is in exactly one (tests/unit/test_cli_help.py).
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "inputs": ("config", "base", "ft"),
+    "method": ("method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob", "dare_rescale", "seed", "rank",
+               "target_rho", "median", "kernel", "fp64_rate"),
+    "scope": ("min_numel", "mask", "include", "exclude", "treat_as"),
+    "formats": ("fused_layout", "out_dtype", "packed_int4"),
+    "execution": ("in_process", "device", "threads", "batch_mb", "commit_interval_s", "progress",
+                  "progress_interval_s"),
+    "cluster": ("address", "workers", "max_attempts", "inflight_per_worker", "unit_timeout_s"),
+    "output": ("out", "force", "emit_adapter"),
+}
+REQUIRED = ("base", "ft", "out")
+
+
 def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One flag per option (engine/config.py); defaults are SUPPRESSed so only explicit flags override YAML."""
-    for spec in flag_specs():
-        if only is not None and spec.name not in only:
+    """One flag per option (engine/config.py), grouped by concern; defaults are SUPPRESSed so only explicit
+    flags override YAML. A boolean shows the one spelling that changes its default (--in-process,
+    --no-progress); the opposite spelling still works, for overriding a --config file, but is not listed."""
+    specs = {s.name: s for s in flag_specs()}
+    for title, names in OPTION_GROUPS.items():
+        names = tuple(n for n in names if only is None or n in only or n == "config")
+        if not names:
             continue
-        flag = "--" + spec.name.replace("_", "-")
-        help_text = spec.help
-        if spec.default is not None and spec.default != () and not isinstance(spec.default, bool):
-            help_text += f" (default: {spec.default})"
-        kw: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
-        if isinstance(spec.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif spec.repeatable:
-            parser.add_argument(flag, action="append", metavar=spec.metavar or "REGEX", **kw)
-        else:
-            typ = spec.type or (type(spec.default) if spec.default is not None else str)
-            parser.add_argument(flag, type=typ, choices=spec.choices, **kw)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same options; flags override it")
+        group = parser.add_argument_group(title)
+        for name in names:
+            if name == "config":
+                group.add_argument("--config", metavar="FILE.yaml", help="YAML file with the options below (names "
+                                   "with _ or -); flags given on the command line override it")
+            else:
+                _add_field(group, specs[name], name in REQUIRED)
+
+
+def _add_field(group: argparse._ArgumentGroup, spec: FlagSpec, required: bool) -> None:
+    flag = "--" + spec.name.replace("_", "-")
+    help_text, default = spec.help, spec.default
+    if required:
+        help_text = "REQUIRED (here or in --config): " + help_text
+    elif default is not None and default != () and not isinstance(default, bool):
+        help_text += f" (default: {default})"
+    kw: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS}
+    if isinstance(default, bool):
+        shown, hidden = (flag, "--no-" + flag[2:]) if not default else ("--no-" + flag[2:], flag)
+        group.add_argument(shown, action="store_const", const=not default, help=help_text, **kw)
+        group.add_argument(hidden, action="store_const", const=default, help=argparse.SUPPRESS, **kw)
+    elif spec.repeatable:
+        group.add_argument(flag, action="append", metavar=spec.metavar or "REGEX", help=help_text, **kw)
+    else:
+        typ = spec.type or (type(default) if default is not None else str)
+        metavar = None if spec.choices else spec.metavar or spec.name.upper()
+        group.add_argument(flag, type=typ, choices=spec.choices, metavar=metavar, help=help_text, **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> RepairConfig:
@@ -72,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(plan, only=("base", "ft", "method", "scale", "alpha", "keep_ratio", "ties_lambda",
                                     "drop_prob", "dare_rescale", "seed", "rank", "min_numel", "mask", "include",
                                     "exclude", "median", "kernel", "fused_layout", "out_dtype", "packed_int4",
-                                    "treat_as"))
+                                    "treat_as", "fp64_rate", "device"))
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--estimate", metavar="NxTYPE", help="project wall time and peak memory on a cluster: N "
+                      "GPUs (a100, h100, h200, b200, l4, a10, l40s) or N CPU workers (cpu), e.g. 8xh100, 32xcpu")
+    plan.add_argument("--io-gbps", type=float, default=1.0, help="with --estimate: aggregate read+write rate of "
+                      "the shared storage in GB/s (default 1.0)")
     plan.add_argument("--tensors", action="store_true", help="list every tensor with its kind and reason")
     plan.set_defaults(func=cmd_plan)
 
@@ -105,6 +143,9 @@ def run(cfg: RepairConfig) -> dict[str, Any]:
 def cmd_repair(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run(cfg)
+    if summary.get("already_complete"):
+        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.output.out}")
+        return 0
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors "
           f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.output.out}")
@@ -124,6 +165,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     inp = load_inputs(cfg, need_out=False)
     summary = inp.plan.summary()
+    summary["precision"] = _precision(inp.plan.entries, cfg)
+    if args.estimate:
+        from .engine.analysis.estimate import estimate, parse_cluster, plan_work
+
+        work, io, largest = plan_work(inp.plan.entries)
+        summary["estimate"] = estimate(work, io, largest, parse_cluster(args.estimate), args.io_gbps,
+                                       cfg.execution.kernel)
     entries = [{"tensor": e.name, "kind": e.kind, "reason": e.reason, "shape": list(e.ft.shape),
                 "dtype": e.ft.dtype, "shard": e.shard, "written": _written(e)} for e in inp.plan.entries]
     if args.json:
@@ -131,6 +179,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         _print_plan(summary, entries if args.tensors else None)
     return 0 if not (summary["shape_mismatches"] or summary["refused"]) else 2
+
+
+def _precision(entries, cfg) -> dict[str, str]:
+    """Output dtype -> the precision policy's decision on this machine's device (ADR 0011)."""
+    from .engine.plan.kinds import REPAIR_KINDS
+    from .engine.run.jobs import policy_out_dtype
+    from .kernels.spectral import precision_policy, resolve_device
+
+    try:
+        device = resolve_device(cfg.execution.device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    dtypes = sorted({policy_out_dtype(e) for e in entries if e.kind in REPAIR_KINDS})
+    ex = cfg.execution
+    return {d: "{}: {}".format(*precision_policy(ex.kernel, d, device, ex.fp64_rate)) + f" (on {device})"
+            for d in dtypes}
 
 
 def _written(e) -> dict[str, Any] | None:
@@ -148,6 +212,10 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
     for kind, count in summary["tensors_by_kind"].items():
         print(f"  {kind:<12} {count:>7} tensors  {summary['bytes_by_kind'][kind] / 2**20:>10.1f} MiB")
     print(f"  matrices to repair: {summary['matrices_to_repair']}  (~{summary['estimated_gflop']} GFLOP)")
+    for s in summary.get("packed_schemes", []):
+        print(f"  packed {s['side']} {s['group']}: {s['scheme']}, {s['tensors']} tensors")
+    for dtype, decision in summary.get("precision", {}).items():
+        print(f"  precision, {dtype} outputs: {decision}")
     for reason, count in summary["passthrough_reasons"].items():
         print(f"  passthrough, {reason}: {count}")
     for label in ("ft_only", "base_only"):
@@ -159,6 +227,11 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
         print(f"  ERROR {line}")
     for r in summary["refused"]:
         print(f"  REFUSED {r['tensor']} ({r['shard']}): {r['reason']}")
+    if "estimate" in summary:
+        from .engine.analysis.estimate import format_estimate
+
+        for line in format_estimate(summary["estimate"]):
+            print(line)
     if entries:
         for e in entries:
             print(f"  {e['kind']:<12} {e['dtype']:<5} {str(e['shape']):<20} {e['tensor']}  [{e['reason']}]")
@@ -281,9 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     except DGRepairError as exc:
         print(f"dgrepair: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("dgrepair: interrupted; re-run the same command to resume.", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"dgrepair: stopped by {name}; finished work is committed and the output lock released. "
+              "Re-run the same command to resume.", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -23,20 +23,22 @@ import yaml
 from ..kernels.methods import METHODS, Method, build_method, method_fields
 from ..kernels.methods.dg_hard import DGHard
 from ..kernels.spectral import Backend as Kernel
+from ..kernels.spectral import Fp64Rate
 from .errors import InputError
+from .io.objstore import is_object_uri
 
 MethodName = Literal["dg_hard", "wise_ft", "ties", "dare", "fixed_rank", "mp_edge", "optimal_shrink"]
 MaskPreset = Literal["all", "mlp_only", "attn_only", "gate_up"]
 FusedLayout = Literal["auto", "out_in_concat", "in_out_concat", "in_out_interleaved", "out_in_interleaved"]
 OutDtype = Literal["keep", "bf16"]
-PackedInt4 = Literal["refuse", "passthrough"]
+PackedInt4 = Literal["repair", "passthrough"]
 TreatAsKind = Literal["experts", "conv", "passthrough"]
 Median = Literal["lower", "mean"]
 
 # The options that change the output bytes; they (and the inputs' fingerprints) make the plan id.
 # The chosen method's own parameters are added by `output_affecting`.
 OUTPUT_AFFECTING = ("method", "min_numel", "mask", "include", "exclude", "kernel", "fused_layout", "target_rho",
-                    "emit_adapter", "out_dtype", "packed_int4", "treat_as")
+                    "emit_adapter", "out_dtype", "packed_int4", "treat_as", "fp64_rate")
 
 # CLI help of the methods' parameters (their types, defaults and checks are the method dataclasses').
 METHOD_HELP = {
@@ -45,7 +47,7 @@ METHOD_HELP = {
     "keep_ratio": "ties: fraction of each matrix's entries kept, by magnitude",
     "ties_lambda": "ties: scale applied to the kept entries",
     "drop_prob": "dare: probability of dropping each entry",
-    "dare_rescale": "dare: rescale survivors by 1/(1-p) (--no-dare-rescale = DARE-Linear)",
+    "dare_rescale": "dare: keep survivors unscaled (DARE-Linear); by default they are rescaled by 1/(1-p)",
     "seed": "dare: seed of the per-matrix random streams",
     "rank": "fixed_rank: singular components kept per matrix",
     "median": "median convention for s_med",
@@ -87,8 +89,11 @@ class Section:
 
 @dataclass(frozen=True)
 class InputOptions(Section):
-    base: str | None = _opt(None, "base checkpoint directory (safetensors)")
-    ft: str | None = _opt(None, "fine-tuned checkpoint directory (safetensors)")
+    base: str | None = _opt(None, "base checkpoint: a local folder of safetensors files, or a Hugging Face Hub "
+                            "repo id org/name[@revision] (a local folder of that name wins); `plan` also reads s3:// "
+                            "and gs:// prefixes", metavar="DIR|ORG/NAME|URI")
+    ft: str | None = _opt(None, "fine-tuned checkpoint: a local folder or a Hub repo id org/name[@revision], as for "
+                          "--base", metavar="DIR|ORG/NAME|URI")
 
 
 @dataclass(frozen=True)
@@ -153,19 +158,26 @@ class ScopeOptions(Section):
 @dataclass(frozen=True)
 class FormatOptions(Section):
     fused_layout: FusedLayout = _opt("auto", "layout of fused experts.gate_up_proj stacks: auto (from config.json "
-                                     "model_type), out_in_concat [E,2I,H], in_out_concat [E,H,2I], in_out_interleaved")
-    out_dtype: OutDtype = _opt("keep", "quantized weights (block-FP8, MXFP4): keep = re-quantize to the fine-tune's "
-                               "layout; bf16 = write BF16, drop the scale tensors and config.json's "
-                               "quantization_config")
-    packed_int4: PackedInt4 = _opt("refuse", "packed INT4 tensors (compressed-tensors weight_packed/weight_scale): "
-                                   "refuse, or passthrough = copy the fine-tune's tensors verbatim (never repaired)")
+                                     "model_type), out_in_concat [E,2I,H] rows gate then up, in_out_concat [E,H,2I] "
+                                     "columns gate then up, in_out_interleaved [E,H,2I] gate = even columns, "
+                                     "out_in_interleaved [E,2I,H] gate = even rows")
+    out_dtype: OutDtype = _opt("keep", "quantized weights (block-FP8, MXFP4, compressed-tensors packed INT4/INT8): "
+                               "keep = re-quantize to the fine-tune's layout; bf16 = write BF16, drop the scale "
+                               "tensors and config.json's quantization_config")
+    packed_int4: PackedInt4 = _opt("repair", "compressed-tensors pack-quantized tensors (weight_packed/weight_scale): "
+                                   "repair = dequantize with the scheme in config.json, repair, re-quantize; "
+                                   "passthrough = copy the fine-tune's tensors verbatim (never repaired)")
 
 
 @dataclass(frozen=True)
 class ExecutionOptions(Section):
-    kernel: Kernel = _opt("auto", "spectral backend: auto (gram64; exact SVD when min(m, n) <= 32), exact = "
-                          "float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram guarded "
-                          "by a float64 fallback")
+    kernel: Kernel = _opt("auto", "spectral backend: auto (the precision policy: gram32 for BF16/FP16/FP8/INT4 "
+                          "outputs, gram64 for F32 outputs and on fast-FP64 GPUs; exact SVD when min(m, n) <= 32), "
+                          "exact = float64 SVD, gram64 = float64 Gram + top-r eigenvectors, gram32 = float32 Gram "
+                          "guarded by a float64 fallback")
+    fp64_rate: Fp64Rate = _opt("auto", "float64 speed of the device, for --kernel auto: auto (from the GPU model: "
+                               "A100/H100/H200/B200 fast; L4/A10/RTX/T4 and the CPU slow), fast = float64 for every "
+                               "output, slow = guarded float32 for low-precision outputs")
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N",
                        (_valid_device, "auto, cpu, cuda or cuda:N"))
     threads: int = _opt(0, "BLAS threads per CPU worker (0 = all cores in-process; cores / workers on Ray)",
@@ -174,12 +186,17 @@ class ExecutionOptions(Section):
                          (lambda v: v >= 1, ">= 1"))
     in_process: bool = _opt(False, "run in this process without Ray (small models, debugging)")
     commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
-    progress: bool = _opt(True, "show a progress bar on stderr")
+    progress: bool = _opt(True, "no progress on stderr; by default a bar on a terminal, otherwise (job logs, "
+                          "redirected output) a line every --progress-interval-s seconds")
+    progress_interval_s: float = _opt(30.0, "seconds between progress lines when stderr is not a terminal "
+                                      "(tensors, bytes, rate, ETA)", (lambda v: v > 0, "> 0"))
 
 
 @dataclass(frozen=True)
 class ClusterOptions(Section):
-    address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray)")
+    address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray on "
+                               "127.0.0.1); a cluster with token authentication also needs RAY_AUTH_MODE=token and "
+                               "RAY_AUTH_TOKEN exported", metavar="HOST:PORT")
     workers: int = _opt(0, "worker actors (0 = one per GPU, or one per CPU core without GPUs)",
                         (lambda v: v >= 0, ">= 0"))
     max_attempts: int = _opt(3, "a unit that kills its worker this many times is marked failed",
@@ -192,10 +209,12 @@ class ClusterOptions(Section):
 
 @dataclass(frozen=True)
 class OutputOptions(Section):
-    out: str | None = _opt(None, "output directory for the repaired checkpoint")
-    emit_adapter: str | None = _opt(None, "also write delta* as a PEFT LoRA adapter into this directory "
-                                    "(spectral methods; plain Linear / Embedding weights)")
-    force: bool = _opt(False, "overwrite an output directory that holds a different dgrepair run")
+    out: str | None = _opt(None, "output directory for the repaired checkpoint (resumes an interrupted run of the same "
+                           "plan)", metavar="DIR")
+    emit_adapter: str | None = _opt(None, "also write delta* as a PEFT LoRA adapter into this directory (spectral "
+                                    "methods; plain Linear / Embedding weights)", metavar="DIR")
+    force: bool = _opt(False, "replace an output directory that holds a different dgrepair run (removes only what "
+                       "that run wrote; never a folder another run has locked)")
 
 
 SECTIONS: dict[str, type[Section]] = {"inputs": InputOptions, "scope": ScopeOptions, "formats": FormatOptions,
@@ -207,9 +226,9 @@ METHOD_KEYS = ("method", "target_rho", *METHOD_PARAMS)
 # The flat option names in the order the CLI lists them.
 FLAT_ORDER = ("base", "ft", "out", "method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob",
               "dare_rescale", "seed", "rank", "target_rho", "emit_adapter", "min_numel", "mask", "include", "exclude",
-              "median", "kernel", "fused_layout", "out_dtype", "packed_int4", "treat_as", "device", "threads",
-              "batch_mb", "address", "workers", "in_process", "max_attempts", "inflight_per_worker",
-              "unit_timeout_s", "commit_interval_s", "force", "progress")
+              "median", "kernel", "fp64_rate", "fused_layout", "out_dtype", "packed_int4", "treat_as", "device",
+              "threads", "batch_mb", "address", "workers", "in_process", "max_attempts", "inflight_per_worker",
+              "unit_timeout_s", "commit_interval_s", "force", "progress", "progress_interval_s")
 
 
 @dataclass(frozen=True)
@@ -263,6 +282,11 @@ class RepairConfig:
     output: OutputOptions = field(default_factory=OutputOptions)
 
     def __post_init__(self) -> None:
+        remote = [v for v in (self.inputs.base, self.inputs.ft, self.output.out) if is_object_uri(v)]
+        if remote and self.output.out is not None:
+            raise InputError(f"{remote[0]}: repairing from or to object storage is not supported yet; "
+                             "`dgrepair plan` reads s3:// and gs:// inputs. Copy the checkpoints to a local or "
+                             "shared filesystem to repair them.")
         if self.output.emit_adapter and not METHODS[self.method.name].spectral:
             raise InputError(f"--emit-adapter needs a spectral method (dg_hard, fixed_rank, mp_edge, optimal_shrink); "
                              f"{self.method.name} changes delta entry by entry, so its result has no low-rank "

@@ -6,8 +6,9 @@ top-r eigenvectors, about a tenth of a full `eigh` with all vectors. The LAPACK 
 one BLAS thread: on an idle 2-core machine two threads make `sytrd` about 1.8x faster at p = 2048,
 but with another process on the cores it collapsed (0.48 s -> 5.1 s observed), because the
 tridiagonalisation synchronises its threads once per column. Cores are used instead by one
-single-threaded worker per core (the Ray default). On CUDA the torch (cuSOLVER) calls are used as
-they are. No I/O here.
+single-threaded worker per core (the Ray default). On CUDA (the torch path) one `eigh` call gives
+the eigenvalues and the vectors together: one tridiagonalisation per matrix, and the only transfer
+to the host inside a matrix is its p eigenvalues, which the threshold needs. No I/O here.
 """
 
 from __future__ import annotations
@@ -56,14 +57,17 @@ class GramEigen:
     CPU: one LAPACK `sytrd` tridiagonalisation (the O(p³) part), `sterf` for every eigenvalue,
     `stemr` for the top r eigenvectors of the tridiagonal matrix and `ormqr` to map them back
     (O(p²r)). Measured at p = 2048: 0.62 s against 0.9 s for `syev` + `syevr` (which tridiagonalise
-    twice); eigenvalues bit-identical, vectors equal to 4e-16. CUDA: torch `eigvalsh`, then `eigh`.
+    twice); eigenvalues bit-identical, vectors equal to 4e-16. Torch path (CUDA): one `eigh`
+    (cuSOLVER syevd) for values and vectors; the vectors stay on the device until `top_vectors`.
     """
 
     def __init__(self, g: torch.Tensor, lapack: bool | None = None) -> None:
         self.g = g
         self.p = g.shape[0]
         self.lapack = uses_lapack(g.device) if lapack is None else lapack
-        if self.lapack and self.p > 1:
+        if not self.lapack:
+            self.w, self.v = torch.linalg.eigh(g)
+        elif self.p > 1:
             a = g.numpy()
             sytrd, sytrd_lwork = scipy.linalg.lapack.get_lapack_funcs(("sytrd", "sytrd_lwork"), (a,))
             with threadpool_limits(limits=1, user_api="blas"):  # threaded sytrd collapses under contention
@@ -75,7 +79,7 @@ class GramEigen:
     def singular_values(self) -> np.ndarray:
         """Descending float64 singular values sqrt(max(eig(G), 0))."""
         if not self.lapack:
-            w = torch.linalg.eigvalsh(self.g).cpu().numpy()
+            w = self.w.cpu().numpy()
         elif self.p == 1:
             w = self.g.numpy().reshape(1)
         else:
@@ -89,8 +93,7 @@ class GramEigen:
         """Eigenvectors of the r largest eigenvalues, largest first, as columns (p, r)."""
         p = self.p
         if not self.lapack:
-            _, v = torch.linalg.eigh(self.g)
-            return v[:, p - r:].flip(1).contiguous()
+            return self.v[:, p - r:].flip(1).contiguous()
         if p == 1:
             return torch.ones(1, 1, dtype=self.g.dtype)
         _, z = scipy.linalg.eigh_tridiagonal(self.d, self.e, select="i", select_range=(p - r, p - 1),

@@ -2,12 +2,17 @@
 
 Backends (`--kernel`):
 - `exact`: float64 SVD, the ground truth the tests compare against.
-- `gram64` (the default behind `auto`): float64 Gram of the small side, eigenvalues, then only the
+- `gram64` (behind `auto` for F32 outputs): float64 Gram of the small side, eigenvalues, then only the
   top-r eigenvectors; Δ* = (ΔV_r)V_rᵀ. Never pays for the wide orientation.
 - `gram32`: the same in float32 (TF32 off), guarded: if κ = s_max/s_med > KAPPA_MAX_F32 or a
   singular value lies within NEAR_TAU_F32 of τ, the matrix is recomputed with `gram64` and the
   stats record why (docs/adr/0004-cpu-spectral-kernels.md: float32 breaks ranks from κ ≈ 1e4).
 τ and r always come from a full set of eigenvalues, never from a randomized estimate.
+
+`auto` follows the precision policy (docs/adr/0011-precision-policy.md): the working precision
+follows the output dtype and the device. Outputs stored in BF16/FP16/FP8/INT4/MXFP4 round at ~1e-3
+relative or coarser, so they get the guarded `gram32`; F32 outputs get `gram64`; a device whose
+float64 runs at about half its float32 rate (A100/H100/H200/B200) gets `gram64` for every output.
 """
 
 from __future__ import annotations
@@ -33,13 +38,53 @@ NEAR_TAU_F32 = 1e-3
 AUTO_EXACT_MAX_P = 32  # below this the SVD is as cheap as anything and needs no care
 
 
-def resolve_backend(backend: str, rows: int, cols: int) -> str:
-    """`auto`: exact SVD for tiny matrices, float64 Gram otherwise (on CPU and CUDA alike)."""
+# Output dtypes whose rounding (>= 2^-8 relative for BF16, coarser for FP8/INT4) dwarfs float32's 1e-3
+# contract; F32/F64 outputs keep float64 working precision.
+LOW_PRECISION_OUTPUTS = frozenset({"BF16", "F16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "I4", "U4", "MXFP4",
+                                   "FP8", "INT4"})
+Fp64Rate = Literal["auto", "fast", "slow"]
+FP64_RATES: tuple[str, ...] = typing.get_args(Fp64Rate)
+# (major, minor) compute capabilities whose FP64 rate is about 1/2 of FP32: P100, V100, A100,
+# H100/H200, B200. The rest (T4, A10, L4, L40, RTX, GB300) run FP64 at 1/32-1/64 of FP32.
+FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+
+
+def device_fp64_fast(device: torch.device | str, fp64_rate: str = "auto") -> bool:
+    """Whether float64 is cheap on `device` (`fp64_rate` fast/slow overrides the lookup). The CPU
+    counts as slow: its float64 BLAS and LAPACK run at half the float32 rate."""
+    if fp64_rate not in FP64_RATES:
+        raise ValueError(f"fp64_rate must be one of {', '.join(FP64_RATES)}, got {fp64_rate!r}")
+    if fp64_rate != "auto":
+        return fp64_rate == "fast"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    return tuple(torch.cuda.get_device_capability(dev)) in FAST_FP64_CAPABILITIES
+
+
+def precision_policy(backend: str, out_dtype: str | None, device: torch.device | str = "cpu",
+                     fp64_rate: str = "auto") -> tuple[str, str]:
+    """(backend for matrices above the tiny-matrix cut, why): the recorded precision decision.
+
+    `--kernel` other than auto forces its backend; auto picks from the output dtype and the device."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "exact" if min(rows, cols) <= AUTO_EXACT_MAX_P else "gram64"
-    return backend
+    if backend != "auto":
+        return backend, "forced by --kernel"
+    if out_dtype is None or out_dtype.upper() not in LOW_PRECISION_OUTPUTS:
+        return "gram64", f"{out_dtype or 'F32'} output"
+    if device_fp64_fast(device, fp64_rate):
+        return "gram64", f"{out_dtype} output, fast-FP64 device"
+    return "gram32", f"{out_dtype} output"
+
+
+def resolve_backend(backend: str, rows: int, cols: int, out_dtype: str | None = None,
+                    device: torch.device | str = "cpu", fp64_rate: str = "auto") -> str:
+    """`auto`: exact SVD for tiny matrices, else the precision policy's backend."""
+    chosen, _ = precision_policy(backend, out_dtype, device, fp64_rate)
+    if backend == "auto" and min(rows, cols) <= AUTO_EXACT_MAX_P:
+        return "exact"
+    return chosen
 
 
 def resolve_device(name: str) -> str:
@@ -47,7 +92,11 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
+        raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu or auto")
+    index = name.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); choose one of those, or cuda / auto")
     return name
 
 
@@ -57,53 +106,164 @@ Factors = list[tuple[torch.Tensor, torch.Tensor] | None]
 def repair_batch(
     delta: torch.Tensor, params: SpectralRule, backend: str = "auto",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS, device: torch.device | str | None = None,
-    threads: int | None = None, factors: Factors | None = None,
+    threads: int | None = None, factors: Factors | None = None, out_dtype: str | None = None,
+    fp64_rate: str = "auto",
 ) -> tuple[torch.Tensor, list[SpectralStats]]:
     """A spectral rule (DG-Hard by default) on float32 deltas `(B, m, n)`; returns float32 Δ* and stats.
 
     `factors`, when given, receives per matrix (L (m, r), R (r, n)) in float32 on the CPU with
     Δ* = L R and balanced column/row norms (None for a degenerate or rank-0 matrix): the adapter export.
 
+    `out_dtype` (the safetensors dtype the result is stored in) and `fp64_rate` drive `auto`'s
+    precision policy; each matrix's stats record the decision (`precision`).
+
     Degenerate matrices come back with Δ* = Δ (callers pass the fine-tuned tensor through). Δ may
-    live on the CPU while `device` is CUDA: blocks are moved as they are used, and Δ* is written to
-    Δ's device. `chunk_elems` bounds the working set: Δ is never converted in full. On the CPU the
-    work runs under `cpu_thread_policy(threads)` (BLAS threads; default every usable core).
+    live on the CPU while `device` is CUDA: each matrix is copied whole when it fits the free device
+    memory (the next one is copied on a side stream while this one computes), else streamed in
+    blocks; an out-of-memory error retries the matrix with smaller blocks, then on the CPU.
+    `chunk_elems` bounds the host working set. On the CPU the work runs under
+    `cpu_thread_policy(threads)` (BLAS threads; default every usable core).
     """
     if delta.ndim != 3:
         raise ValueError(f"repair_batch takes (B, m, n); got shape {tuple(delta.shape)}")
     if delta.dtype != torch.float32:
         raise ValueError(f"deltas must be float32 (upcast before subtracting); got {delta.dtype}")
     _, rows, cols = delta.shape
-    chosen = resolve_backend(backend, rows, cols)
     dev = torch.device(device) if device is not None else delta.device
+    chosen = resolve_backend(backend, rows, cols, out_dtype, dev, fp64_rate)
+    _, why = precision_policy(backend, out_dtype, dev, fp64_rate)
+    if chosen == "exact" and backend == "auto":
+        why = f"min(m, n) <= {AUTO_EXACT_MAX_P}"
     policy = cpu_thread_policy(threads) if dev.type == "cpu" else nullcontext()
     with policy:
-        return _repair_all(delta, params, chosen, chunk_elems, dev, factors)
+        return _repair_all(delta, params, chosen, chunk_elems, dev, factors, f"{chosen}: {why}")
+
+
+# Smallest row block an out-of-memory retry goes down to before the matrix moves to the CPU.
+MIN_CHUNK_ELEMS = 1 << 18
+
+
+def matrix_device_bytes(rows: int, cols: int, backend: str, resident: bool,
+                        chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
+    """Estimated peak device memory of one matrix on the torch path: the Gram and `eigh`'s vectors
+    and workspace (about 3 p² words), plus Δ and Δ* on the device (resident, with the next matrix's
+    prefetch) or two streamed blocks and their projection (streamed)."""
+    p = min(rows, cols)
+    word = 4 if backend == "gram32" else 8
+    eig = 3 * p * p * word
+    if resident:  # Δ and the next matrix in float32, Δ in the working dtype, Δ* in float32
+        return eig + rows * cols * (3 * 4 + word)
+    return eig + 3 * min(chunk_elems, rows * cols) * word
+
+
+def _free_device_bytes(dev: torch.device) -> int | None:
+    if dev.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(free)
+
+
+class _DeviceFeed:
+    """Hands out matrix i of a host batch on the compute device, with matrix i+1 already on its way.
+
+    On CUDA the next matrix is copied from pinned memory on a side stream while the current one
+    computes (an event orders the use); elsewhere (the CPU, where CI runs this code) the copy is a
+    plain `.to`. `resident` False hands out the host matrix (the kernels then stream blocks)."""
+
+    def __init__(self, delta: torch.Tensor, dev: torch.device, resident: bool) -> None:
+        self.delta, self.dev, self.resident = delta, dev, resident and delta.device != dev
+        self.cuda = dev.type == "cuda" and self.resident
+        self.stream = torch.cuda.Stream(dev) if self.cuda else None
+        self.pending: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def _start(self, i: int) -> None:
+        if i >= self.delta.shape[0] or i in self.pending or not self.resident:
+            return
+        host = self.delta[i]
+        if self.cuda:
+            host = host.pin_memory()
+            with torch.cuda.stream(self.stream):
+                moved = host.to(self.dev, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.pending[i] = (moved, (event, host))  # keep the pinned buffer alive until used
+        else:
+            self.pending[i] = (host.to(self.dev), None)
+
+    def get(self, i: int) -> torch.Tensor:
+        if not self.resident:
+            return self.delta[i]
+        self._start(i)
+        moved, sync = self.pending.pop(i)
+        if sync is not None:
+            current = torch.cuda.current_stream(self.dev)
+            current.wait_event(sync[0])
+            moved.record_stream(current)  # allocated on the copy stream, used and freed on this one
+        self._start(i + 1)
+        return moved
+
+    def drop(self) -> None:
+        """Release the prefetched copies (before a retry after an out-of-memory error)."""
+        self.pending.clear()
+        self.resident = self.cuda = False
+
+
+def _oom_error() -> tuple[type[BaseException], ...]:
+    return (torch.OutOfMemoryError,)
 
 
 def _repair_all(delta: torch.Tensor, params: SpectralRule, chosen: str, chunk_elems: int,
-                dev: torch.device, factors: Factors | None) -> tuple[torch.Tensor, list[SpectralStats]]:
+                dev: torch.device, factors: Factors | None, precision: str
+                ) -> tuple[torch.Tensor, list[SpectralStats]]:
     _, rows, cols = delta.shape
     out = torch.empty_like(delta)
     stats: list[SpectralStats] = []
+    free = _free_device_bytes(dev)
+    resident = free is not None and matrix_device_bytes(rows, cols, chosen, True) < 0.8 * free
+    feed = _DeviceFeed(delta, dev, resident and chosen != "exact")
     for i in range(delta.shape[0]):
-        d = delta[i]
+        host = delta[i]
         pair: list = []
-        if not bool(torch.any(d != 0)):
+        note = ""
+        if not bool(torch.any(host != 0)):
             st = threshold_spectrum(np.zeros(min(rows, cols)), rows, cols, params).with_backend(chosen)
-            out[i] = d
-        elif chosen == "exact":
-            st = _exact(d, params, out[i], dev, pair)
-        elif chosen == "gram32":
-            st = _gram(d, params, out[i], chunk_elems, dev, torch.float32, pair=pair)
+            out[i] = host
         else:
-            st = _gram(d, params, out[i], chunk_elems, dev, torch.float64, pair=pair)
+            chunk, where = chunk_elems, dev
+            while True:
+                try:
+                    d = feed.get(i) if where == dev else host
+                    st = _one(d, params, chosen, out[i], chunk, where, pair)
+                    break
+                except _oom_error():
+                    # Out of device memory: free what this batch holds, stream smaller blocks, and
+                    # at the floor finish the matrix on the CPU. Never fails the run.
+                    feed.drop()
+                    pair.clear()
+                    if where.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if chunk > MIN_CHUNK_ELEMS:
+                        chunk = max(MIN_CHUNK_ELEMS, chunk // 4)
+                        note = f"; out of memory: streamed, blocks of {chunk} elements"
+                    elif where.type != "cpu":
+                        where = torch.device("cpu")
+                        note = "; out of memory: finished on the CPU"
+                    else:
+                        raise
         if st.degenerate:
-            out[i] = d
-        stats.append(st)
+            out[i] = host
+        stats.append(st.with_precision(precision + note))
         if factors is not None:
             factors.append(_balanced(*pair[-1]) if pair else None)
     return out, stats
+
+
+def _one(d: torch.Tensor, params: SpectralRule, chosen: str, dst: torch.Tensor, chunk_elems: int,
+         dev: torch.device, pair: list) -> SpectralStats:
+    if chosen == "exact":
+        return _exact(d, params, dst, dev, pair)
+    dtype = torch.float32 if chosen == "gram32" else torch.float64
+    return _gram(d, params, dst, chunk_elems, dev, dtype, pair=pair)
 
 
 def _balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +345,8 @@ def singular_values(d: torch.Tensor, backend: str = "auto", chunk_elems: int = D
     if d.ndim != 2 or d.dtype != torch.float32:
         raise ValueError(f"singular_values takes one float32 (m, n) matrix; got {d.dtype} {tuple(d.shape)}")
     rows, cols = d.shape
-    chosen = resolve_backend(backend, rows, cols)
     dev = torch.device(device) if device is not None else d.device
+    chosen = resolve_backend(backend, rows, cols, None, dev)
     if not bool(torch.any(d != 0)):
         return np.zeros(min(rows, cols))
     if chosen == "exact":

@@ -93,6 +93,7 @@ class SpectralStats:
     degenerate: str | None
     backend: str = ""  # the backend whose spectrum decided (after any fallback)
     fallback: str | None = None  # why a guarded float32 backend recomputed in float64
+    precision: str = ""  # the precision policy's decision for this matrix and why (manifest column)
     # Per kept component multipliers (a shrinker); None = keep the singular values as they are.
     weights: np.ndarray | None = field(default=None, compare=False, repr=False)
 
@@ -106,6 +107,9 @@ class SpectralStats:
 
     def with_backend(self, backend: str, fallback: str | None = None) -> SpectralStats:
         return replace(self, backend=backend, fallback=fallback)
+
+    def with_precision(self, precision: str) -> SpectralStats:
+        return replace(self, precision=precision)
 
 
 def lower_or_mean_median(s_desc: np.ndarray, rule: MedianRule) -> float:

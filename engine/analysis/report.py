@@ -58,6 +58,14 @@ def _integer_axis(axis) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
+def rank_bins(values: list[int]) -> tuple[range, tuple[float, float]]:
+    """Integer bins and an x range at least 5 ranks wide, so one matrix (or one rank) is a readable bar
+    centred on its value rather than a full-width block."""
+    lo, hi = min(values), max(values)
+    pad = max(0.0, (5 - (hi - lo + 1)) / 2)
+    return range(lo, hi + 2), (lo - 0.5 - pad, hi + 0.5 + pad)
+
+
 def plot_kept_ranks(ranks: dict[str, list[int]], path: Path) -> tuple[int, int]:
     """One histogram panel per class; returns the image size in pixels."""
     ncols = min(HIST_COLUMNS, max(len(ranks), 1))
@@ -65,9 +73,10 @@ def plot_kept_ranks(ranks: dict[str, list[int]], path: Path) -> tuple[int, int]:
     fig = _figure((HIST_CELL[0] * ncols, HIST_CELL[1] * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, (cls, values) in zip(axes.flat, ranks.items(), strict=False):  # spare panels stay empty
-        lo, hi = min(values), max(values)
-        ax.hist(values, bins=range(lo, hi + 2), align="left", color="tab:blue", edgecolor="white")
-        ax.set_title(f"{cls} ({len(values)})", fontsize=9)
+        bins, xlim = rank_bins(values)
+        ax.hist(values, bins=bins, align="left", color="tab:blue", edgecolor="white", rwidth=0.8)
+        ax.set_xlim(*xlim)
+        ax.set_title(f"{cls} ({len(values)} matri{'x' if len(values) == 1 else 'ces'})", fontsize=9)
         ax.set_xlabel("kept rank")
         ax.set_ylabel("matrices")
         _integer_axis(ax.xaxis)
@@ -136,8 +145,10 @@ def build_report(out: Path, fmt: str = "md", tensors: list[str] | None = None, m
     blocks: list[Block] = [("h", 1, "dgrepair report")]
     cfg = summary.get("config", {})
     totals = summary.get("totals", {})
-    blocks.append(("p", f"Run `{summary.get('plan_id')}`: base `{cfg.get('base')}`, fine-tune `{cfg.get('ft')}`, "
-                        f"output `{out}`; {len(rows)} matrices with spectra, global ρ "
+    inputs = summary.get("inputs", {})
+    blocks.append(("p", f"Run `{summary.get('plan_id')}`: base `{_where(inputs, 'base', cfg)}`, fine-tune "
+                        f"`{_where(inputs, 'ft', cfg)}`, output `{out.resolve()}`; {len(rows)} matrices with spectra, "
+                        "global ρ "
                         f"{totals.get('global_rho', float('nan')):.4f}; scale {cfg.get('scale')}, kernel "
                         f"{cfg.get('kernel')}, finished {summary.get('finished_utc')}."))
     blocks += _class_blocks(classes)
@@ -168,18 +179,36 @@ def build_report(out: Path, fmt: str = "md", tensors: list[str] | None = None, m
     return target
 
 
+def _where(inputs: dict[str, Any], role: str, cfg: dict[str, Any]) -> str:
+    """An input as one absolute path (the resolved folder the run read), the Hub id kept beside it."""
+    root = (inputs.get(role) or {}).get("root")
+    given = cfg.get(role)
+    if root is None:
+        return str(given)
+    return root if given is None or Path(str(given)).expanduser().resolve() == Path(root) else f"{given} → {root}"
+
+
+def _count(x: float) -> str:
+    """A mean of integers: shown as an integer when it is one (p = 576, not 576.0)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+
+
 def _num(x: float | None) -> str:
     return "" if x is None else f"{x:.4f}"
 
 
 def _class_blocks(classes: list[report_stats.ClassStats]) -> list[Block]:
     rows = [[c.layer_class, str(c.matrices), _num(c.mean_noise), _num(c.norm_share), _num(c.noise_mass),
-             f"{c.mean_rank_kept:.1f} / {c.mean_rank_total:.1f}", _num(c.rho)] for c in classes]
+             f"{_count(c.mean_rank_kept)} / {_count(c.mean_rank_total)}", _num(c.rho), _num(c.max_requant_error)]
+            for c in classes]
     return [("h", 2, "Noise by layer class (paper App. I.1)"),
             ("p", "Mean noise-energy fraction: share of Σs² at or below the Marchenko–Pastur edge, averaged over "
                   "the class's matrices with Δ ≠ 0. Norm share: the class's Σ‖Δ‖²_F over the run's. Noise mass: "
-                  "their product. ρ: sqrt(Σ‖Δ*‖² / Σ‖Δ‖²) over the class."),
-            ("table", ["class", "matrices", "mean noise", "norm share", "noise mass", "kept / p (mean)", "ρ"], rows)]
+                  "their product. ρ: sqrt(Σ‖Δ*‖² / Σ‖Δ‖²) over the class. Requant err: the largest "
+                  "‖written − W*‖_F / ‖W*‖_F of the class's quantized (FP8, MXFP4, packed INT) or BF16-converted "
+                  "weights; empty for dense ones."),
+            ("table", ["class", "matrices", "mean noise", "norm share", "noise mass", "kept / p (mean)", "ρ",
+                       "requant err (max)"], rows)]
 
 
 def _spectra(out: Path, summary: dict[str, Any], rows: list[manifest.ManifestRow], tensors: list[str] | None,

@@ -19,7 +19,7 @@ from ...kernels.spectral import singular_values
 from ...kernels.threshold import SpectralRule, SpectralStats, ThresholdParams, threshold_spectrum
 from ..config import RepairConfig
 from ..errors import InputError
-from ..plan.kinds import REPAIR_KINDS
+from ..plan.kinds import REPAIR_KINDS, SCALE_KINDS
 from ..plan.layouts import row_identity
 from ..plan.model import PlanEntry
 from ..run.inputs import Inputs, entry_job, load_inputs
@@ -85,8 +85,8 @@ def entry_spectra(inp: Inputs, entry: PlanEntry, limit: int, summary: dict | Non
     """Spectra of the first `limit` matrices of an entry (stacks hold one per expert and half)."""
     if entry.matrix_shape is None:
         raise InputError(f"tensor {entry.name!r} is not repaired as matrices ({entry.kind}); it has no spectrum.")
-    scale = next((e for e in inp.plan.entries if e.name == entry.companion), None) if entry.companion else None
-    mats, kind = delta_matrices(entry_job(inp, entry), entry_job(inp, scale) if scale else None)
+    aux = [entry_job(inp, e) for e in inp.plan.entries if e.companion == entry.name and e.kind in SCALE_KINDS]
+    mats, kind = delta_matrices(entry_job(inp, entry), aux)
     params = spectral_rule(inp, summary)
     out = []
     for i in range(min(limit, mats.shape[0])):

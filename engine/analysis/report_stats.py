@@ -14,6 +14,7 @@ paper's "noise mass".
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def layer_index(name: str) -> int | None:
 def layer_class(name: str, part: str | None = None) -> str:
     """The App. I.1 class of a tensor (and fused half), e.g. `mlp.experts.up_proj`, `attn.q_proj`."""
     n = canonical(name)
-    n = re.sub(r"\.(weight|bias)$", "", n)
+    n = re.sub(r"\.(weight|bias|weight_packed)$", "", n)  # a packed module is classed as its weight
     prefix = "visual." if n.startswith(VISION_PREFIXES) else ""
     m = LAYER_RE.search(n)
     if m:
@@ -69,6 +70,7 @@ class ClassStats:
     mean_rank_kept: float
     mean_rank_total: float
     rho: float  # energy-weighted: sqrt(Σ‖Δ*‖² / Σ‖Δ‖²) over the class
+    max_requant_error: float | None = None  # quantized weights: largest ‖requant(W*) − W*‖_F / ‖W*‖_F of the class
 
 
 def spectral_rows(rows: list[ManifestRow], plan_id: str | None = None) -> list[ManifestRow]:
@@ -88,9 +90,11 @@ def class_table(rows: list[ManifestRow]) -> list[ClassStats]:
         live = [r for r in members if (r.frob_delta or 0.0) > 0]
         mean_noise = sum(r.noise_energy_fraction or 0.0 for r in live) / len(live) if live else 0.0
         share = sum(r.frob_delta ** 2 for r in live) / total if total > 0 else 0.0
+        errors = [r.requant_error for r in members if r.requant_error is not None and not math.isnan(r.requant_error)]
         out.append(ClassStats(cls, len(members), len(members) - len(live), mean_noise, share, mean_noise * share,
                               sum(r.rank_kept or 0 for r in members) / len(members),
-                              sum(r.rank_total or 0 for r in members) / len(members), manifest.global_rho(members)))
+                              sum(r.rank_total or 0 for r in members) / len(members), manifest.global_rho(members),
+                              max(errors) if errors else None))
     return sorted(out, key=lambda c: (-c.noise_mass, c.layer_class))
 
 

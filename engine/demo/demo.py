@@ -31,11 +31,13 @@ def run_demo(workdir: Path, dtype: str, kernel: str, stream: TextIO,
     base, ft, rep = (open_checkpoint(p, r) for p, r in ((base_dir, "base"), (ft_dir, "fine-tune"), (out, "output")))
     print(f"\nft - base = planted low-rank signal L + white noise (sigma {spec.noise:g}); error is ||x - L||_F / "
           "||L||_F", file=stream)
-    print(f"{'tensor':<36} {'shape':>11} {'planted':>7} {'kept':>5} {'err ft':>8} {'err repaired':>12}", file=stream)
+    matrices = [(name, shape) for name, shape in spec.tensors() if len(shape) >= 2]
+    wn = max(len("tensor"), *(len(n) for n, _ in matrices))
+    ws = max(len("shape"), *(len("x".join(map(str, sh))) for _, sh in matrices))
+    print(f"{'tensor':<{wn}} {'shape':>{ws}} {'planted':>7} {'kept':>5} {'err ft':>8} {'err repaired':>12}",
+          file=stream)
     results = []
-    for name, shape in spec.tensors():
-        if len(shape) < 2:
-            continue
+    for name, shape in matrices:
         w0 = read_tensor(*base.entry(name)).double()
         w1 = read_tensor(*ft.entry(name)).double()
         w = read_tensor(*rep.entry(name)).double()
@@ -45,7 +47,7 @@ def run_demo(workdir: Path, dtype: str, kernel: str, stream: TextIO,
         kept = _kept_rank(out, name)
         results.append({"tensor": name, "planted": spec.planted_rank(name), "kept": kept,
                         "err_ft": err_ft, "err_repaired": err_rep})
-        print(f"{name:<36} {'x'.join(map(str, shape)):>11} {spec.planted_rank(name):>7} {kept:>5} "
+        print(f"{name:<{wn}} {'x'.join(map(str, shape)):>{ws}} {spec.planted_rank(name):>7} {kept:>5} "
               f"{err_ft:>8.4f} {err_rep:>12.4f}", file=stream)
     match = sum(r["planted"] == r["kept"] for r in results)
     print(f"\nkept rank == planted rank for {match}/{len(results)} matrices; mean error {_mean(results, 'err_ft'):.4f}"

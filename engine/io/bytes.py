@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from ..errors import InputError
 
 CHUNK = 64 << 20
+TMP_SUFFIX = ".dgrepair-tmp"
 
 
 class TruncatedFile(InputError):
@@ -107,13 +109,32 @@ def fsync_file(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write a whole file: a temporary sibling, fsync, rename; a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.dgrepair-tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write a whole file: a temporary sibling, fsync, rename; a reader sees the old file or the new one,
+    never half of one, and a failed write (full disk) leaves no temporary file."""
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a whole file the same way (tmp + fsync + rename)."""
+    tmp = dst.with_name(f".{dst.name}{TMP_SUFFIX}")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any, *, sort_keys: bool = True) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .hub import looks_like_repo
-from .hub import resolve as resolve_hub
-from .safetensors_format import ShardHeader, TensorEntry, read_header
+from .hub import locate
+from .remote_checkpoint import is_object_uri, read_shard_header, remote_root
+from .safetensors_format import AmbiguousJSON, ShardHeader, TensorEntry, strict_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -61,21 +62,55 @@ class Checkpoint:
         }
 
     def sidecar_files(self) -> list[Path]:
-        """Top-level files that travel with the weights (config, tokenizer, chat template, ...)."""
+        """Top-level files that travel with the weights (config, tokenizer, chat template, ...).
+
+        They are copied whole into the output, so a symlink is followed only when it resolves inside
+        the checkpoint folder or, for a Hugging Face cache snapshot, inside that cache's own blob
+        store; any other link, and any entry that is neither a file nor a folder, is refused. (Shards
+        may link anywhere: they are parsed, never copied whole.)"""
         skip = {self.index_name} | set(self.shards)
-        return sorted(p for p in self.root.iterdir()
-                      if p.is_file() and p.name not in skip and not p.name.startswith(".")
-                      and not p.name.endswith(".safetensors") and not p.name.endswith(".safetensors.index.json")
-                      and not p.name.lower().endswith(PICKLE_SUFFIXES))
+        allowed = [self.root, *([store] if (store := hub_blob_store(self.root)) else [])]
+        found = []
+        for p in sorted(self.root.iterdir()):
+            if (p.name in skip or p.name.startswith(".") or p.name.endswith(".safetensors")
+                    or p.name.endswith(".safetensors.index.json") or p.name.lower().endswith(PICKLE_SUFFIXES)):
+                continue
+            if p.is_symlink():
+                target = Path(os.path.realpath(p))
+                if not any(target.is_relative_to(a) for a in allowed) or not target.exists():
+                    inside = " or the Hugging Face cache's blob store" if len(allowed) > 1 else ""
+                    raise InputError(f"fine-tune checkpoint {self.root}: sidecar {p.name} is a symlink to "
+                                     f"{os.readlink(p)} ({target}), outside the checkpoint folder{inside}; "
+                                     "dgrepair copies sidecars into the output, so it refuses links that "
+                                     "leave the checkpoint. Replace the link by a copy of the file, or "
+                                     "remove it.")
+            if p.is_dir():
+                continue  # sub-folders are not sidecars
+            if not p.is_file():
+                raise InputError(f"fine-tune checkpoint {self.root}: sidecar {p.name} is not a regular file "
+                                 "(a FIFO, socket or device); remove it from the checkpoint folder.")
+            found.append(p)
+        return found
+
+
+def hub_blob_store(root: Path) -> Path | None:
+    """`.../models--org--name/blobs` when `root` is a snapshot folder of a Hugging Face cache."""
+    repo = root.parent.parent
+    if root.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--")) \
+            and (repo / "blobs").is_dir():
+        return (repo / "blobs").resolve()
+    return None
 
 
 def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
-    """Open a local folder, or an `org/name[@revision]` Hub repo (role is used in messages)."""
-    if isinstance(path, str) and looks_like_repo(path):
-        path = resolve_hub(path, role)
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise InputError(f"{role} checkpoint {root}: no such directory.")
+    """Open a local folder, an `org/name[@revision]` Hub repo, or an s3:// / gs:// prefix (role is used
+    in messages)."""
+    if is_object_uri(path):
+        root = remote_root(path)
+        if not root.exists():
+            raise InputError(f"{role} checkpoint {root}: no such directory (no object under this prefix).")
+    else:
+        root = locate(path, role)
     if not root.is_dir():
         raise InputError(f"{role} checkpoint {root}: not a directory; pass the folder that holds the "
                          "safetensors files.")
@@ -99,7 +134,7 @@ def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
     if len(files) > 1:
         raise InputError(f"{role} checkpoint {root}: {len(files)} safetensors files but no "
                          "*.safetensors.index.json saying which tensor lives where; add the index.")
-    header = read_header(files[0])
+    header = read_shard_header(files[0])
     return Checkpoint(root=root, index_name=None, index_bytes=None, shards={files[0].name: header},
                       locations=dict.fromkeys(header.tensors, files[0].name))
 
@@ -107,16 +142,19 @@ def open_checkpoint(path: str | Path, role: str) -> Checkpoint:
 def _open_indexed(root: Path, index_path: Path, role: str) -> Checkpoint:
     raw = index_path.read_bytes()
     try:
-        index = json.loads(raw)
+        index = strict_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{index_path}: not valid JSON ({exc}).") from exc
+    except AmbiguousJSON as exc:
+        raise InputError(f"{index_path}: {exc}; readers disagree on which entry counts. Keep one entry per "
+                         "tensor.") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
         raise InputError(f"{index_path}: needs a 'weight_map' object mapping tensor names to shard files.")
     shards: dict[str, ShardHeader] = {}
     for shard_name in sorted(set(weight_map.values())):
-        shards[shard_name] = read_header(_shard_path(root, index_path, shard_name, weight_map))
+        shards[shard_name] = read_shard_header(_shard_path(root, index_path, shard_name, weight_map))
     for name, shard_name in weight_map.items():
         if name not in shards[shard_name].tensors:
             raise InputError(f"{index_path}: tensor {name!r} is mapped to {shard_name}, but that shard has no such "

@@ -85,6 +85,29 @@ def output_prefix(header: ShardHeader) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+class AmbiguousJSON(ValueError):
+    """JSON that two conforming readers may read differently (duplicate keys, NaN/Infinity)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            what = f"tensor {key!r}" if isinstance(value, dict) and "data_offsets" in value else f"key {key!r}"
+            raise AmbiguousJSON(f"has a duplicate {what}")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str) -> object:
+    raise AmbiguousJSON(f"holds the non-standard JSON constant {name}")
+
+
+def strict_json(text: str) -> object:
+    """json.loads that refuses duplicate keys at any depth and NaN/Infinity (which the Rust reader rejects)."""
+    return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+
+
 def read_header(path: Path) -> ShardHeader:
     """Parse and validate a safetensors file's header without reading tensor data."""
     try:
@@ -106,9 +129,12 @@ def read_header(path: Path) -> ShardHeader:
         raise InputError(f"{path}: cannot read ({exc.strerror}).") from exc
     try:
         text = raw.decode("utf-8")
-        obj = json.loads(text)
+        obj = strict_json(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: header is not valid UTF-8 JSON ({exc}); the file is corrupt.") from exc
+    except AmbiguousJSON as exc:
+        raise InputError(f"{path}: header {exc}; readers disagree on such a file (one takes the first, another "
+                         "the last). Re-save the checkpoint with a standard safetensors writer.") from None
     if not isinstance(obj, dict) or not text.lstrip().startswith("{"):
         raise InputError(f"{path}: header is not a JSON object; the file is corrupt.")
     metadata = obj.pop("__metadata__", None)
@@ -128,18 +154,25 @@ def _entry(path: Path, name: str, spec: object, data_start: int) -> TensorEntry:
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise InputError(f"{path}: tensor {name!r}: header entry must have exactly dtype, shape, data_offsets.")
     dtype, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}.")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InputError(f"{path}: tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}.")
-    if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise InputError(f"{path}: tensor {name!r}: shape must be a list of non-negative integers, got "
+                         f"{json.dumps(shape)}; the header is corrupt.")
+    if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
             or not 0 <= offs[0] <= offs[1]):
-        raise InputError(f"{path}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end.")
+        raise InputError(f"{path}: tensor {name!r}: data_offsets must be [begin, end] integers with "
+                         f"0 <= begin <= end, got {json.dumps(offs)}; the header is corrupt.")
     want_bits = math.prod(shape) * DTYPE_BITS[dtype]
     if want_bits % 8 or offs[1] - offs[0] != want_bits // 8:
         raise InputError(f"{path}: tensor {name!r}: {dtype}{shape} needs {want_bits / 8:g} bytes but data_offsets "
                          f"span {offs[1] - offs[0]}; the header is corrupt.")
     return TensorEntry(name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
+
+
+def _is_int(value: object) -> bool:
+    """A JSON integer: Python's bool is an int, JSON's true is not."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, data_len: int) -> None:

@@ -13,6 +13,7 @@ tensors) and that differ from the base are shipped whole through PEFT's `modules
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 
 from ..io.bytes import write_json_atomic
 from ..io.checkpoint import Checkpoint
+from ..io.safetensors_format import TORCH_DTYPES as TORCH_OUT
 from ..io.safetensors_format import read_tensor
 from ..plan.kinds import REPAIR_KINDS, Kind
 from ..plan.model import Plan, PlanEntry
@@ -40,6 +42,25 @@ def exportable(entry: PlanEntry) -> str | None:
     if len(entry.ft.shape) != 2 or not entry.name.endswith(".weight"):
         return "not a 2-D '.weight' tensor"
     return None
+
+
+TIED_NOTE = ("the model ties lm_head to the input embedding; a LoRA on the embedding reaches only the input side "
+             "of an unmerged PeftModel (the head keeps the base matrix), so the repaired embedding is shipped whole "
+             "in modules_to_save with ensure_weight_tying, which PEFT shares with the head: merged and unmerged "
+             "both match the repaired checkpoint")
+
+
+def tied_embedding(plan: Plan, ft: Checkpoint) -> str | None:
+    """The input-embedding tensor when config.json says tie_word_embeddings (the head reuses it)."""
+    try:
+        config = json.loads((ft.root / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("tie_word_embeddings") is not True:
+        return None
+    names = [e.name for e in plan.entries if e.kind in REPAIR_KINDS and EMBEDDING.search(e.name)
+             and exportable(e) is None]
+    return names[0] if len(names) == 1 else None
 
 
 def part_path(where: Path, name: str) -> Path:
@@ -91,8 +112,13 @@ def finalize(parts: Path, plan: Plan, target: Path, base: Checkpoint, ft: Checkp
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     skipped = []
+    tied = tied_embedding(plan, ft)
+    whole: list[str] = []  # the tied embedding, shipped repaired and whole
     for entry in plan.entries:
         if entry.kind not in REPAIR_KINDS:
+            continue
+        if tied is not None and entry.name == "lm_head.weight":
+            skipped.append({"tensor": entry.name, "kind": entry.kind, "reason": f"tied to {tied}: carried by it"})
             continue
         why = exportable(entry)
         if why is not None:
@@ -104,6 +130,12 @@ def finalize(parts: Path, plan: Plan, target: Path, base: Checkpoint, ft: Checkp
             left, right = fh.get_tensor("L"), fh.get_tensor("R")
         module = entry.name[: -len(".weight")]
         prefix = f"base_model.model.{module}"
+        if entry.name == tied:  # see tied_embedding: the repaired matrix itself, tied to the head by PEFT
+            w0 = read_tensor(*base.entry(entry.base_name)).double()
+            tensors[f"{prefix}.weight"] = (w0 + left.double() @ right.double()).to(TORCH_OUT[entry.ft.dtype])
+            tensors["base_model.model.lm_head.weight"] = tensors[f"{prefix}.weight"].clone()  # PEFT loads both
+            whole.append(module)
+            continue
         if EMBEDDING.search(entry.name):  # PEFT Embedding: ΔW = (B A)ᵀ with A (r, vocab), B (dim, r)
             tensors[f"{prefix}.lora_embedding_A"] = left.T.contiguous()
             tensors[f"{prefix}.lora_embedding_B"] = right.T.contiguous()
@@ -112,7 +144,7 @@ def finalize(parts: Path, plan: Plan, target: Path, base: Checkpoint, ft: Checkp
             tensors[f"{prefix}.lora_B.weight"] = left
         ranks[module] = int(left.shape[1])
     lora_modules = {e.name.rsplit(".", 1)[0] for e in plan.entries if e.kind == Kind.SVD}
-    saved = _kept_finetune_modules(plan, base, ft, lora_modules, tensors, skipped)
+    saved = sorted(_kept_finetune_modules(plan, base, ft, lora_modules - set(whole), tensors, skipped) + whole)
     target.mkdir(parents=True, exist_ok=True)
     top = max(ranks.values(), default=1)
     config = {
@@ -122,12 +154,16 @@ def finalize(parts: Path, plan: Plan, target: Path, base: Checkpoint, ft: Checkp
         "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": saved or None,
     }
+    if whole:
+        config["ensure_weight_tying"] = True
     tmp = target / ".adapter_model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, target / "adapter_model.safetensors")
     write_json_atomic(target / "adapter_config.json", config, sort_keys=False)
     report = {"adapter_dir": str(target), "modules": len(ranks), "total_rank": sum(ranks.values()),
               "modules_to_save": saved, "not_exportable": skipped}
+    if whole:
+        report["tied_embedding"] = {"module": whole[0], "how": TIED_NOTE}
     write_json_atomic(target / "adapter_export.json", report, sort_keys=False)
     return {k: v for k, v in report.items() if k not in ("not_exportable", "modules_to_save")} | {
         "modules_to_save": len(saved), "not_exportable": len(skipped)}

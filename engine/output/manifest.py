@@ -52,6 +52,7 @@ class ManifestRow:
     plan_id: str
     node: str = ""
     requant_error: float | None = None
+    precision: str | None = None  # the precision policy's decision ("gram32: BF16 output"), see ADR 0011
 
 
 SCHEMA = parts.schema_of(ManifestRow)

@@ -49,10 +49,14 @@ def write_part(folder: Path, rows: list[Any], schema: pa.Schema) -> Path | None:
     seq = len(list(folder.glob("part-*.parquet")))
     final = folder / f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = folder / f".tmp-{final.name}"
-    pq.write_table(pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=schema), tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:  # a failed write (full disk) leaves no temporary file
+        pq.write_table(pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=schema), tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return final
 
 

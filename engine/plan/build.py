@@ -11,15 +11,17 @@ import re
 
 from ..config import RepairConfig
 from ..io.checkpoint import Checkpoint
-from ..io.safetensors_format import FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
+from ..io.safetensors_format import DTYPE_BITS, FLOAT_DTYPES_REPAIRABLE, TensorEntry, output_prefix
 from .kinds import FP8_SCALE, INT4_PACKED, MX_BLOCKS, MX_SCALES, QUANTIZED_KINDS, QUANTIZED_SUFFIXES, SCALE_KINDS, Kind
 from .layouts import FUSED_GATE_UP, fused_layout_for, fused_matrix_shape
 from .model import Classification, Plan, PlanEntry
 from .names import EMBEDDING, HEAD, base_partner, canonical
 from .out_layout import output_layout
 from .quantized import classify_fp8, classify_mxfp4, fp8_base, is_int4_family, to_bf16
+from .quantized_int import classify_packed, compressed_config, packed_base
 from .scope import LayerMask
 
+QUANTIZED_DTYPES = tuple(d for d in DTYPE_BITS if d.startswith(("F8_", "F6_")) or d == "F4")
 EXPERT_STACK = re.compile(r"(^|\.)experts\.(gate_proj|up_proj|down_proj|w1|w2|w3|gate_up_proj)(\.weight)?$")
 
 
@@ -33,6 +35,7 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
     base_names.update({n: n for n in base.locations if canonical(n) == n})  # exact names win a collision
     used: set[str] = set()
     model_type, ue8m0 = ft.model_type, ft.scale_fmt == "ue8m0"  # config.json, read once
+    ccs = (compressed_config(ft), compressed_config(base))
     for shard_name, header in sorted(ft.shards.items()):
         shift = len(output_prefix(header)) - header.data_start
         for t in sorted(header.tensors.values(), key=lambda e: e.begin):
@@ -40,30 +43,40 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
             base_shard = base.locations.get(base_name) if base_name else None
             b = base.shards[base_shard].tensors[base_name] if base_shard and base_name else None
             resized = None
-            if b is not None and b.shape != t.shape:
+            if b is not None and b.shape != t.shape and not mask.excluded(t.name):
                 if _is_vocab_growth(t, b):
                     resized = b.shape[0]
                 else:
                     mismatches.append(f"tensor {t.name!r}: shape {list(b.shape)} in {base.root / base_shard} but "
                                       f"{list(t.shape)} in {ft.root / shard_name}; the checkpoints are not a base/"
-                                      "fine-tune pair for this tensor (exclude it with --exclude or fix the inputs)")
+                                      "fine-tune pair for this tensor (keep the fine-tune's value with --exclude "
+                                      f"'^{re.escape(t.name)}$', or fix the inputs)")
             if base_name:
                 used.add(base_name)
             c = _classify(t, b, cfg, mask.selects(t.name), rules)
+            pc = None
             if t.dtype == "F8_E4M3" or t.name.endswith(FP8_SCALE):
                 c = classify_fp8(t, b, base_name, ft, base, cfg, mask.selects(t.name))
             elif is_int4_family(t.name, ft):
-                passthrough = cfg.formats.packed_int4 == "passthrough"
-                c = (Classification(Kind.PASSTHROUGH, "packed INT4 (compressed-tensors), copied verbatim "
-                                    "(--packed-int4 passthrough); never repaired") if passthrough
-                     else Classification(Kind.REFUSE, "packed INT4 (compressed-tensors weight_packed) cannot be "
-                                         "repaired by this version; pass --packed-int4 passthrough to copy the "
-                                         "fine-tune's tensors verbatim, or dequantize both checkpoints to BF16 first"))
+                pc = classify_packed(t, base_name if b is not None else None, ft, base,
+                                     cfg.formats.packed_int4 == "passthrough", cfg.scope.min_numel,
+                                     mask.selects(t.name), ccs)
             elif t.name.endswith((MX_BLOCKS, MX_SCALES)):
                 c = classify_mxfp4(t, b, base_name, ft, base, cfg, mask.selects(t.name))
             elif b is not None and b.dtype == "F8_E4M3" and t.dtype in FLOAT_DTYPES_REPAIRABLE:
                 c = fp8_base(t, b, base_name, base, _classify(t, dataclasses.replace(b, dtype="F32"), cfg,
                                                               mask.selects(t.name), rules))
+            if pc is None and b is None and not is_int4_family(t.name, ft):  # a dense fine-tune of a packed base
+                sel = mask.selects(t.name)
+                pc = packed_base(t, base, ccs[1], lambda stand_in, t=t, sel=sel: _classify(t, stand_in, cfg, sel,
+                                                                                             rules))
+            if pc is not None:
+                c = Classification(pc.kind, pc.reason, pc.matrix_shape, pc.count, companion=pc.companion,
+                                   base_companion=pc.base_companion)
+                if pc.base_name is not None:
+                    base_name, b = pc.base_name, base.entry(pc.base_name)[1]
+                    base_shard = base.locations[base_name]
+                    used.update({base_name, *(pc.base_packed.names if pc.base_packed else ())})
             if c.kind == Kind.EXPERTS_FUSED:
                 layout, assumed = fused_layout_for(cfg.formats.fused_layout, model_type)
                 mshape = fused_matrix_shape(t.shape, layout)
@@ -87,11 +100,13 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                                      resized_rows=resized if c.kind == Kind.SVD else None, companion=c.companion,
                                      base_companion=c.base_companion,
                                      base_scale=base.entry(c.base_companion)[1] if c.base_companion else None,
-                                     power_of_two_scales=ue8m0))
+                                     power_of_two_scales=ue8m0, packed=pc.packed if pc else None,
+                                     base_packed=pc.base_packed if pc else None))
     if cfg.formats.out_dtype == "bf16":
         entries = [to_bf16(e) for e in entries]
-    rewritten = {e.name for e in entries if e.kind in QUANTIZED_KINDS}
-    entries = [dataclasses.replace(e, kind=Kind.PASSTHROUGH, reason=f"block scales of {e.companion}, kept with it")
+    rewritten = {e.name for e in entries if e.kind in (*QUANTIZED_KINDS, Kind.PACKED_INT)}
+    entries = [dataclasses.replace(e, kind=Kind.PASSTHROUGH, reason=f"{_companion_word(e.kind)} of {e.companion}, "
+                                   "kept with it")
                if e.kind in SCALE_KINDS and e.companion not in rewritten else e for e in entries]
     base_only = sorted(set(base.locations) - used - {e.base_companion for e in entries if e.base_companion})
     entries, out_shards, changed = output_layout(entries, ft)
@@ -103,6 +118,10 @@ def build_plan(base: Checkpoint, ft: Checkpoint, cfg: RepairConfig) -> Plan:
                 drop_quantization_config=cfg.formats.out_dtype == "bf16" and changed and not quantized_left)
 
 
+def _companion_word(kind: str) -> str:
+    return "companion" if kind == Kind.PACKED_AUX else "block scales"
+
+
 def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
     """A fine-tune that added tokens: same width, more rows, in an embedding or head."""
     return (len(t.shape) == 2 and len(b.shape) == 2 and t.shape[1] == b.shape[1] and t.shape[0] > b.shape[0]
@@ -111,15 +130,16 @@ def _is_vocab_growth(t: TensorEntry, b: TensorEntry) -> bool:
 
 def _classify(t: TensorEntry, b: TensorEntry | None, cfg: RepairConfig, in_mask: bool,
               rules: tuple = ()) -> Classification:
-    if t.dtype.startswith(("F8_", "F4", "F6")) or t.name.endswith(QUANTIZED_SUFFIXES):
+    if t.dtype in QUANTIZED_DTYPES or t.name.endswith(QUANTIZED_SUFFIXES):
         return Classification(Kind.REFUSE, f"quantized storage ({t.dtype}) is not supported by this version; "
                               "dequantize the checkpoints to BF16 first")
     if b is None:
         return Classification(Kind.PASSTHROUGH, "fine-tune only")
     if t.dtype not in FLOAT_DTYPES_REPAIRABLE or b.dtype not in FLOAT_DTYPES_REPAIRABLE:
-        if t.dtype in ("F64", "C64") or b.dtype in ("F64", "C64"):
-            return Classification(Kind.REFUSE, f"dtype {b.dtype}->{t.dtype} is outside the repairable dtypes "
-                                  "(F32/F16/BF16)")
+        if (t.dtype in ("F64", "C64") or b.dtype in ("F64", "C64")) and in_mask:
+            return Classification(Kind.REFUSE, f"dtype {b.dtype} (base) -> {t.dtype} (fine-tune): only F32, F16 and "
+                                  "BF16 weights are repaired; convert both checkpoints to F32 or BF16, or keep the "
+                                  f"fine-tuned value with --exclude '^{re.escape(t.name)}$'")
         return Classification(Kind.PASSTHROUGH, "non-float")
     if len(t.shape) < 2:
         return Classification(Kind.PASSTHROUGH, "1-D")

@@ -10,6 +10,10 @@ Kinds:
   its scale tensor (`fp8_scale`) is rewritten by the same unit.
 - `mxfp4`: an MXFP4 weight (`*_blocks` U8 + `*_scales` U8, gpt-oss), dequantised, repaired per expert
   (gate/up halves split as its fused layout says), re-quantised; its scales (`mxfp4_scales`) go with it.
+- `packed_int`: a compressed-tensors `pack-quantized` weight (`X.weight_packed`), dequantised with the scheme
+  config.json declares, repaired, re-quantised; its `weight_scale` / `weight_zero_point` / `weight_shape`
+  (`packed_aux`) go with it (ADR 0010). A dense fine-tune of a packed base is an `svd` entry whose base is
+  dequantised.
 - `dequant`: a quantized weight that is not repaired but written as BF16 (`--out-dtype bf16`).
 - `passthrough`: keeps the fine-tuned bytes (1-D, small, masked, non-float, fine-tune-only, packed INT4
   with `--packed-int4 passthrough`).
@@ -33,8 +37,10 @@ class Kind(str, Enum):
     EXPERTS_FUSED = "experts_fused"
     FP8 = "fp8"
     MXFP4 = "mxfp4"
+    PACKED_INT = "packed_int"
     FP8_SCALE = "fp8_scale"
     MXFP4_SCALES = "mxfp4_scales"
+    PACKED_AUX = "packed_aux"
     DEQUANT = "dequant"
     PASSTHROUGH = "passthrough"
     REFUSE = "refuse"
@@ -44,8 +50,8 @@ class Kind(str, Enum):
     __hash__ = str.__hash__
 
 
-REPAIR_KINDS = (Kind.SVD, Kind.CONV, Kind.EXPERTS, Kind.EXPERTS_FUSED, Kind.FP8, Kind.MXFP4)
-SCALE_KINDS = (Kind.FP8_SCALE, Kind.MXFP4_SCALES)  # rewritten (or dropped) by their weight's unit
+REPAIR_KINDS = (Kind.SVD, Kind.CONV, Kind.EXPERTS, Kind.EXPERTS_FUSED, Kind.FP8, Kind.MXFP4, Kind.PACKED_INT)
+SCALE_KINDS = (Kind.FP8_SCALE, Kind.MXFP4_SCALES, Kind.PACKED_AUX)  # rewritten (or dropped) by their weight's unit
 QUANTIZED_KINDS = (Kind.FP8, Kind.MXFP4, Kind.DEQUANT)  # dequantised, (repaired,) re-quantised or written as BF16
 STACK_KINDS = (Kind.EXPERTS, Kind.EXPERTS_FUSED)  # one manifest row per expert (and half)
 ALONE_KINDS = (Kind.EXPERTS, Kind.EXPERTS_FUSED, Kind.CONV, *QUANTIZED_KINDS)  # a work unit of their own
@@ -53,7 +59,7 @@ ALONE_KINDS = (Kind.EXPERTS, Kind.EXPERTS_FUSED, Kind.CONV, *QUANTIZED_KINDS)  #
 # Quantized storage and its companion tensors.
 FP8_SCALE = "_scale_inv"  # block-FP8: `<weight>_scale_inv`, one scale per FP8_BLOCK x FP8_BLOCK block
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"  # MXFP4 (gpt-oss)
-INT4_PACKED = "weight_packed"  # compressed-tensors packed INT4 and its siblings
+INT4_PACKED = "weight_packed"  # compressed-tensors packed INT4/INT8 and its siblings (plan/quantized_int.py)
 INT4_FAMILY = (INT4_PACKED, "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 QUANTIZED_SUFFIXES = (*INT4_FAMILY, MX_BLOCKS, MX_SCALES)
 

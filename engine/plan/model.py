@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ... import __version__
+from ...kernels.packed_int import IntScheme
 from ..errors import InputError
 from ..io.safetensors_format import DTYPE_BITS, TensorEntry
 from .kinds import MX_BLOCKS, REPAIR_KINDS, Kind
@@ -27,6 +28,24 @@ class Classification:
     companion: str | None = None  # fp8 / mxfp4: the fine-tune's scale tensor; a scale: its weight
     base_companion: str | None = None  # the base's scale tensor (None when the base is not quantized)
     layout: str | None = None  # fused gate/up layout
+
+
+@dataclass(frozen=True)
+class PackedModule:
+    """One side's stored packed module: its scheme, logical [rows, cols] and tensors."""
+
+    stem: str  # module name + "." (the family's common prefix)
+    group: str
+    scheme: IntScheme
+    shape: tuple[int, int]
+    packed: TensorEntry
+    scale: TensorEntry
+    zero_point: TensorEntry | None
+    names: tuple[str, ...]  # every tensor of the family on this side
+
+    @property
+    def dense_name(self) -> str:
+        return self.stem + "weight"
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,8 @@ class PlanEntry:
     out_dtype: str | None = None  # written in another dtype (--out-dtype bf16)
     out_shape: tuple[int, ...] | None = None  # written in another shape (MXFP4 -> BF16)
     dropped: bool = False  # not written at all (the scales of a weight written as BF16)
+    packed: PackedModule | None = None  # the fine-tune stores it compressed-tensors pack-quantized
+    base_packed: PackedModule | None = None  # the base does (dequantised with its own scales)
 
     @property
     def written(self) -> tuple[str, str, tuple[int, ...]]:
@@ -69,7 +90,7 @@ class PlanEntry:
         """How the (dequantised) tensor splits into matrices, as plan/layouts.py names it."""
         if self.kind == Kind.MXFP4:
             return Kind.EXPERTS_FUSED if self.layout else (Kind.EXPERTS if len(self.ft.shape) == 4 else Kind.SVD)
-        if self.kind == Kind.FP8:
+        if self.kind in (Kind.FP8, Kind.PACKED_INT):
             return Kind.SVD
         return self.kind
 
@@ -154,4 +175,15 @@ class Plan:
             "base_only": self.base_only,
             "shape_mismatches": self.shape_mismatches,
             "refused": [{"tensor": e.name, "shard": e.shard, "reason": e.reason} for e in self.refused],
+            "packed_schemes": self.packed_schemes(),
         }
+
+    def packed_schemes(self) -> list[dict[str, Any]]:
+        """compressed-tensors config groups in use, per side: scheme and how many packed weights use it."""
+        seen: Counter[tuple[str, str, str]] = Counter()
+        for e in self.entries:
+            for side, mod in (("fine-tune", e.packed), ("base", e.base_packed)):
+                if mod is not None:
+                    seen[(side, mod.group, mod.scheme.describe())] += 1
+        return [{"side": side, "group": group, "scheme": scheme, "tensors": n}
+                for (side, group, scheme), n in sorted(seen.items())]

@@ -138,6 +138,12 @@ def to_bf16(e: PlanEntry) -> PlanEntry:
         return dataclasses.replace(e, dropped=True, kind=e.kind if e.kind in SCALE_KINDS else
                                    (Kind.FP8_SCALE if e.name.endswith(FP8_SCALE) else Kind.MXFP4_SCALES),
                                    reason=f"scales of {e.companion}, dropped: the weight is written as BF16")
+    if e.packed is not None and e.kind in (Kind.PACKED_INT, Kind.PASSTHROUGH):  # compressed-tensors -> `X.weight`
+        kind, reason = (Kind.DEQUANT, f"{e.reason}; dequantised, not repaired") if e.kind == Kind.PASSTHROUGH else \
+            (e.kind, e.reason)
+        return dataclasses.replace(e, kind=kind, out_dtype="BF16", out_shape=e.packed.shape,
+                                   out_name=e.packed.dense_name, reason=f"{reason}; written as BF16 "
+                                   f"{e.packed.dense_name} {list(e.packed.shape)}")
     is_fp8 = e.ft.dtype == "F8_E4M3" and e.companion is not None
     is_mx = e.name.endswith(MX_BLOCKS) and e.companion is not None
     if not (is_fp8 or is_mx) or e.kind == Kind.REFUSE:

@@ -36,10 +36,14 @@ class LayerMask:
             except re.error as exc:
                 raise InputError(f"invalid regular expression {pattern!r} in include/exclude: {exc}.") from exc
 
+    def excluded(self, name: str) -> bool:
+        """An --exclude pattern matches: the fine-tuned value is kept whatever the base holds."""
+        return any(re.search(p, name) for p in self.exclude)
+
     def selects(self, name: str) -> bool:
         preset = MASK_PRESETS[self.preset]
         if preset is not None and not re.search(preset, name):
             return False
         if self.include and not any(re.search(p, name) for p in self.include):
             return False
-        return not any(re.search(p, name) for p in self.exclude)
+        return not self.excluded(name)

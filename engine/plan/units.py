@@ -9,6 +9,7 @@ batch independently (tested).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -38,8 +39,11 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES)
     """Group entries into units; order follows the plan (first entry of each group)."""
     groups: dict[tuple, list[PlanEntry]] = defaultdict(list)
     order: list[tuple] = []
+    packed_keys = {e.name: ("packed", e.matrix_shape) for e in entries if e.kind == Kind.PACKED_INT}
     for e in entries:
-        if e.kind == Kind.SVD:
+        if e.name in packed_keys or (e.kind == Kind.PACKED_AUX and e.companion in packed_keys):
+            key = packed_keys[e.name if e.kind == Kind.PACKED_INT else e.companion]  # same-shape experts batch
+        elif e.kind == Kind.SVD:
             key: tuple = ("svd", e.matrix_shape)
         elif e.kind in ALONE_KINDS:
             key = ("alone", e.name)
@@ -56,15 +60,23 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES)
             units.append(WorkUnit(tuple(groups[key]), splittable=False))
             continue
         # float32 working copies per matrix: about 4 (delta, base, Δ*, output) of 4 bytes per element
-        weight = (lambda e: 16 * e.ft.numel) if key[0] == "svd" else (lambda e: e.ft.nbytes)
+        weight = {"svd": lambda e: 16 * e.ft.numel, "packed": lambda e: 16 * e.n_matrices * math.prod(
+            e.matrix_shape or (0, 0)), "copy": lambda e: e.ft.nbytes}[key[0]]
+        members = groups[key]
+        if key[0] == "packed":  # each weight followed by its companions, so a batch never separates them
+            aux: dict[str, list[PlanEntry]] = defaultdict(list)
+            for e in members:
+                if e.kind == Kind.PACKED_AUX:
+                    aux[e.companion or ""].append(e)
+            members = [x for e in members if e.kind == Kind.PACKED_INT for x in (e, *aux[e.name])]
         batch: list[PlanEntry] = []
         size = 0
-        for e in groups[key]:
-            if batch and size + weight(e) > batch_bytes:
-                units.append(WorkUnit(tuple(batch)))
+        for e in members:
+            if batch and weight(e) and size + weight(e) > batch_bytes:  # a packed weight's companions follow it
+                units.append(WorkUnit(tuple(batch), splittable=key[0] != "packed"))
                 batch, size = [], 0
             batch.append(e)
             size += weight(e)
         if batch:
-            units.append(WorkUnit(tuple(batch)))
+            units.append(WorkUnit(tuple(batch), splittable=key[0] != "packed"))
     return units

@@ -22,9 +22,9 @@ from ...kernels.spectral import singular_values
 from ..errors import InputError
 from ..output import parts
 from ..output.paths import calibration_dir
-from ..plan.kinds import REPAIR_KINDS, SCALE_KINDS
+from ..plan.kinds import REPAIR_KINDS
 from ..plan.layouts import row_identity
-from .jobs import EntryJob, StepSettings, matrix_key
+from .jobs import EntryJob, StepSettings, companions, matrix_key
 from .repair_step import delta_matrices
 
 BISECTION_STEPS = 200
@@ -61,7 +61,7 @@ def read_rows(out: Path, plan_id: str) -> dict[tuple[str, int | None, str | None
 def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[CalibrationRow]:
     """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method)."""
     method = settings.method
-    scales = {j.entry.companion: j for j in jobs if j.entry.kind in SCALE_KINDS}
+    scales = companions(jobs)
     out: list[CalibrationRow] = []
     for job in jobs:
         e = job.entry

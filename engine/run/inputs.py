@@ -32,6 +32,8 @@ def load_inputs(cfg: RepairConfig, need_out: bool = True) -> Inputs:
     base = open_checkpoint(cfg.inputs.base, "base")
     ft = open_checkpoint(cfg.inputs.ft, "fine-tune")
     out = shards.check_out_path(Path(cfg.output.out), [base.root, ft.root]) if need_out else Path()
+    if need_out:
+        ft.sidecar_files()  # refuses a sidecar link that leaves the checkpoint before anything is written
     return Inputs(cfg, base, ft, out, build_plan(base, ft, cfg))
 
 
@@ -46,7 +48,9 @@ def entry_job(inp: Inputs, e: PlanEntry) -> EntryJob:
     """The files an entry reads and the partial shard it writes."""
     return EntryJob(e, inp.base.entry(e.base_name)[0] if e.base is not None and e.base_name else None,
                     inp.ft.entry(e.name)[0], paths.partial_path(inp.out, e.shard),
-                    inp.base.entry(e.base_companion)[0] if e.base_companion else None)
+                    inp.base.entry(e.base_companion)[0] if e.base_companion else None,
+                    inp.base.entry(e.base_packed.zero_point.name)[0]
+                    if e.base_packed is not None and e.base_packed.zero_point is not None else None)
 
 
 def adapter_parts(inp: Inputs) -> Path | None:

@@ -18,7 +18,7 @@ from ..io.safetensors_format import TORCH_DTYPES, read_tensor
 from ..output.manifest import ManifestRow
 from ..plan.kinds import STACK_KINDS, Kind
 from ..plan.layouts import from_matrices, row_identity, to_matrices
-from .jobs import EntryJob, StepSettings, check_finite, dequantize, matrix_key
+from .jobs import EntryJob, StepSettings, check_finite, dequantize, matrix_key, policy_out_dtype, relative_error
 from .jobs import manifest_row as _row
 
 
@@ -35,7 +35,8 @@ def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings)
     if mats1 is not None and mats0 is not None:
         keys = [matrix_key(e.name, e.batch_kind, i) for i in range(mats1.shape[0])]
         d_star, stats = apply_method(settings.method, mats1 - mats0, keys, settings.kernel,
-                                     device=settings.device, threads=settings.threads)
+                                     device=settings.device, threads=settings.threads, out_dtype=policy_out_dtype(e),
+                                     fp64_rate=settings.fp64_rate)
         mats = d_star.add_(mats0)
         for i, st in enumerate(stats):
             if st.degenerate:
@@ -53,7 +54,7 @@ def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings)
         else:
             codes, scale = fp8.quantize(w_star, TORCH_DTYPES[se.ft.dtype], e.power_of_two_scales)
             back = fp8.dequantize(codes, scale)
-        error = _relative_error(back, w_star)
+        error = relative_error(back, w_star)
         w_bytes = codes.reshape(-1).view(torch.uint8).numpy()
         s_bytes = scale.reshape(-1).view(torch.uint8).numpy()
         pwrite(job.out_file, e.out_begin, w_bytes)
@@ -61,7 +62,7 @@ def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings)
     else:  # BF16 in the written orientation (an MXFP4 expert stack as transformers holds it: (in, out))
         want = (w_star.transpose(-1, -2) if e.is_mxfp4 and w_star.ndim == 3 else w_star).contiguous()
         out = want.to(TORCH_DTYPES[e.out_dtype])
-        error = _relative_error(out, want)
+        error = relative_error(out, want)
         w_bytes, s_bytes = out.reshape(-1).view(torch.uint8).numpy(), None
         pwrite(job.out_file, e.out_begin, w_bytes)
     seconds = time.perf_counter() - start
@@ -105,9 +106,5 @@ def quantized_matrices(job: EntryJob, scale_job: EntryJob
     check_finite(w0, e.name, base_file)
     return (w1, to_matrices(w1, e.batch_kind, e.matrix_shape, e.layout),
             to_matrices(w0, e.batch_kind, e.matrix_shape, e.layout))
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.to(torch.float32) - want).norm() / want.norm().clamp_min(1e-30))
 
 

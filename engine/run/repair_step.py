@@ -20,23 +20,28 @@ from ..io.bytes import copy_range, pwrite
 from ..io.safetensors_format import TORCH_DTYPES, read_tensor
 from ..output import adapter
 from ..output.manifest import ManifestRow
-from ..plan.kinds import QUANTIZED_KINDS, REPAIR_KINDS, SCALE_KINDS, STACK_KINDS
+from ..plan.kinds import QUANTIZED_KINDS, REPAIR_KINDS, SCALE_KINDS, STACK_KINDS, Kind
 from ..plan.layouts import from_matrices, row_identity, to_matrices
-from .jobs import EntryJob, StepSettings, check_finite, dequantize, matrix_key
+from .jobs import EntryJob, StepSettings, batch_out_dtype, check_finite, companions, dequantize, matrix_key
 from .jobs import manifest_row as _row
+from .packed_step import base_values, packed_matrices, repair_packed
 from .quantized_step import quantized_matrices, repair_quantized
 
 
 def repair_unit(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRow]:
     """Execute a work unit: copies for passthrough entries, one kernel batch for repair entries."""
     rows: list[ManifestRow] = []
-    scales = {j.entry.companion: j for j in jobs if j.entry.kind in SCALE_KINDS}
+    scales = companions(jobs)
+    packed = [j for j in jobs if j.entry.packed is not None and j.entry.kind in (Kind.PACKED_INT, Kind.DEQUANT)]
+    if packed:
+        rows.extend(repair_packed(packed, scales, settings))
     for job in jobs:
-        if job.entry.kind in QUANTIZED_KINDS:
-            rows.extend(repair_quantized(job, scales[job.entry.name], settings))
-        elif job.entry.kind not in REPAIR_KINDS and job.entry.kind not in SCALE_KINDS:
+        if job.entry.kind in QUANTIZED_KINDS and job.entry.packed is None:
+            rows.extend(repair_quantized(job, scales[job.entry.name][0], settings))
+        elif job.entry.kind not in REPAIR_KINDS and job.entry.kind not in SCALE_KINDS + QUANTIZED_KINDS:
             rows.extend(_copy_entry(job, settings))
-    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind not in QUANTIZED_KINDS]
+    repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind not in QUANTIZED_KINDS
+               and j.entry.kind != Kind.PACKED_INT]
     if repairs:
         rows.extend(_repair_entries(repairs, settings))
     return rows
@@ -67,7 +72,8 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
     keys = [matrix_key(j.entry.name, j.entry.kind, i) for j in jobs for i in range(j.entry.n_matrices)]
     factors: Factors | None = [] if settings.adapter_parts and isinstance(settings.method, SpectralMethod) else None
     d_star, stats = apply_method(settings.method, stacked, keys, settings.kernel, device=settings.device,
-                                 threads=settings.threads, factors=factors)
+                                 threads=settings.threads, factors=factors, out_dtype=batch_out_dtype(jobs),
+                                 fp64_rate=settings.fp64_rate)
     del stacked
     if factors is not None:
         _save_factors(jobs, factors, Path(settings.adapter_parts))
@@ -113,7 +119,9 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     rows_kept = e.repair_shape[0]
     extra = ft_t[rows_kept:].clone()  # new vocabulary rows (empty unless resized)
     delta = to_matrices(ft_t[:rows_kept].to(torch.float32), e.kind, e.matrix_shape, e.layout)
-    if e.base_scale is not None:  # a block-FP8 base of a dense fine-tune
+    if e.base_packed is not None:  # a compressed-tensors packed base of a dense fine-tune
+        b_t = base_values(job)
+    elif e.base_scale is not None:  # a block-FP8 base of a dense fine-tune
         b_t = dequantize(e, base_file, base, job.base_scale_file, e.base_scale)
     else:
         b_t = read_tensor(base_file, base)
@@ -123,12 +131,15 @@ def _load_delta(job: EntryJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return delta.sub_(base32), base32, extra
 
 
-def delta_matrices(job: EntryJob, scale_job: EntryJob | None = None) -> tuple[torch.Tensor, str]:
+def delta_matrices(job: EntryJob, aux: list[EntryJob] | None = None) -> tuple[torch.Tensor, str]:
     """Δ of a repair entry as float32 matrices, read exactly as the repair reads it (reshape, layout,
-    FP8/MXFP4 dequantisation with each side's own scales), and the batch kind naming its matrices."""
+    FP8/MXFP4/packed dequantisation with each side's own scales), and the batch kind naming its matrices.
+    `aux` are the jobs of its scale-like companions."""
     e = job.entry
+    if e.kind == Kind.PACKED_INT:
+        return packed_matrices(job, aux or []), e.batch_kind
     if e.kind in QUANTIZED_KINDS:
-        _, mats1, mats0 = quantized_matrices(job, scale_job) if scale_job is not None else (None, None, None)
+        _, mats1, mats0 = quantized_matrices(job, aux[0]) if aux else (None, None, None)
         if mats1 is None or mats0 is None:
             raise ValueError(f"tensor {e.name!r}: a quantized repair entry needs its scales and both sides")
         return mats1.sub_(mats0), e.batch_kind

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..io.bytes import TruncatedFile, sha256_range
 from ..output import adapter, manifest, paths
-from ..plan.kinds import QUANTIZED_KINDS, SCALE_KINDS
+from ..plan.kinds import QUANTIZED_KINDS, SCALE_KINDS, Kind
 from .inputs import Inputs, adapter_parts, expected_keys
 
 
@@ -32,9 +32,14 @@ def verified_done(inp: Inputs) -> set[str]:
                 done.add(entry.name)
         except TruncatedFile:
             continue  # a shard cut short since: its entries are redone
-    for entry in inp.plan.entries:
-        if entry.companion is not None and entry.kind in QUANTIZED_KINDS + SCALE_KINDS \
-                and not {entry.name, entry.companion} <= done:
-            done.discard(entry.name)
-            done.discard(entry.companion)
+    # A packed weight has several companions, so this runs until nothing changes.
+    pairs = [(e.name, e.companion) for e in inp.plan.entries
+             if e.companion is not None and e.kind in QUANTIZED_KINDS + SCALE_KINDS + (Kind.PACKED_INT,)]
+    changed = True
+    while changed:
+        changed = False
+        for pair in pairs:
+            if not set(pair) <= done and set(pair) & done:
+                done.difference_update(pair)
+                changed = True
     return done

@@ -23,20 +23,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TextIO, TypeVar
 
-from tqdm import tqdm
-
 from ...kernels.spectral import resolve_device
 from ..config import RepairConfig
 from ..errors import InputError, RepairFailure
 from ..io.bytes import fsync_file
 from ..output import adapter, manifest, paths, shards
+from ..output.lock import FileOutputLock, LockHolder, OutputLock
 from ..output.manifest import ManifestRow
-from ..plan.kinds import REPAIR_KINDS
+from ..plan.kinds import REPAIR_KINDS, SCALE_KINDS
 from ..plan.units import WorkUnit, make_units
 from . import calibration
 from .calibration import CalibrationRow, calibrate_unit
 from .inputs import adapter_parts, entry_job, expected_keys, load_inputs
 from .jobs import EntryJob, StepSettings
+from .progress import Progress
 from .repair_step import repair_unit
 from .resume import verified_done
 from .summary import build_summary
@@ -88,11 +88,6 @@ class Committer:
         self.rows, self.touched, self.last = [], set(), time.monotonic()
 
 
-def _bar(desc: str, units: list[WorkUnit], disable: bool, stream: TextIO | None) -> tqdm:
-    return tqdm(total=sum(u.nbytes for u in units), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=disable, file=stream or sys.stderr, dynamic_ncols=True)
-
-
 class RunSession:
     """The run, and its repair phase (a `Phase` of manifest rows)."""
 
@@ -106,16 +101,36 @@ class RunSession:
         self.cfg = cfg
         self.inp = load_inputs(cfg)
         self.inp.plan.check_runnable()
-        state = shards.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.output.force)
-        self.complete = state == "complete"
-        self.done = verified_done(self.inp) if state == "resume" else set()
         try:
-            device = resolve_device(cfg.execution.device)
+            device = resolve_device(cfg.execution.device)  # refused before anything is created in --out
         except ValueError as exc:
             raise InputError(str(exc)) from exc
+        shards.precheck(self.inp.out)
+        self.lock: OutputLock = FileOutputLock(self.inp.out)
+        stale = self.lock.acquire(LockHolder.here(self.inp.plan.plan_id))
+        if stale is not None:
+            print(f"dgrepair: taking over the lock on {self.inp.out} left by a run that is no longer running "
+                  f"({stale.describe()}); its committed work is verified and kept.", file=stream or sys.stderr)
+        try:
+            self._prepare(cfg, device, stream)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare(self, cfg: RepairConfig, device: str, stream: TextIO | None) -> None:
+        """Everything after the lock is taken: the output folder, what resume can skip, the work units."""
+        state = shards.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.output.force)
+        self.stream = stream or sys.stderr
+        self.complete = state == "complete"
+        self.done = verified_done(self.inp) if state == "resume" else set()
+        total = len(self.inp.plan.entries)
+        if state == "resume":  # a complete output is reported by the caller (CLI, job): "already complete"
+            self.say(f"resuming: {len(self.done)} of {total} entries verified on disk, {total - len(self.done)} "
+                     "to do")
         parts = adapter_parts(self.inp)
         self.settings = StepSettings(cfg.repair_method(), cfg.execution.kernel, self.inp.plan.plan_id, device=device,
-                                     threads=cfg.execution.threads or None, adapter_parts=str(parts) if parts else None)
+                                     threads=cfg.execution.threads or None, adapter_parts=str(parts) if parts else None,
+                                     fp64_rate=cfg.execution.fp64_rate)
         self.solution: calibration.Solution | None = None
         self.calibration = CalibrationPhase(self, stream) if cfg.method.target_rho is not None else None
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
@@ -125,12 +140,32 @@ class RunSession:
                 if self.remaining[shard] == 0 and not (self.inp.out / shard).is_file():
                     shards.finalize_shard(self.inp.out, shard)  # all committed before an interruption
                 elif self.remaining[shard] > 0 and (self.inp.out / shard).is_file():
-                    shards.reopen_shard(self.inp.out, shard)  # a finalised shard that no longer verifies
+                    # a finalised shard that no longer verifies
+                    shards.reopen_shard(self.inp.out, shard, self.inp.plan.out_shards[shard][0])
         self.units = make_units(todo, cfg.execution.batch_mb << 20)
         self.committer = Committer(self.inp.out, interval_s=cfg.execution.commit_interval_s)
         self.finished = len(self.done)
-        self.bar = _bar("repair", self.units, not cfg.execution.progress or self.complete, stream)
+        self.bar = Progress("repair", sum(u.nbytes for u in self.units), total, self.finished,
+                            cfg.execution.progress and not self.complete, cfg.execution.progress_interval_s,
+                            self.stream)
         self.t_plan = time.perf_counter() - self.t0
+
+    def __enter__(self) -> RunSession:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Commit what is finished (also on an error or a signal), then release the output lock."""
+        try:
+            self.close()
+        except OSError:
+            if exc is None:
+                raise  # otherwise the original error is the one to report
+        finally:
+            self.lock.release()
+
+    def say(self, message: str) -> None:
+        """A status line for the user (stderr by default), flushed at once for job logs."""
+        print(f"dgrepair: {message}", file=self.stream, flush=True)
 
     def resolve_target(self) -> None:
         """After the calibration pass: fix the method's knob so the global ρ meets --target-rho."""
@@ -153,8 +188,7 @@ class RunSession:
                 self.committer.flush()
                 shards.finalize_shard(self.inp.out, e.shard)
         self.finished += len(unit.entries)
-        self.bar.update(unit.nbytes)
-        self.bar.set_postfix_str(f"tensors {self.finished}/{len(self.inp.plan.entries)}{note}", refresh=False)
+        self.bar.update(unit.nbytes, len(unit.entries), note)
 
     def close(self) -> None:
         self.committer.flush()
@@ -195,10 +229,14 @@ class CalibrationPhase:
         have = calibration.read_rows(self.out, self.calib_id)
         todo = {e.name for e in entries if any(k not in have for k in expected_keys(e))}
         todo |= {e.companion for e in entries if e.companion and e.name in todo}  # quantized scales travel along
+        todo |= {e.name for e in session.inp.plan.entries if e.kind in SCALE_KINDS and e.companion in todo}
         budget = session.cfg.execution.batch_mb << 20
         self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], budget)
         self.pending: list[CalibrationRow] = []
-        self.bar = _bar("calibrate", self.units, not session.cfg.execution.progress or not self.units, stream)
+        self.say = session.say
+        self.bar = Progress("calibrate", sum(u.nbytes for u in self.units), len(todo), 0,
+                            session.cfg.execution.progress and bool(self.units),
+                            session.cfg.execution.progress_interval_s, stream or sys.stderr)
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         return self.session.jobs(unit)
@@ -206,7 +244,7 @@ class CalibrationPhase:
     def commit(self, unit: WorkUnit, rows: list[CalibrationRow], note: str = "",  # noqa: ARG002
                node: str | None = None) -> None:  # noqa: ARG002
         self.pending.extend(rows)
-        self.bar.update(unit.nbytes)
+        self.bar.update(unit.nbytes, len(unit.entries))
         if len(self.pending) >= FLUSH_ROWS:
             self.close()
 

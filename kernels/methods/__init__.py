@@ -37,10 +37,13 @@ def build_method(name: str, values: dict[str, Any]) -> Method:
 
 def apply_method(method: Method, delta: torch.Tensor, keys: list[str], backend: str = "auto",
                  device: str | None = None, threads: int | None = None,
-                 factors: Factors | None = None) -> tuple[torch.Tensor, list[SpectralStats]]:
-    """Δ* and per-matrix stats for a float32 batch (B, m, n); `keys` name the B matrices."""
+                 factors: Factors | None = None, out_dtype: str | None = None, fp64_rate: str = "auto"
+                 ) -> tuple[torch.Tensor, list[SpectralStats]]:
+    """Δ* and per-matrix stats for a float32 batch (B, m, n); `keys` name the B matrices. `out_dtype`
+    and `fp64_rate` feed the spectral kernels' precision policy."""
     if isinstance(method, SpectralMethod):
-        return repair_batch(delta, method.rule(), backend, device=device, threads=threads, factors=factors)
+        return repair_batch(delta, method.rule(), backend, device=device, threads=threads, factors=factors,
+                            out_dtype=out_dtype, fp64_rate=fp64_rate)
     if not isinstance(method, ElementwiseMethod):
         raise TypeError(f"method {method.name} is neither spectral nor element-wise")
     if factors is not None:

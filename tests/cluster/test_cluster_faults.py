@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from pairs import SHARDS
-from raytools import start_driver_with_a_slow_unit
+from raytools import RayHead, start_driver_with_a_slow_unit
 
 ray = pytest.importorskip("ray")
 
@@ -111,44 +111,54 @@ def test_node_removed_mid_run(pair, tmp_path, monkeypatch):
         cluster.shutdown()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("ray") is None, reason="ray CLI not installed")
-def test_ray_job_submit_end_to_end(pair, tmp_path):
+def test_ray_job_submit_with_token_auth_end_to_end(pair, tmp_path):
+    """A head in token mode the way a user starts one (RAY_AUTH_TOKEN exported, RAY_AUTH_MODE not),
+    `ray job submit` with the two variables the docs name, and a direct --address run without a
+    token that must fail with the exact variables to export. Only this head's processes are stopped."""
+    import secrets
+
     clean = clean_copy(pair, tmp_path)
     out = tmp_path / "out"
     config = tmp_path / "repair.yaml"
     config.write_text(yaml.safe_dump({"base": str(pair.base), "ft": str(pair.ft), "out": str(out), "workers": 2,
-                                      "progress": False}))
-    gcs, dash = free_port(), free_port()
-    import secrets
+                                      "progress": False, "progress_interval_s": 1}))
+    token = secrets.token_hex(32)
+    home = tmp_path / "home"  # no ~/.ray/auth_token of the user's leaks into the test
+    home.mkdir()
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    clean_env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    with RayHead(tmp_path, {**clean_env, "RAY_AUTH_TOKEN": token}) as head:
+        no_token = subprocess.run([sys.executable, "-m", "dgrepair.cluster.job", "--config", str(config),
+                                   "--address", head.address], env=clean_env, capture_output=True, text=True,
+                                  timeout=300)
+        assert no_token.returncode == 2, no_token.stderr[-3000:]
+        assert "Traceback" not in no_token.stderr
+        assert "export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN=<token>" in no_token.stderr
+        assert "RAY_AUTH_MODE is unset here and no token was found" in no_token.stderr
+        assert not out.exists() or not (out / "dgrepair" / "summary.json").exists()
 
-    # Ray 2.60 enables token authentication; give the head, the client and the job one token.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    start = subprocess.run(["ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-                            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                            "--num-cpus=2", "--disable-usage-stats"], env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
-        submit = subprocess.run(["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}",
-                                 f"--submission-id=dgrepair-test-{gcs}", "--", sys.executable, "-m",
+        env = {**clean_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        submit = subprocess.run(["ray", "job", "submit", f"--address={head.dashboard}",
+                                 f"--submission-id=dgrepair-test-{head.gcs}", "--", sys.executable, "-m",
                                  "dgrepair.cluster.job", "--config", str(config)],
                                 env=env, capture_output=True, text=True, timeout=300)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert f"Job 'dgrepair-test-{gcs}' succeeded" in submit.stdout + submit.stderr
+        logs = submit.stdout + submit.stderr
+        assert submit.returncode == 0, logs[-3000:]
+        assert f"Job 'dgrepair-test-{head.gcs}' succeeded" in logs
+        assert f"connecting to Ray cluster {head.address}" in logs
         summary = json.loads((out / "dgrepair" / "summary.json").read_text())
         assert summary["executor"]["kind"] == "ray" and summary["executor"]["workers"] == 2
+        assert summary["executor"]["address"] == head.address
         same_bytes(clean, out)
-    finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        # the same job again: it says there is nothing to do instead of claiming a repair
+        again = subprocess.run(["ray", "job", "submit", f"--address={head.dashboard}",
+                                f"--submission-id=dgrepair-test-{head.gcs}-a2", "--", sys.executable, "-m",
+                                "dgrepair.cluster.job", "--config", str(config)],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+        assert f"already complete (plan {summary['plan_id']}): nothing to do" in again.stdout + again.stderr
+    assert head.processes() == []
 
 
 def test_sigterm_commits_finished_work_and_exits_143_then_resumes(pair, tmp_path):

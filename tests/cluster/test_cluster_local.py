@@ -24,8 +24,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
-             logging_level="ERROR", _node_ip_address="127.0.0.1")
+    from dgrepair.cluster.session import loopback_only
+
+    with loopback_only():  # like the embedded Ray of `dgrepair repair`: nothing listens beyond 127.0.0.1
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
+                 logging_level="ERROR", _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 

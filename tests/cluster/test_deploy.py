@@ -27,15 +27,27 @@ def pod_spec_checks(template: dict, gpu: bool) -> None:
     assert ("nvidia.com/gpu" in limits) == gpu
 
 
+def token_auth(template: dict) -> None:
+    """Ray's token authentication on every container: RAY_AUTH_MODE=token, the token from one Secret."""
+    for container in template["spec"]["containers"]:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "dgrepair-ray-auth", "key": "token"}, container["name"]
+        assert "value" not in env["RAY_AUTH_TOKEN"]  # never a literal token in a manifest
+
+
 def check_cluster_spec(spec: dict) -> None:
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # the driver runs on the head; no work there
     pod_spec_checks(head["template"], gpu=False)
-    env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in head["template"]["spec"]["containers"][0]["env"]}
     assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30  # time to commit the manifest on `ray job stop`
+    token_auth(head["template"])
     workers = spec["workerGroupSpecs"]
     assert len(workers) == 1 and workers[0]["groupName"] == "gpu"
     pod_spec_checks(workers[0]["template"], gpu=True)
+    token_auth(workers[0]["template"])
     assert any(t["key"] == "nvidia.com/gpu" for t in workers[0]["template"]["spec"]["tolerations"])
 
 
@@ -53,6 +65,7 @@ def test_rayjob():
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
     assert spec["activeDeadlineSeconds"] > 0
     check_cluster_spec(spec["rayClusterSpec"])
+    token_auth(spec["submitterPodTemplate"])  # `ray job submit` in the submitter pod needs the token too
 
 
 def test_nightly_cronjob_creates_a_dated_rayjob():

@@ -63,8 +63,21 @@ def test_peft_merge_of_the_adapter_reproduces_the_repaired_checkpoint(tmp_path, 
             changed += int(not torch.equal(got[name], base_sd[name]))
     assert changed >= 14  # q/k/v/o/gate/up/down x 2 layers (+ embeddings / head) really moved
     ids = torch.randint(0, 128, (2, 10), generator=gen)
+    unmerged = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                              adapter_dir).eval()
     with torch.no_grad():
-        assert torch.allclose(merged(input_ids=ids).logits, repaired(input_ids=ids).logits, atol=1e-4)
+        want_logits = repaired(input_ids=ids).logits
+        assert (want_logits - base(input_ids=ids).logits).abs().max() > 1e-2  # the repair moved the logits
+        assert torch.allclose(merged(input_ids=ids).logits, want_logits, atol=1e-4)
+        # unmerged too: with tied embeddings the head must see the repaired embedding as well
+        assert torch.allclose(unmerged(input_ids=ids).logits, want_logits, atol=1e-4)
+    report = json.loads((adapter_dir / "adapter_export.json").read_text())
+    if tie:
+        assert cfg["ensure_weight_tying"] is True and "model.embed_tokens" in cfg["modules_to_save"]
+        assert report["tied_embedding"]["module"] == "model.embed_tokens"
+        assert "model.embed_tokens" not in cfg["target_modules"]
+    else:
+        assert "ensure_weight_tying" not in cfg and "tied_embedding" not in report
 
 
 def test_non_linear_tensors_are_reported_not_exportable(tmp_path):

@@ -16,18 +16,6 @@ from ckpt import tree_digest, write_sharded, write_single
 from dgrepair.cli import main
 
 
-@pytest.fixture
-def small_pair(tmp_path: Path):
-    g = torch.Generator().manual_seed(0)
-    base = {"layer.a.weight": torch.randn(64, 32, generator=g), "layer.b.weight": torch.randn(48, 32, generator=g)}
-    ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-    write_sharded(tmp_path / "base", {"s1.safetensors": {"layer.a.weight": base["layer.a.weight"]},
-                                      "s2.safetensors": {"layer.b.weight": base["layer.b.weight"]}})
-    write_sharded(tmp_path / "ft", {"s1.safetensors": {"layer.a.weight": ft["layer.a.weight"]},
-                                    "s2.safetensors": {"layer.b.weight": ft["layer.b.weight"]}})
-    return tmp_path / "base", tmp_path / "ft"
-
-
 def run_and_check(capsys, base: Path, ft: Path, out: Path, *needles: str, code: int | None = None,
                   extra: tuple[str, ...] = ()) -> str:
     snapshot = {p: tree_digest(p) for p in (base, ft) if p.is_dir()}

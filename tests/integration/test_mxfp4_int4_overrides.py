@@ -85,14 +85,25 @@ def int4_args(tmp_path, *extra):
                       "--in-process", *extra]
 
 
-def test_packed_int4_is_refused_by_default_with_the_tensor_file_and_option(tmp_path, capsys):
+def test_packed_int4_without_a_readable_scheme_is_refused_naming_tensor_file_and_option(tmp_path, capsys):
     base, ft, args = int4_args(tmp_path)
+    cfg = json.loads((ft / "config.json").read_text())
+    del cfg["quantization_config"]["config_groups"]
+    (ft / "config.json").write_text(json.dumps(cfg))
     before = tree_digest(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "model.layers.1.mlp.experts.0.down_proj.weight_packed" in err and "model.safetensors" in err
-    assert "--packed-int4 passthrough" in err
+    assert "no config_groups" in err and "--packed-int4 passthrough" in err
     assert not (tmp_path / "out").exists() and tree_digest(tmp_path) == before  # nothing written
+
+
+def test_packed_int4_is_repaired_by_default(tmp_path):
+    base, ft, args = int4_args(tmp_path)
+    assert main(args) == 0
+    m = pd.read_parquet(tmp_path / "out" / "dgrepair" / "manifest.parquet").set_index("tensor")
+    assert m.loc["model.layers.1.mlp.experts.0.down_proj.weight_packed", "kind"] == "packed_int"
+    assert m.loc["model.layers.1.mlp.experts.0.down_proj.weight_scale", "status"] == "rewritten"
 
 
 def test_packed_int4_passthrough_copies_the_tensors_verbatim(tmp_path, capsys):

@@ -96,8 +96,9 @@ def test_report_numbers_match_the_manifest(run):
     rows = markdown_table(text, "## Noise by layer class")
     expected = expected_class_table(out)
     assert {r[0] for r in rows} == set(expected) and len(rows) == len(expected) == 10
-    for cls, n, noise, share, mass, _kept, rho in rows:
+    for cls, n, noise, share, mass, _kept, rho, requant in rows:
         e = expected[cls]
+        assert requant == "", cls  # a dense pair has no re-quantised weight
         assert int(n) == e[0], cls
         for got, want in zip((noise, share, mass, rho), e[1:], strict=True):
             assert float(got) == pytest.approx(want, abs=5e-5), cls  # printed to 4 decimals
@@ -106,6 +107,12 @@ def test_report_numbers_match_the_manifest(run):
     assert sum(float(r[3]) for r in rows) == pytest.approx(1.0, abs=1e-3)
     # the experts stack dominates: expert 0 and 3 have noise 1e-2, so most of the delta mass
     assert rows[0][0] == "mlp.experts.down_proj"
+    # one path style (absolute), and p printed as an integer: every class here has one p per class
+    assert f"base `{pair.base.resolve()}`, fine-tune `{pair.ft.resolve()}`, output `{out.resolve()}`" in text
+    for r in rows:
+        kept, p = r[5].split(" / ")
+        assert p.isdigit(), r
+
 
     data = json.loads((folder / "report.json").read_text())
     for c in data["classes"]:
@@ -227,8 +234,9 @@ def test_spectra_of_fused_gate_up_and_fp8_tensors(tmp_path):
     cases = [(tmp_path / "moe", "gate_up_proj"), (tmp_path / "f8", r"down_proj\.weight$")]
     for root, pattern in cases:
         out = root / "out"
+        # float64 kernel: the precision policy would run FP8 outputs in float32 (τ to ~1e-6 only)
         assert main(["repair", "--base", str(root / "base"), "--ft", str(root / "ft"), "--out", str(out),
-                     "--in-process", "--no-progress"]) == 0
+                     "--in-process", "--no-progress", "--kernel", "gram64"]) == 0
         assert main(["report", str(out), "--tensors", pattern, "--max-spectra", "16"]) == 0
         data = json.loads((out / "dgrepair" / "report" / "report.json").read_text())
         for s in data["spectra"]:
@@ -250,3 +258,13 @@ def test_spectra_of_fused_gate_up_and_fp8_tensors(tmp_path):
             assert {c["layer_class"] for c in data["classes"]} == {"mlp.experts.gate_proj", "mlp.experts.up_proj"}
         else:
             assert [s["tensor"] for s in data["spectra"]] == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_rank_bins_make_one_matrix_a_centred_bar_and_counts_print_as_ints():
+    from dgrepair.engine.analysis.report import _count, rank_bins
+
+    bins, xlim = rank_bins([7])
+    assert list(bins) == [7, 8] and xlim == (4.5, 9.5)  # five ranks wide, centred on 7
+    bins, xlim = rank_bins([3, 12])
+    assert list(bins) == list(range(3, 14)) and xlim == (2.5, 12.5)
+    assert _count(576.0) == "576" and _count(12.25) == "12.2"

@@ -174,7 +174,8 @@ def test_missing_required_paths(capsys):
 def test_help_lists_every_config_option():
     help_text = build_parser()._subparsers._group_actions[0].choices["repair"].format_help()
     for spec in flag_specs():
-        assert "--" + spec.name.replace("_", "-") in help_text
+        flag = spec.name.replace("_", "-")
+        assert f"--{flag}" in help_text or f"--no-{flag}" in help_text, flag  # booleans: the non-default spelling
 
 
 def test_demo_recovers_the_planted_ranks(tmp_path, capsys):
@@ -182,4 +183,12 @@ def test_demo_recovers_the_planted_ranks(tmp_path, capsys):
     assert len(results) == 16
     assert all(r["kept"] == r["planted"] for r in results)
     assert all(r["err_repaired"] < r["err_ft"] / 3 for r in results)
-    assert "SYNTHETIC" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "SYNTHETIC" in text
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("tensor "))
+    table = lines[head:head + 1 + len(results)]
+    assert len({len(line) for line in table}) == 1  # every row as wide as the header: columns line up
+    for col in ("shape", "planted", "kept", "err ft", "err repaired"):  # right-aligned: same right edge
+        edge = table[0].index(col) + len(col)
+        assert all(line[edge - 1] != " " and (edge == len(line) or line[edge] == " ") for line in table[1:]), col

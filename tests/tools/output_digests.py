@@ -53,6 +53,7 @@ CASES: dict[str, tuple[Callable[[Path], tuple[Path, Path]], tuple[str, ...]]] = 
     "pair_f32": (_test_pair("float32"), ()),
     "pair_bf16": (_test_pair("bfloat16"), ()),
     "pair_bf16_gram32": (_test_pair("bfloat16"), ("--kernel", "gram32")),
+    "pair_bf16_gram64": (_test_pair("bfloat16"), ("--kernel", "gram64")),
     "pair_bf16_exact": (_test_pair("bfloat16"), ("--kernel", "exact")),
     "pair_bf16_ties": (_test_pair("bfloat16"), ("--method", "ties")),
     "pair_bf16_dare": (_test_pair("bfloat16"), ("--method", "dare", "--seed", "3")),
@@ -67,6 +68,11 @@ CASES: dict[str, tuple[Callable[[Path], tuple[Path, Path]], tuple[str, ...]]] = 
     "qwen3_5_moe": (_fixture("qwen3_5_moe"), ()),
     "mixtral": (_fixture("mixtral"), ()),
     "vlm": (_fixture("vlm"), ()),
+    "kimi_int4": (_fixture("kimi_int4"), ()),
+    "kimi_k2_thinking": (_fixture("kimi_k2_thinking"), ()),
+    "kimi_k2_thinking_bf16": (_fixture("kimi_k2_thinking"), ("--out-dtype", "bf16")),
+    "kimi_k2_thinking_bf16_ft": (_fixture("kimi_k2_thinking_bf16_ft"), ()),
+    "kimi_k2_thinking_bf16_base": (_fixture("kimi_k2_thinking_bf16_base"), ()),
 }
 
 

@@ -13,7 +13,8 @@ from dgrepair.kernels.threshold import SpectralStats
 
 # Columns that describe the tensor, its bytes or the run, not the spectrum of one matrix.
 NOT_STATS = {"tensor", "expert", "part", "shard", "shape", "dtype", "kind", "reason", "status", "frob_kept",
-             "kernel", "byte_begin", "byte_end", "sha256", "seconds", "plan_id", "node", "requant_error"}
+             "kernel", "byte_begin", "byte_end", "sha256", "seconds", "plan_id", "node", "requant_error",
+             "precision"}
 
 
 def test_schema_is_the_row_type() -> None:
