@@ -397,6 +397,6 @@ def test_two_runs_racing_on_one_out_leave_the_clean_bytes(pair, tmp_path, clean,
     race(pair, tmp_path, {1024: clean, 4096: clean_forced}, rounds=4, seed=11, max_offset=1.5)
 
 
-@pytest.mark.slow
+@pytest.mark.stress
 def test_two_runs_racing_on_one_out_many_rounds(pair, tmp_path, clean, clean_forced):
     race(pair, tmp_path, {1024: clean, 4096: clean_forced}, rounds=16, seed=1111)
