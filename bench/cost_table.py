@@ -1,7 +1,7 @@
-"""Measure the CPU rows of the cost table behind `dgrepair plan --estimate` (engine/cost_table.py):
+"""Measure the CPU rows of the cost table behind `dgrepair plan --estimate` (engine/analysis/cost_table.py):
 seconds per matrix for `gram32` and `gram64` on one core (one single-threaded worker, as the Ray
 default runs it), on the shapes of dense LLMs and of MoE experts. Prints the rows; `--write` puts
-them into engine/cost_table.py. Asserts nothing. The machine is shared: the 1-minute load average
+them into engine/analysis/cost_table.py. Asserts nothing. The machine is shared: the 1-minute load average
 is printed before and after, and each row is the best of `--repeats`.
 
     python bench/cost_table.py --write
@@ -29,7 +29,7 @@ TABLE = Path(__file__).resolve().parents[1] / "engine" / "cost_table.py"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--write", action="store_true", help="rewrite the CPU_ROWS block of engine/cost_table.py")
+    ap.add_argument("--write", action="store_true", help="rewrite the CPU_ROWS block of engine/analysis/cost_table.py")
     args = ap.parse_args()
     print(f"load (1 min) before: {os.getloadavg()[0]:.2f}")
     rows = []

@@ -1,6 +1,6 @@
 """Projected repair time of a Kimi-K2-shaped checkpoint pair (61 layers, 384 routed experts of
 7168x2048, block-FP8 weights) on a few clusters, from the same cost model as `dgrepair plan
---estimate` (engine/estimate.py). Prints a Markdown table; asserts nothing.
+--estimate` (engine/analysis/estimate.py). Prints a Markdown table; asserts nothing.
 
 Shapes (DeepSeek-V3 layout): per MoE layer 384 routed + 1 shared expert, each gate/up 2048x7168 and
 down 7168x2048; layer 0 is a dense MLP (18432x7168, 18432x7168, 7168x18432); MLA attention per layer
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from dgrepair.engine.estimate import MatrixWork, estimate, parse_cluster
+from dgrepair.engine.analysis.estimate import MatrixWork, estimate, parse_cluster
 
 LAYERS, EXPERTS, MOE_LAYERS = 61, 384, 60
 CLUSTERS = ("64xcpu", "512xcpu", "8xh100", "8xh200", "8xl4", "64xh100")

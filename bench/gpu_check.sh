@@ -47,7 +47,7 @@ boxed() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc -eq 1
   if [ ! -f "$WORK/ft/config.json" ]; then
     boxed 150 $PY -c "
 import time; from pathlib import Path
-from dgrepair.engine.synthetic import tinyllama_spec, write_pair
+from dgrepair.engine.demo.synthetic import tinyllama_spec, write_pair
 t0 = time.perf_counter(); write_pair(Path('$WORK'), tinyllama_spec($LAYERS)); print(f'pair written in {time.perf_counter() - t0:.1f} s')"
   fi
   for kernel in auto gram64; do

@@ -29,8 +29,10 @@ import torch
 from repair_memory import measure
 from safetensors.torch import save_file
 
-from dgrepair.engine.fixtures import KIMI_QUANTIZATION, KIMI_SCHEME
 from dgrepair.kernels import packed_int
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+from frontier import KIMI_QUANTIZATION, KIMI_SCHEME  # noqa: E402  (the tests' mini Kimi checkpoint)
 
 H, INTER = 7168, 2048  # hidden, moe_intermediate
 

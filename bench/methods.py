@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from dgrepair.engine.synthetic import tinyllama_spec, write_pair
+from dgrepair.engine.demo.synthetic import tinyllama_spec, write_pair
 
 RUNS = [
     ("dg_hard", []), ("wise_ft", []), ("ties", []), ("dare", []), ("fixed_rank", []), ("mp_edge", []),

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 
-from dgrepair.engine.synthetic import tinyllama_spec, write_pair
+from dgrepair.engine.demo.synthetic import tinyllama_spec, write_pair
 
 
 def tensors(out: Path):

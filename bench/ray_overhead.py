@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dgrepair.engine.synthetic import SyntheticSpec, tinyllama_spec, write_pair
+from dgrepair.engine.demo.synthetic import SyntheticSpec, tinyllama_spec, write_pair
 
 
 def run(cmd: list[str]) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from dgrepair.engine.synthetic import tinyllama_spec, write_pair
+from dgrepair.engine.demo.synthetic import tinyllama_spec, write_pair
 
 # RUSAGE_CHILDREN is a high-water mark over all children ever waited for, so each measured command
 # runs under its own one-child wrapper process that reports that child's peak alone.

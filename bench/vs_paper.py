@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dgrepair.engine.synthetic import tinyllama_spec, write_pair
+from dgrepair.engine.demo.synthetic import tinyllama_spec, write_pair
 
 PROFILE = r"""
 import json, sys, time

@@ -30,16 +30,19 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from ..engine import interrupt, output
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError, RepairFailure
-from ..engine.runner import CalibrationPhase, RunSession
-from ..engine.units import WorkUnit
+from ..engine.io.bytes import write_json_atomic
+from ..engine.output import shards as output
+from ..engine.output.paths import failures_file
+from ..engine.plan.units import WorkUnit
+from ..engine.run import interrupt
+from ..engine.run.jobs import StepSettings, for_workers
+from ..engine.run.session import CalibrationPhase, Phase, RunSession
 from ..kernels.threads import available_cores, threads_per_worker
 from .session import ray_session
 from .worker import FAULT_ENV, RepairWorker, actor_name
 
-FAILURES_FILE = "failures.json"
 NAMESPACE = "dgrepair"
 
 
@@ -97,14 +100,15 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
     """Run (or resume) a repair on Ray: the embedded local cluster, or `cfg.address` / RAY_ADDRESS.
     SIGTERM/SIGINT raise `Interrupted` in every phase, after the finished units are committed, the
     actors killed and the output lock released (the same contract as the in-process engine)."""
-    with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.out or ".")), RunSession(cfg, stream) as session:
+    with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.output.out or ".")), \
+            RunSession(cfg, stream) as session:
         if session.complete:
             return {**output.read_summary(session.inp.out), "already_complete": True}
         return _run(session, cfg)
 
 
 def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
-    failures = output.meta_dir(session.inp.out) / FAILURES_FILE
+    failures = failures_file(session.inp.out)
     phase = session.calibration
     if not session.units and not (phase and phase.units):  # all committed earlier: nothing to distribute
         session.resolve_target()
@@ -120,22 +124,23 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
             if phase is not None and phase.units:
                 _calibrate(phase, cfg, info, env)
             session.resolve_target()
-            book = _dispatch(session, cfg, info, actors, env)
+            book, settings = _dispatch(session, cfg, info, actors, env)
         finally:
             session.close()
             for actor in actors:
                 ray.kill(actor)
-    executor = {"kind": "ray", "address": info["address"], "workers": len(actors), "device": session.settings.device,
-                "threads_per_worker": session.settings.threads, "requeued_units": book.requeues,
+    executor = {"kind": "ray", "address": info["address"], "workers": len(actors), "device": settings.device,
+                "threads_per_worker": settings.threads, "requeued_units": book.requeues,
                 "per_node": book.nodes}
     if book.failed:
         report = {"failed": [{"tensors": [e.name for e in book.units[u].entries], "shards":
                               sorted({e.shard for e in book.units[u].entries}), "attempts": book.attempts[u],
                               "reason": why} for u, why in sorted(book.failed.items())], "executor": executor}
-        output.write_json_atomic(failures, report)
+        write_json_atomic(failures, report)
         names = ", ".join(n for f in report["failed"] for n in f["tensors"])
-        raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.max_attempts} attempts: {names}. The "
-                            f"rest is committed; details in {failures}. Re-run the same command to retry them.")
+        raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.cluster.max_attempts} attempts: "
+                            f"{names}. The rest is committed; details in {failures}. Re-run the same command to "
+                            "retry them.")
     failures.unlink(missing_ok=True)
     return session.finish({"executor": executor})
 
@@ -146,7 +151,7 @@ def _ray_started(cfg: RepairConfig, say: Callable[[str], None]) -> Iterator[dict
     handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else, and
     ray.shutdown leaves the default one."""
     try:
-        with ray_session(cfg.address, cfg.workers, say) as info:
+        with ray_session(cfg.cluster.address, cfg.cluster.workers, say) as info:
             interrupt.install()
             yield info
     except SystemExit as exc:
@@ -161,7 +166,7 @@ def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any],
     """The --target-rho calibration pass on its own actors (same dispatch, retries and isolation)."""
     actors: list[Any] = []
     try:
-        book = _dispatch(phase, cfg, info, actors, env)
+        book, _ = _dispatch(phase, cfg, info, actors, env)
     finally:
         phase.close()
         for actor in actors:
@@ -171,27 +176,28 @@ def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any],
         raise RepairFailure(f"calibration for --target-rho failed on: {names}. Re-run the same command to retry.")
 
 
-def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
-              env: dict[str, str]) -> _Book:
+def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
+              env: dict[str, str]) -> tuple[_Book, StepSettings]:
+    """Run a phase's units on fresh actors; returns the bookkeeping and the settings the actors ran with."""
     gpus = int(info["resources"].get("GPU", 0))
     use_gpu = session.settings.device != "cpu" and gpus > 0
     if use_gpu:
-        n_workers = min(cfg.workers or gpus, gpus)  # an actor beyond the GPUs would never be scheduled
+        n_workers = min(cfg.cluster.workers or gpus, gpus)  # an actor beyond the GPUs would never be scheduled
         options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
         settings = session.settings
     else:
         cpus = float(info["resources"].get("CPU", available_cores()))
-        n_workers = cfg.workers or max(1, int(cpus))
+        n_workers = cfg.cluster.workers or max(1, int(cpus))
         # Reserve at most one CPU (a fraction when oversubscribed) so every actor fits on any node
         # and is always schedulable; how many BLAS threads it uses is set separately.
         options = {"num_cpus": min(1.0, cpus / n_workers)}
-        threads = cfg.threads or threads_per_worker(n_workers, int(cpus))
-        settings = type(session.settings)(**{**session.settings.__dict__, "device": "cpu", "threads": threads})
-    session.settings = settings
+        threads = cfg.execution.threads or threads_per_worker(n_workers, int(cpus))
+        settings = for_workers(session.settings, device="cpu", threads=threads)
     if env:
         options["runtime_env"] = {"env_vars": env}
     actors.extend(RepairWorker.options(scheduling_strategy="SPREAD", name=actor_name(settings.plan_id, i),
-                                       namespace=NAMESPACE, **options).remote(settings, i)
+                                       namespace=NAMESPACE, **options).remote(session.step, settings, i,
+                                                                              session.writes_output)
                   for i in range(n_workers))
     order = sorted(range(len(session.units)), key=lambda i: -session.units[i].cost)
     book = _Book(units=dict(enumerate(session.units)), queue=deque(order), next_id=len(session.units))
@@ -205,13 +211,13 @@ def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: d
         for other in flights.values():
             if other.actor == actor:
                 other.shared = True
-        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.unit_timeout_s),
+        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.cluster.unit_timeout_s),
                                shared=shared, solo=unit_id in book.isolated)
         load[actor] += 1
 
     while book.queue or flights:
         for actor in sorted(range(n_workers), key=lambda a: load[a]):
-            while load[actor] < cfg.inflight_per_worker and not any(f.solo and f.actor == actor
+            while load[actor] < cfg.cluster.inflight_per_worker and not any(f.solo and f.actor == actor
                                                                      for f in flights.values()):
                 unit_id = book.next_for(busy=load[actor] > 0)
                 if unit_id is None:
@@ -231,10 +237,10 @@ def _dispatch(session: RunSession | CalibrationPhase, cfg: RepairConfig, info: d
                 session.say(f"{_describe(book.units[flight.unit_id])} passed its deadline on worker "
                             f"{flight.actor}; restarting that worker")
                 ray.kill(actors[flight.actor], no_restart=False)
-    return book
+    return book, settings
 
 
-def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
+def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
              cfg: RepairConfig) -> None:
     unit_id = flight.unit_id
     try:
@@ -243,7 +249,7 @@ def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.Objec
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         if isinstance(cause, DGRepairError) or (isinstance(cause, OSError) and cause.errno in output.OUTPUT_ERRNOS):
             raise cause from None  # bad input (NaN, truncated file), full disk: stop like the in-process engine
-        _retry(book, unit_id, f"error: {exc}", cfg.max_attempts, split=False)
+        _retry(book, unit_id, f"error: {exc}", cfg.cluster.max_attempts, split=False)
         return
     except RayActorError as exc:
         what = _describe(book.units[unit_id])
@@ -255,24 +261,24 @@ def _collect(session: RunSession | CalibrationPhase, book: _Book, ref: ray.Objec
                         "flight; requeued without charge, to run alone")
             return
         why = "past its deadline" if flight.expired else f"worker died: {type(exc).__name__}"
-        _retry(book, unit_id, why, cfg.max_attempts, split=True)
+        _retry(book, unit_id, why, cfg.cluster.max_attempts, split=True)
         outcome = ("marked failed" if unit_id in book.failed else
-                   f"requeued (attempt {book.attempts[unit_id] + 1} of {cfg.max_attempts})"
+                   f"requeued (attempt {book.attempts[unit_id] + 1} of {cfg.cluster.max_attempts})"
                    if unit_id in book.units else "split into single tensors and requeued")
         session.say(f"{what} on worker {flight.actor}: {why}; {outcome}")
         return
     unit = book.units[unit_id]
-    node = book.nodes.setdefault(result["node"], {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
-                                                  "bytes_written": 0})
+    node = book.nodes.setdefault(result.node, {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
+                                               "bytes_written": 0})
     node["units"] += 1
     node["tensors"] += len(unit.entries)
-    node["seconds"] += result["seconds"]
-    node["bytes_read"] += result["bytes_read"]
-    node["bytes_written"] += result["bytes_written"]
+    node["seconds"] += result.seconds
+    node["bytes_read"] += result.bytes_read
+    node["bytes_written"] += result.bytes_written
     read_gb = sum(n["bytes_read"] for n in book.nodes.values()) / 1e9
     written_gb = sum(n["bytes_written"] for n in book.nodes.values()) / 1e9
-    session.commit(unit, result["rows"], note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
-                                              f"failed {len(book.failed)}")
+    session.commit(unit, result.rows, note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
+                                           f"failed {len(book.failed)}", node=result.node)
 
 
 def _describe(unit: WorkUnit) -> str:

@@ -14,7 +14,7 @@ import sys
 
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError
-from ..engine.interrupt import Interrupted
+from ..engine.run.interrupt import Interrupted
 from .driver import run_distributed
 
 
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
               "to resume.", file=sys.stderr)
         return exc.exit_code
     if summary.get("already_complete"):
-        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.out}", flush=True)
+        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.output.out}", flush=True)
         return 0
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors; plan {summary['plan_id']}"
-          f"; wrote {cfg.out}")
+          f"; wrote {cfg.output.out}")
     return 0
 
 

@@ -13,15 +13,16 @@ Fault-injection hooks for tests (environment variables, forwarded to actors by t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from ..engine.repair_step import EntryJob, StepSettings, execute_unit
+from ..engine.run.jobs import EntryJob, StepSettings
 from ..kernels.threads import cpu_thread_policy
 
 FAULT_ENV = ("DGREPAIR_FAULT_CRASH_ON", "DGREPAIR_FAULT_SLEEP_ON", "DGREPAIR_FAULT_UNIT_DELAY")
@@ -31,29 +32,43 @@ def actor_name(plan_id: str, index: int) -> str:
     return f"dgrepair-{plan_id}-worker-{index}"
 
 
+@dataclass(frozen=True)
+class UnitResult:
+    """What one unit's execution on an actor returns: the phase's rows and per-node accounting."""
+
+    unit: int
+    rows: list[Any]  # the phase's row type (manifest rows, or calibration rows)
+    node: str
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class RepairWorker:
-    """One per GPU (num_gpus=1) or one per CPU slot; retries belong to the driver."""
+    """One per GPU (num_gpus=1) or one per CPU slot, for one phase; retries belong to the driver."""
 
-    def __init__(self, settings: StepSettings, index: int) -> None:
+    def __init__(self, step: Callable[[list[EntryJob], StepSettings], list[Any]], settings: StepSettings,
+                 index: int, writes_output: bool) -> None:
+        self.step = step
         self.settings = settings
         self.index = index
+        self.writes_output = writes_output
         self.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
-    def run(self, unit_id: int, jobs: list[EntryJob]) -> dict[str, Any]:
+    def run(self, unit_id: int, jobs: list[EntryJob]) -> UnitResult:
         names = {j.entry.name for j in jobs}
         self._faults(names)
         start = time.perf_counter()
         if self.settings.device == "cpu":
             with cpu_thread_policy(self.settings.threads):
-                rows = execute_unit(jobs, self.settings)
+                rows = self.step(jobs, self.settings)
         else:
-            rows = execute_unit(jobs, self.settings)
-        if self.settings.mode == "repair":
-            rows = [dataclasses.replace(r, node=self.node) for r in rows]
-        return {"unit": unit_id, "rows": rows, "node": self.node, "seconds": time.perf_counter() - start,
-                "bytes_read": sum(j.entry.ft.nbytes + (j.entry.base.nbytes if j.entry.base else 0) for j in jobs),
-                "bytes_written": sum(j.entry.out_nbytes for j in jobs) if self.settings.mode == "repair" else 0}
+            rows = self.step(jobs, self.settings)
+        return UnitResult(unit_id, rows, self.node, time.perf_counter() - start,
+                          bytes_read=sum(j.entry.ft.nbytes + (j.entry.base.nbytes if j.entry.base else 0)
+                                         for j in jobs),
+                          bytes_written=sum(j.entry.out_nbytes for j in jobs) if self.writes_output else 0)
 
     def _faults(self, names: set[str]) -> None:
         crash = os.environ.get("DGREPAIR_FAULT_CRASH_ON")

@@ -7,7 +7,6 @@ one schema. Errors the user can act on print one message and exit non-zero witho
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -15,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .engine.config import RepairConfig
+from .engine.config import FlagSpec, RepairConfig, flag_specs
 from .engine.errors import DGRepairError, InputError
-from .engine.interrupt import Interrupted
+from .engine.run.interrupt import Interrupted
 from .kernels.spectral import BACKENDS
 
 EXAMPLES = """examples:
@@ -30,7 +29,7 @@ EXAMPLES = """examples:
 """
 
 
-# --help groups, in this order; every RepairConfig field is in exactly one (tests/test_cli_help.py).
+# --help groups, in this order; every option is in exactly one (tests/unit/test_cli_help.py).
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "inputs": ("config", "base", "ft"),
     "method": ("method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob", "dare_rescale", "seed", "rank",
@@ -46,10 +45,10 @@ REQUIRED = ("base", "ft", "out")
 
 
 def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One flag per RepairConfig field, grouped by concern; defaults are SUPPRESSed so only explicit
+    """One flag per option (engine/config.py), grouped by concern; defaults are SUPPRESSed so only explicit
     flags override YAML. A boolean shows the one spelling that changes its default (--in-process,
     --no-progress); the opposite spelling still works, for overriding a --config file, but is not listed."""
-    fields = {f.name: f for f in dataclasses.fields(RepairConfig)}
+    specs = {s.name: s for s in flag_specs()}
     for title, names in OPTION_GROUPS.items():
         names = tuple(n for n in names if only is None or n in only or n == "config")
         if not names:
@@ -60,32 +59,31 @@ def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] |
                 group.add_argument("--config", metavar="FILE.yaml", help="YAML file with the options below (names "
                                    "with _ or -); flags given on the command line override it")
             else:
-                _add_field(group, fields[name], name in REQUIRED)
+                _add_field(group, specs[name], name in REQUIRED)
 
 
-def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, required: bool) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    help_text = f.metadata.get("help", "")
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+def _add_field(group: argparse._ArgumentGroup, spec: FlagSpec, required: bool) -> None:
+    flag = "--" + spec.name.replace("_", "-")
+    help_text, default = spec.help, spec.default
     if required:
         help_text = "REQUIRED (here or in --config): " + help_text
-    elif default is not None and default != [] and not isinstance(default, bool):
+    elif default is not None and default != () and not isinstance(default, bool):
         help_text += f" (default: {default})"
-    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    kw: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS}
     if isinstance(default, bool):
         shown, hidden = (flag, "--no-" + flag[2:]) if not default else ("--no-" + flag[2:], flag)
         group.add_argument(shown, action="store_const", const=not default, help=help_text, **kw)
         group.add_argument(hidden, action="store_const", const=default, help=argparse.SUPPRESS, **kw)
-    elif isinstance(default, list):
-        group.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "REGEX"), help=help_text, **kw)
+    elif spec.repeatable:
+        group.add_argument(flag, action="append", metavar=spec.metavar or "REGEX", help=help_text, **kw)
     else:
-        typ = f.metadata.get("type") or (type(default) if default is not None else str)
-        metavar = None if f.metadata.get("choices") else f.metadata.get("metavar") or f.name.upper()
-        group.add_argument(flag, type=typ, choices=f.metadata.get("choices"), metavar=metavar, help=help_text, **kw)
+        typ = spec.type or (type(default) if default is not None else str)
+        metavar = None if spec.choices else spec.metavar or spec.name.upper()
+        group.add_argument(flag, type=typ, choices=spec.choices, metavar=metavar, help=help_text, **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> RepairConfig:
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(RepairConfig) if hasattr(args, f.name)}
+    explicit = {s.name: getattr(args, s.name) for s in flag_specs() if hasattr(args, s.name)}
     if getattr(args, "config", None):
         return RepairConfig.from_yaml(args.config, explicit)
     return RepairConfig.from_mapping(explicit, "command line")
@@ -133,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(cfg: RepairConfig) -> dict[str, Any]:
     """One code path: the Ray driver (embedded local Ray unless an address is given), or the engine
     alone with --in-process."""
-    if cfg.in_process:
-        from .engine.runner import run_repair
+    if cfg.execution.in_process:
+        from .engine.run.executor import run_repair
 
         return run_repair(cfg)
     from .cluster.driver import run_distributed
@@ -146,33 +144,34 @@ def cmd_repair(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run(cfg)
     if summary.get("already_complete"):
-        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.out}")
+        print(f"already complete (plan {summary['plan_id']}): nothing to do; output {cfg.output.out}")
         return 0
     totals = summary["totals"]
     print(f"repaired {totals['matrices_repaired']} matrices in {totals['tensors']} tensors "
-          f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.out}")
+          f"(global rho {totals['global_rho']:.4f}); plan {summary['plan_id']}; wrote {cfg.output.out}")
     for kind, agg in totals["by_kind"].items():
         print(f"  {kind:<8} {agg['matrices']:>7} matrices, kept rank {agg['rank_kept']} of {agg['rank_total']}")
     for node, agg in summary.get("executor", {}).get("per_node", {}).items():
         print(f"  node {node}: {agg['tensors']} tensors in {agg['units']} units, {agg['seconds']:.1f} s busy, "
               f"read {agg['bytes_read'] / 1e9:.2f} GB, wrote {agg['bytes_written'] / 1e9:.2f} GB")
-    print(f"manifest: {Path(cfg.out) / 'dgrepair' / 'manifest.parquet'}  summary: "
-          f"{Path(cfg.out) / 'dgrepair' / 'summary.json'}")
+    print(f"manifest: {Path(cfg.output.out) / 'dgrepair' / 'manifest.parquet'}  summary: "
+          f"{Path(cfg.output.out) / 'dgrepair' / 'summary.json'}")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .engine.runner import load_inputs
+    from .engine.run.inputs import load_inputs
 
     cfg = config_from_args(args)
     inp = load_inputs(cfg, need_out=False)
     summary = inp.plan.summary()
     summary["precision"] = _precision(inp.plan.entries, cfg)
     if args.estimate:
-        from .engine.estimate import estimate, parse_cluster, plan_work
+        from .engine.analysis.estimate import estimate, parse_cluster, plan_work
 
         work, io, largest = plan_work(inp.plan.entries)
-        summary["estimate"] = estimate(work, io, largest, parse_cluster(args.estimate), args.io_gbps, cfg.kernel)
+        summary["estimate"] = estimate(work, io, largest, parse_cluster(args.estimate), args.io_gbps,
+                                       cfg.execution.kernel)
     entries = [{"tensor": e.name, "kind": e.kind, "reason": e.reason, "shape": list(e.ft.shape),
                 "dtype": e.ft.dtype, "shard": e.shard, "written": _written(e)} for e in inp.plan.entries]
     if args.json:
@@ -184,16 +183,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _precision(entries, cfg) -> dict[str, str]:
     """Output dtype -> the precision policy's decision on this machine's device (ADR 0011)."""
-    from .engine.plan import REPAIR_KINDS
-    from .engine.repair_step import policy_out_dtype
+    from .engine.plan.kinds import REPAIR_KINDS
+    from .engine.run.jobs import policy_out_dtype
     from .kernels.spectral import precision_policy, resolve_device
 
     try:
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.execution.device)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     dtypes = sorted({policy_out_dtype(e) for e in entries if e.kind in REPAIR_KINDS})
-    return {d: "{}: {}".format(*precision_policy(cfg.kernel, d, device, cfg.fp64_rate)) + f" (on {device})"
+    ex = cfg.execution
+    return {d: "{}: {}".format(*precision_policy(ex.kernel, d, device, ex.fp64_rate)) + f" (on {device})"
             for d in dtypes}
 
 
@@ -228,7 +228,7 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
     for r in summary["refused"]:
         print(f"  REFUSED {r['tensor']} ({r['shard']}): {r['reason']}")
     if "estimate" in summary:
-        from .engine.estimate import format_estimate
+        from .engine.analysis.estimate import format_estimate
 
         for line in format_estimate(summary["estimate"]):
             print(line)
@@ -238,7 +238,7 @@ def _print_plan(summary: dict[str, Any], entries: list[dict[str, Any]] | None) -
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .engine.demo import run_demo
+    from .engine.demo.demo import run_demo
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dgrepair-demo-"))
     run_demo(workdir, dtype=args.dtype, kernel=args.kernel, stream=sys.stdout, executor=run,
@@ -247,13 +247,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_score_parser(sub: argparse._SubParsersAction) -> None:
-    from .engine.score_inputs import UNITS
+    from .engine.analysis.score_inputs import UNITS
 
     score = sub.add_parser(
         "score", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="score methods against base and ft from benchmark results (paper §3.4: healed, preserved, "
              "Combined, balance; population Clean-up / Retention / Combined)",
-        description="Score repair methods the way the paper does (SPEC.md §5). Input: a long-format CSV with "
+        description="Score repair methods the way the paper does (docs/scoring.md). Input: a long-format CSV with "
                     "columns cell,method,benchmark,score (methods 'base' and 'ft' are the references; the "
                     "on-task benchmark is named 'task'), and/or lm-evaluation-harness results files, one per "
                     "method, for one cell.")
@@ -276,7 +276,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
                             "(default: auto)")
     score.add_argument("--non-damage", choices=("one-sided", "two-sided"), default="two-sided",
                        help="population non-damage: one-sided = M - Base >= -0.03 on unchanged triples (reproduces "
-                            "the paper's numbers), two-sided = |M - Base| < 0.03 (SPEC §5 as written) "
+                            "the paper's numbers), two-sided = |M - Base| < 0.03 (docs/scoring.md, as written) "
                             "(default: two-sided)")
     score.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
     score.set_defaults(func=cmd_score)
@@ -293,7 +293,7 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .engine import score_inputs, scoring
+    from .engine.analysis import score_inputs, scoring
 
     if not args.table and not args.lm_eval:
         raise InputError("score: give --table FILE.csv and/or --lm-eval METHOD=PATH (with base= and ft=).")
@@ -337,7 +337,7 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .engine.report import build_report
+    from .engine.analysis.report import build_report
 
     if args.max_spectra < 1:
         raise InputError(f"--max-spectra must be >= 1, got {args.max_spectra}.")

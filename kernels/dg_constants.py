@@ -1,4 +1,4 @@
-"""Gavish–Donoho constants for the unknown-noise hard threshold (SPEC.md §1).
+"""Gavish–Donoho constants for the unknown-noise hard threshold (docs/maths.md).
 
 `omega(beta)` is computed exactly from the Marchenko–Pastur median, not from the cubic
 approximation printed in the paper (which is off by up to 1.1 % as beta -> 0).

@@ -6,7 +6,7 @@ Backends (`--kernel`):
   top-r eigenvectors; Δ* = (ΔV_r)V_rᵀ. Never pays for the wide orientation.
 - `gram32`: the same in float32 (TF32 off), guarded: if κ = s_max/s_med > KAPPA_MAX_F32 or a
   singular value lies within NEAR_TAU_F32 of τ, the matrix is recomputed with `gram64` and the
-  stats record why (research/kernels.md §2: float32 breaks ranks from κ ≈ 1e4).
+  stats record why (docs/adr/0004-cpu-spectral-kernels.md: float32 breaks ranks from κ ≈ 1e4).
 τ and r always come from a full set of eigenvalues, never from a randomized estimate.
 
 `auto` follows the precision policy (docs/adr/0011-precision-policy.md): the working precision
@@ -17,6 +17,7 @@ float64 runs at about half its float32 rate (A100/H100/H200/B200) gets `gram64` 
 
 from __future__ import annotations
 
+import typing
 from contextlib import nullcontext
 from typing import Literal
 
@@ -28,7 +29,7 @@ from .threads import cpu_thread_policy
 from .threshold import SpectralRule, SpectralStats, threshold_spectrum
 
 Backend = Literal["auto", "exact", "gram64", "gram32"]
-BACKENDS: tuple[str, ...] = ("auto", "exact", "gram64", "gram32")
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 
 # Float working-set bound of the Gram backends (elements per streamed block: 128 MiB in float64).
 DEFAULT_CHUNK_ELEMS = 1 << 24
@@ -41,7 +42,8 @@ AUTO_EXACT_MAX_P = 32  # below this the SVD is as cheap as anything and needs no
 # contract; F32/F64 outputs keep float64 working precision.
 LOW_PRECISION_OUTPUTS = frozenset({"BF16", "F16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "I4", "U4", "MXFP4",
                                    "FP8", "INT4"})
-FP64_RATES = ("auto", "fast", "slow")
+Fp64Rate = Literal["auto", "fast", "slow"]
+FP64_RATES: tuple[str, ...] = typing.get_args(Fp64Rate)
 # (major, minor) compute capabilities whose FP64 rate is about 1/2 of FP32: P100, V100, A100,
 # H100/H200, B200. The rest (T4, A10, L4, L40, RTX, GB300) run FP64 at 1/32-1/64 of FP32.
 FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})

@@ -5,7 +5,7 @@ machine, alternating between them is slow because the idle pool's threads spin w
 works (bench/blas_threads.py: 11.4 ms vs 4.3 ms per alternation on 2 cores). So CPU kernels
 run all heavy linear algebra in the BLAS pool with `threads` threads and keep torch at 1 thread for
 the duration; `threads_per_worker` splits the cores between workers so N workers on N cores do not
-oversubscribe (measured collapse: a 6 s SVD took 40–55 s under contention, research/kernels.md).
+oversubscribe (measured collapse: a 6 s SVD took 40–55 s under contention, docs/adr/0004-cpu-spectral-kernels.md).
 """
 
 from __future__ import annotations

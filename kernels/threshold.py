@@ -1,4 +1,4 @@
-"""The DG-Hard threshold rule on a spectrum (SPEC.md §1), shared by every backend.
+"""The DG-Hard threshold rule on a spectrum (docs/maths.md), shared by every backend.
 
 Backends only produce a descending float64 spectrum; this module decides τ, the kept rank and the
 degenerate cases, so those rules cannot differ between backends.
@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from .dg_constants import lambda_star, mp_median
+from .dg_constants import mp_median
+from .dg_constants import omega as dg_omega
 
 MedianRule = Literal["lower", "mean"]
 
@@ -25,7 +26,7 @@ ZERO_RTOL = 1e-6
 
 @dataclass(frozen=True)
 class NoiseScale:
-    """The noise estimate every rule starts from (SPEC §1): s_med, σ̂, the MP edge, ω(β)."""
+    """The noise estimate every rule starts from (docs/maths.md): s_med, σ̂, the MP edge, ω(β)."""
 
     s_med: float
     sigma_hat: float
@@ -56,7 +57,7 @@ class SpectralRule(Protocol):
 
 @dataclass(frozen=True)
 class ThresholdParams:
-    """The DG-Hard rule (SPEC §1.4–5): keep s_i > τ = scale · ω(β) · s_med. With `at="mp_edge"` the
+    """The DG-Hard rule (docs/maths.md): keep s_i > τ = scale · ω(β) · s_med. With `at="mp_edge"` the
     same hard cut sits at scale · λ_MP instead (the mp_edge method)."""
 
     scale: float = 1.0
@@ -112,7 +113,7 @@ class SpectralStats:
 
 
 def lower_or_mean_median(s_desc: np.ndarray, rule: MedianRule) -> float:
-    """SPEC §1.3: the lower median is element (p-1)//2 of the ascending values (torch.median)."""
+    """The lower median (docs/maths.md) is element (p-1)//2 of the ascending values (torch.median)."""
     asc = np.sort(np.asarray(s_desc, dtype=np.float64))
     p = asc.size
     if rule == "lower" or p % 2 == 1:
@@ -130,7 +131,7 @@ def threshold_spectrum(s_desc: np.ndarray, rows: int, cols: int, params: Spectra
         raise ValueError(f"expected {p} singular values for a {rows}x{cols} matrix, got shape {s.shape}")
     beta = p / big
     mu = mp_median(beta)
-    omega = lambda_star(beta) / math.sqrt(mu)
+    omega = dg_omega(beta)  # mp_median is cached: no second integration
     energy = float(np.sum(s * s))
     s_max = float(s[0]) if p else 0.0
     common = dict(rows=rows, cols=cols, rank_total=p, beta=beta, omega=omega, s_max=s_max)

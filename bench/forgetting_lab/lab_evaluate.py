@@ -1,6 +1,6 @@
 """Offline evaluation of one checkpoint on a `Suite`: greedy decoding and log-likelihoods, fixed prompts.
 
-Scores are in [0, 1] (the metric of SPEC §5 needs that):
+Scores are in [0, 1] (the metric of docs/scoring.md needs that):
 - task, capitals: exact-match accuracy of greedy completions (task: first integer equals a+b; capitals:
   the first line contains the city name, case-insensitive); Wilson 95 % interval.
 - definitions: 4-way multiple choice, the choice with the highest mean token log-probability wins; Wilson.

@@ -1,6 +1,6 @@
 """The lab's score table (long CSV: cell, method, benchmark, score, length) and the one call that scores it.
 
-Scoring belongs to `dgrepair score` (SPEC §5). `score_table` is the only place the lab calls it; when the
+Scoring belongs to `dgrepair score` (docs/scoring.md). `score_table` is the only place the lab calls it; when the
 installed CLI has no `score` command yet, it returns None and the report says so instead of inventing
 numbers with a private copy of the metric.
 """
@@ -44,7 +44,7 @@ def score_exe() -> str:
 
 
 def unscorable_cells(rows: list[dict]) -> list[str]:
-    """Cells SPEC §5 cannot score: ft scores 0 on the task (M_task/FT_task undefined) or base scores 0 on
+    """Cells the metric cannot score: ft scores 0 on the task (M_task/FT_task undefined) or base scores 0 on
     every held-out benchmark (the balance ratio is undefined). A tiny smoke run can produce either."""
     ft_task = {r["cell"]: float(r["score"]) for r in rows if r["method"] == "ft" and r["benchmark"] == "task"}
     base_held: dict[str, float] = {}

@@ -44,7 +44,8 @@ def apply_method(method: Method, delta: torch.Tensor, keys: list[str], backend: 
     if isinstance(method, SpectralMethod):
         return repair_batch(delta, method.rule(), backend, device=device, threads=threads, factors=factors,
                             out_dtype=out_dtype, fp64_rate=fp64_rate)
-    assert isinstance(method, ElementwiseMethod)
+    if not isinstance(method, ElementwiseMethod):
+        raise TypeError(f"method {method.name} is neither spectral nor element-wise")
     if factors is not None:
         raise ValueError(f"method {method.name} changes Δ entry by entry; its result has no low-rank factors")
     return method.apply(delta, keys)

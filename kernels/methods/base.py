@@ -22,6 +22,10 @@ from ..threshold import SpectralRule, SpectralStats, threshold_spectrum
 CURVE_POINTS = 2048  # grid of an element-wise knob in [0, 1] at which calibration energies are stored
 
 
+POSITIVE = (lambda v: v > 0, "> 0")
+MEDIAN = (lambda v: v in ("lower", "mean"), "'lower' or 'mean'")
+
+
 @dataclass(frozen=True)
 class Method:
     """Base of every method; subclasses are frozen dataclasses whose fields are the method's knobs."""
@@ -31,9 +35,18 @@ class Method:
     knob: ClassVar[str | None] = None  # the field --target-rho bisects; None: no knob to bisect
     knob_bounds: ClassVar[tuple[float, float]] = (0.0, 1.0)
     knob_integer: ClassVar[bool] = False
+    # field -> (predicate, what it must be): the one validation of each parameter, run on construction.
+    checks: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    def __post_init__(self) -> None:
+        for name, (ok, what) in self.checks.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
 
     def with_knob(self, value: float) -> Method:
-        assert self.knob is not None
+        if self.knob is None:
+            raise ValueError(f"method {self.name} has no knob to set")
         return replace(self, **{self.knob: int(round(value)) if self.knob_integer else float(value)})
 
     def params(self) -> dict[str, Any]:

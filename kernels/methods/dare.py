@@ -29,6 +29,7 @@ class Dare(ElementwiseMethod):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (0.0 <= self.drop_prob <= 1.0) or (self.dare_rescale and self.drop_prob == 1.0):
             raise ValueError(f"drop_prob must be in [0, 1] (below 1 with rescaling), got {self.drop_prob}")
 

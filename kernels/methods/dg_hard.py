@@ -1,4 +1,4 @@
-"""DG-Hard (the paper's method, SPEC §1): keep singular values above scale · ω(β) · s_med."""
+"""DG-Hard (the paper's method, docs/maths.md): keep singular values above scale · ω(β) · s_med."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..threshold import MedianRule, SpectralRule, ThresholdParams, threshold_spectrum
-from .base import SpectralMethod
+from .base import MEDIAN, POSITIVE, SpectralMethod
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class DGHard(SpectralMethod):
     name: ClassVar[str] = "dg_hard"
     knob: ClassVar[str | None] = "scale"
     knob_bounds: ClassVar[tuple[float, float]] = (1e-4, 1e4)
+    checks: ClassVar[dict] = {"scale": POSITIVE, "median": MEDIAN}
 
     scale: float = 1.0
     median: MedianRule = "lower"

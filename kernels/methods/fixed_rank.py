@@ -30,6 +30,7 @@ class FixedRank(SpectralMethod):
     knob: ClassVar[str | None] = "rank"
     knob_bounds: ClassVar[tuple[float, float]] = (0, 1 << 20)
     knob_integer: ClassVar[bool] = True
+    checks: ClassVar[dict] = {"rank": (lambda v: v >= 0, ">= 0")}
 
     rank: int = 16
 

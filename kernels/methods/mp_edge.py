@@ -1,5 +1,5 @@
 """Marchenko–Pastur edge cut: keep singular values above scale · (1 + √β) · √N · σ̂ (the bulk edge,
-SPEC §1), i.e. everything the noise model cannot explain, with no optimality claim on the cut."""
+docs/maths.md), i.e. everything the noise model cannot explain, with no optimality claim on the cut."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Gavish–Donoho (2017) optimal singular-value shrinker for Frobenius loss, unknown noise level.
 
-With σ̂ = s_med / √(N μ_β) (SPEC §1) and y = s / (√N σ̂), each singular value becomes
+With σ̂ = s_med / √(N μ_β) (docs/maths.md) and y = s / (√N σ̂), each singular value becomes
 η(y) · √N σ̂ with η(y) = √((y² − β − 1)² − 4β) / y for y > 1 + √β and 0 below the bulk edge.
 A continuous shrinker has no knob, so --target-rho does not apply to it.
 """
@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..threshold import Cut, MedianRule, NoiseScale, SpectralRule
-from .base import SpectralMethod
+from .base import MEDIAN, SpectralMethod
 
 
 def frobenius_shrinker(y: np.ndarray, beta: float) -> np.ndarray:
@@ -42,6 +42,7 @@ class OptimalShrinkRule:
 @dataclass(frozen=True)
 class OptimalShrink(SpectralMethod):
     name: ClassVar[str] = "optimal_shrink"
+    checks: ClassVar[dict] = {"median": MEDIAN}
 
     median: MedianRule = "lower"
 

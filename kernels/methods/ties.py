@@ -23,6 +23,7 @@ class Ties(ElementwiseMethod):
     name: ClassVar[str] = "ties"
     knob: ClassVar[str | None] = "keep_ratio"
     knob_bounds: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    checks: ClassVar[dict] = {"keep_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")}
 
     keep_ratio: float = 0.2  # TIES paper default density (the paper's own value was lost in extraction)
     ties_lambda: float = 1.0

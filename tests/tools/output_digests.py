@@ -20,12 +20,12 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 RECORD = HERE.parent / "data" / "output_digests.json"
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "fixtures"))
 
 
 def _fixture(name: str) -> Callable[[Path], tuple[Path, Path]]:
     def write(root: Path) -> tuple[Path, Path]:
-        from dgrepair.engine.fixtures import write_pair
+        from frontier import write_pair
 
         return write_pair(name, root)
     return write
@@ -34,7 +34,7 @@ def _fixture(name: str) -> Callable[[Path], tuple[Path, Path]]:
 def _test_pair(dtype: str) -> Callable[[Path], tuple[Path, Path]]:
     def write(root: Path) -> tuple[Path, Path]:
         import torch
-        from conftest import make_pair
+        from pairs import make_pair
 
         p = make_pair(root, dtype=getattr(torch, dtype))
         return p.base, p.ft
@@ -42,7 +42,7 @@ def _test_pair(dtype: str) -> Callable[[Path], tuple[Path, Path]]:
 
 
 def _synthetic(root: Path) -> tuple[Path, Path]:
-    from dgrepair.engine.synthetic import SyntheticSpec, write_pair
+    from dgrepair.engine.demo.synthetic import SyntheticSpec, write_pair
 
     spec = SyntheticSpec(layers=1, hidden=128, intermediate=256, vocab=512, dtype="BF16", shard_bytes=200_000)
     return write_pair(root, spec)

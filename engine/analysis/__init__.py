@@ -1,0 +1,1 @@
+"""Reading results back: scoring, score inputs, reports."""

@@ -1,0 +1,1 @@
+"""The self-contained demo and the synthetic checkpoint pairs it (and the benchmarks) repair."""

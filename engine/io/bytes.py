@@ -1,0 +1,142 @@
+"""Byte I/O shared by every reader and writer: exact-range reads, positioned writes, hashed copies,
+atomic whole-file writes.
+
+One rule for truncated files: a range that ends past the end of its file raises `TruncatedFile`
+(an InputError naming the file and the byte), whoever reads it. Resume verification catches it and
+redoes the entry; everywhere else it stops the run with exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+CHUNK = 64 << 20
+TMP_SUFFIX = ".dgrepair-tmp"
+
+
+class TruncatedFile(InputError):
+    """A byte range ends past the end of its file."""
+
+
+def _truncated(path: Path, at: int) -> TruncatedFile:
+    return TruncatedFile(f"{path}: unexpected end of file at byte {at}; the file is truncated.")
+
+
+def read_range(path: Path, begin: int, end: int) -> bytearray:
+    """Read an exact byte range (pread: no shared file position, safe across threads)."""
+    buf = bytearray(end - begin)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [view[got:]], begin + got)
+            if n <= 0:
+                raise _truncated(path, begin + got)
+            got += n
+    finally:
+        os.close(fd)
+    return buf
+
+
+def iter_range(path: Path, begin: int, end: int, chunk: int = CHUNK) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) chunks of [begin, end), in order; the one read loop of copy and hash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = begin
+        while pos < end:
+            data = os.pread(fd, min(chunk, end - pos), pos)
+            if not data:
+                raise _truncated(path, pos)
+            yield pos, data
+            pos += len(data)
+    finally:
+        os.close(fd)
+
+
+def sha256_range(path: Path, begin: int, end: int) -> str:
+    """Hash bytes [begin, end) of a file."""
+    digest = hashlib.sha256()
+    for _, data in iter_range(path, begin, end):
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def copy_range(src: Path, begin: int, end: int, dst: Path, dst_begin: int) -> str:
+    """Copy bytes [begin, end) of src to dst at dst_begin, hashing them on the way."""
+    digest = hashlib.sha256()
+    fout = os.open(dst, os.O_WRONLY)
+    try:
+        for pos, data in iter_range(src, begin, end):
+            digest.update(data)
+            _pwrite_fd(fout, dst_begin + pos - begin, data)
+    finally:
+        os.close(fout)
+    return digest.hexdigest()
+
+
+def pwrite(path: Path, offset: int, data) -> None:
+    """Write all of `data` (bytes or a buffer) at `offset` of an existing file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        _pwrite_fd(fd, offset, data)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_fd(fd: int, offset: int, data) -> None:
+    """pwrite may write less than asked: loop until all of it is written."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file: a temporary sibling, fsync, rename; a reader sees the old file or the new one,
+    never half of one, and a failed write (full disk) leaves no temporary file."""
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a whole file the same way (tmp + fsync + rename)."""
+    tmp = dst.with_name(f".{dst.name}{TMP_SUFFIX}")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any, *, sort_keys: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())

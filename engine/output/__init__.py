@@ -1,0 +1,1 @@
+"""What a run writes: the output folder and its shards, the manifest, the adapter export."""

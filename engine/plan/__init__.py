@@ -1,0 +1,1 @@
+"""The planning model: which tensor gets which treatment, decided from headers only."""

