@@ -44,6 +44,7 @@ from .session import ray_session
 from .worker import FAULT_ENV, RepairWorker, actor_name
 
 NAMESPACE = "dgrepair"
+RECOVERY_WAIT_S = 120.0  # how long a restarting actor is waited for before it is sent units again
 
 
 @dataclass
@@ -215,20 +216,39 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
                                shared=shared, solo=unit_id in book.isolated)
         load[actor] += 1
 
+    # An actor that died (or was killed past a deadline) restarts; until its ping answers it gets no
+    # unit, so no innocent unit is sent into a restarting actor and blamed for its unavailability.
+    recovering: dict[ray.ObjectRef, int] = {}
+    down_since: dict[int, float] = {}
+
     while book.queue or flights:
+        down = set(recovering.values())
         for actor in sorted(range(n_workers), key=lambda a: load[a]):
-            while load[actor] < cfg.cluster.inflight_per_worker and not any(f.solo and f.actor == actor
-                                                                     for f in flights.values()):
+            while actor not in down and load[actor] < cfg.cluster.inflight_per_worker and not any(
+                    f.solo and f.actor == actor for f in flights.values()):
                 unit_id = book.next_for(busy=load[actor] > 0)
                 if unit_id is None:
                     break
                 submit(unit_id, actor)
-        ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
+        ready, _ = ray.wait([*flights, *recovering], num_returns=1, timeout=1.0)
         session.bar.tick()
         for ref in ready:
+            if ref in recovering:
+                actor = recovering.pop(ref)
+                try:
+                    ray.get(ref)
+                    down_since.pop(actor, None)
+                except RayActorError:
+                    if time.monotonic() - down_since.setdefault(actor, time.monotonic()) < RECOVERY_WAIT_S:
+                        time.sleep(0.2)
+                        recovering[actors[actor].ping.remote()] = actor  # still restarting: ask again
+                    else:  # not back in time: send it units again, as before the gate, and let them say why
+                        down_since.pop(actor, None)
+                continue
             flight = flights.pop(ref)
             load[flight.actor] -= 1
-            _collect(session, book, ref, flight, cfg)
+            if not _collect(session, book, ref, flight, cfg) and flight.actor not in recovering.values():
+                recovering[actors[flight.actor].ping.remote()] = flight.actor
         now = time.monotonic()
         for flight in list(flights.values()):
             if now > flight.deadline:
@@ -241,7 +261,8 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
 
 
 def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
-             cfg: RepairConfig) -> None:
+             cfg: RepairConfig) -> bool:
+    """Commit a finished unit or requeue a failed one; False when its actor was lost (it restarts)."""
     unit_id = flight.unit_id
     try:
         result = ray.get(ref)
@@ -250,7 +271,7 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
         if isinstance(cause, DGRepairError) or (isinstance(cause, OSError) and cause.errno in output.OUTPUT_ERRNOS):
             raise cause from None  # bad input (NaN, truncated file), full disk: stop like the in-process engine
         _retry(book, unit_id, f"error: {exc}", cfg.cluster.max_attempts, split=False)
-        return
+        return True
     except RayActorError as exc:
         what = _describe(book.units[unit_id])
         if flight.shared and not flight.expired:  # the death may be another unit's doing
@@ -259,14 +280,14 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
             book.queue.appendleft(unit_id)
             session.say(f"{what} on worker {flight.actor}: worker died ({type(exc).__name__}) with other work in "
                         "flight; requeued without charge, to run alone")
-            return
+            return False
         why = "past its deadline" if flight.expired else f"worker died: {type(exc).__name__}"
         _retry(book, unit_id, why, cfg.cluster.max_attempts, split=True)
         outcome = ("marked failed" if unit_id in book.failed else
                    f"requeued (attempt {book.attempts[unit_id] + 1} of {cfg.cluster.max_attempts})"
                    if unit_id in book.units else "split into single tensors and requeued")
         session.say(f"{what} on worker {flight.actor}: {why}; {outcome}")
-        return
+        return False
     unit = book.units[unit_id]
     node = book.nodes.setdefault(result.node, {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
                                                "bytes_written": 0})
@@ -279,6 +300,7 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
     written_gb = sum(n["bytes_written"] for n in book.nodes.values()) / 1e9
     session.commit(unit, result.rows, note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
                                            f"failed {len(book.failed)}", node=result.node)
+    return True
 
 
 def _describe(unit: WorkUnit) -> str:

@@ -56,6 +56,10 @@ class RepairWorker:
         self.writes_output = writes_output
         self.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
+    def ping(self) -> bool:
+        """Answers once the actor is up again after a restart: the driver sends it no unit before then."""
+        return True
+
     def run(self, unit_id: int, jobs: list[EntryJob]) -> UnitResult:
         names = {j.entry.name for j in jobs}
         self._faults(names)
