@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import InputError
 
@@ -108,13 +109,14 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a whole file: a temporary sibling, fsync, rename; a reader sees the old file or the new one,
-    never half of one, and a failed write (full disk) leaves no temporary file."""
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temporary sibling of `path` to write; fsynced and renamed over `path` only when the block ends
+    cleanly, removed otherwise (a full disk leaves no temporary file)."""
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -123,18 +125,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file: a reader sees the old file or the new one, never half of one."""
+    with _atomic_file(path) as fh:
+        fh.write(data)
+
+
 def copy_atomic(src: Path, dst: Path) -> None:
     """Copy a whole file the same way (tmp + fsync + rename)."""
-    tmp = dst.with_name(f".{dst.name}{TMP_SUFFIX}")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as fin, _atomic_file(dst) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 def write_json_atomic(path: Path, obj: Any, *, sort_keys: bool = True) -> None:
