@@ -104,7 +104,7 @@ def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str
     with interrupt.signals_as_exceptions(), output.os_errors(Path(cfg.output.out or ".")), \
             RunSession(cfg, stream) as session:
         if session.complete:
-            return {**output.read_summary(session.inp.out), "already_complete": True}
+            return {**session.target.read_summary(), "already_complete": True}
         return _run(session, cfg)
 
 

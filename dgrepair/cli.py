@@ -39,7 +39,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "execution": ("in_process", "device", "threads", "batch_mb", "commit_interval_s", "progress",
                   "progress_interval_s"),
     "cluster": ("address", "workers", "max_attempts", "inflight_per_worker", "unit_timeout_s"),
-    "output": ("out", "force", "emit_adapter"),
+    "output": ("out", "force", "emit_adapter", "scratch", "lock_ttl_s"),
 }
 REQUIRED = ("base", "ft", "out")
 

@@ -209,12 +209,17 @@ class ClusterOptions(Section):
 
 @dataclass(frozen=True)
 class OutputOptions(Section):
-    out: str | None = _opt(None, "output directory for the repaired checkpoint (resumes an interrupted run of the same "
-                           "plan)", metavar="DIR")
+    out: str | None = _opt(None, "output directory for the repaired checkpoint, or an s3:// / gs:// prefix (resumes "
+                           "an interrupted run of the same plan)", metavar="DIR|URI")
     emit_adapter: str | None = _opt(None, "also write delta* as a PEFT LoRA adapter into this directory (spectral "
                                     "methods; plain Linear / Embedding weights)", metavar="DIR")
     force: bool = _opt(False, "replace an output directory that holds a different dgrepair run (removes only what "
                        "that run wrote; never a folder another run has locked)")
+    scratch: str | None = _opt(None, "with an s3:// or gs:// --out: the local folder (the same path on every node) "
+                               "where output shards are assembled before upload, about two shards per worker "
+                               "(default: the system temporary folder)", metavar="DIR")
+    lock_ttl_s: float = _opt(120.0, "with an s3:// or gs:// --out: seconds after its last heartbeat when a run's lock "
+                             "object counts as abandoned and is taken over")
 
 
 SECTIONS: dict[str, type[Section]] = {"inputs": InputOptions, "scope": ScopeOptions, "formats": FormatOptions,
@@ -228,7 +233,8 @@ FLAT_ORDER = ("base", "ft", "out", "method", "scale", "alpha", "keep_ratio", "ti
               "dare_rescale", "seed", "rank", "target_rho", "emit_adapter", "min_numel", "mask", "include", "exclude",
               "median", "kernel", "fp64_rate", "fused_layout", "out_dtype", "packed_int4", "treat_as", "device",
               "threads", "batch_mb", "address", "workers", "in_process", "max_attempts", "inflight_per_worker",
-              "unit_timeout_s", "commit_interval_s", "force", "progress", "progress_interval_s")
+              "unit_timeout_s", "commit_interval_s", "force", "scratch", "lock_ttl_s", "progress",
+              "progress_interval_s")
 
 
 @dataclass(frozen=True)
@@ -282,11 +288,12 @@ class RepairConfig:
     output: OutputOptions = field(default_factory=OutputOptions)
 
     def __post_init__(self) -> None:
-        remote = [v for v in (self.inputs.base, self.inputs.ft, self.output.out) if is_object_uri(v)]
-        if remote and self.output.out is not None:
-            raise InputError(f"{remote[0]}: repairing from or to object storage is not supported yet; "
-                             "`dgrepair plan` reads s3:// and gs:// inputs. Copy the checkpoints to a local or "
-                             "shared filesystem to repair them.")
+        if is_object_uri(self.output.out) and self.output.emit_adapter:
+            raise InputError(f"--emit-adapter with an object-store --out ({self.output.out}) is not supported: the "
+                             "adapter is assembled from parts on one filesystem. Run with a local --out to export "
+                             "the adapter, or drop --emit-adapter.")
+        if self.output.lock_ttl_s <= 0:
+            raise InputError(f"--lock-ttl-s must be positive (got {self.output.lock_ttl_s}).")
         if self.output.emit_adapter and not METHODS[self.method.name].spectral:
             raise InputError(f"--emit-adapter needs a spectral method (dg_hard, fixed_rank, mp_edge, optimal_shrink); "
                              f"{self.method.name} changes delta entry by entry, so its result has no low-rank "

@@ -140,10 +140,11 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One listed object."""
+    """One listed (or HEADed) object; `e_tag` names this exact version of its bytes."""
 
     uri: ObjectURI
     size: int
+    e_tag: str | None = None
 
 
 def _truthy(value: str | None) -> bool:
@@ -186,10 +187,15 @@ class Storage:
     # -- reads -----------------------------------------------------------------------------------
     def size(self, uri: ObjectURI) -> int:
         """The object's length in bytes (one HEAD)."""
+        return self.head(uri).size
+
+    def head(self, uri: ObjectURI) -> ObjectInfo:
+        """The object's length and ETag (one HEAD)."""
         try:
-            return int(obstore.head(self._store(uri), uri.key)["size"])
+            meta = obstore.head(self._store(uri), uri.key)
         except CLIENT_ERRORS as exc:  # HEAD errors carry no body: ask once more with a GET to learn why
             raise self._diagnose(uri, exc) from exc
+        return ObjectInfo(uri, int(meta["size"]), meta.get("e_tag"))
 
     def read_range(self, uri: ObjectURI, begin: int, end: int) -> bytearray:
         """Bytes [begin, end) of the object; ranges above part_bytes go out as concurrent GETs."""
@@ -214,8 +220,13 @@ class Storage:
 
     def read_object(self, uri: ObjectURI) -> bytes:
         """A whole small object (an index, config.json); large data goes through read_range."""
+        return self.read_tagged(uri)[0]
+
+    def read_tagged(self, uri: ObjectURI) -> tuple[bytes, str | None]:
+        """A whole small object and the ETag of the version read (for a later conditional replace)."""
         try:
-            return bytes(obstore.get(self._store(uri), uri.key).bytes())
+            got = obstore.get(self._store(uri), uri.key)
+            return bytes(got.bytes()), got.meta.get("e_tag")
         except CLIENT_ERRORS as exc:
             raise self._classify(uri, exc) from exc
 
@@ -231,30 +242,46 @@ class Storage:
         return sorted(found, key=lambda o: o.uri.key)
 
     # -- writes ----------------------------------------------------------------------------------
-    def write(self, uri: ObjectURI, data: bytes | Path | Iterable[bytes]) -> None:
+    def write(self, uri: ObjectURI, data: bytes | Path | Iterable[bytes]) -> str | None:
         """Write a whole object under its final key, visible only when complete: one PUT for bytes
         up to the part size, otherwise a multipart upload that is completed once (and aborted on
-        failure), so no reader ever sees a partial object under `uri`."""
+        failure), so no reader ever sees a partial object under `uri`. Returns the new ETag."""
         chunk = self.settings.multipart_chunk_bytes
         try:
-            obstore.put(self._store(uri), uri.key, data, chunk_size=chunk,
-                        max_concurrency=self.settings.concurrency)
+            return obstore.put(self._store(uri), uri.key, data, chunk_size=chunk,
+                               max_concurrency=self.settings.concurrency).get("e_tag")
         except CLIENT_ERRORS as exc:
+            raise self._classify(uri, exc) from exc
+
+    def replace_if(self, uri: ObjectURI, data: bytes, e_tag: str) -> str | None:
+        """Overwrite `uri` only if it is still the version `e_tag` (a conditional PUT, If-Match).
+        Returns the new ETag, or None when the object changed meanwhile (another writer won)."""
+        try:
+            return obstore.put(self._store(uri), uri.key, data, mode={"e_tag": e_tag}).get("e_tag")
+        except (PreconditionError, NotFoundError, FileNotFoundError):
+            return None
+        except CLIENT_ERRORS as exc:
+            if "ConditionalRequestConflict" in str(exc) or "409 Conflict" in str(exc):
+                return None
             raise self._classify(uri, exc) from exc
 
     def put_if_absent(self, uri: ObjectURI, data: bytes) -> bool:
         """Create `uri` holding `data` only if no object is there (a conditional PUT, If-None-Match: *).
         True when this call created it, False when an object already existed: the primitive a lock
         on an output prefix needs (exactly one of two racing callers gets True)."""
+        return self.create(uri, data) is not None
+
+    def create(self, uri: ObjectURI, data: bytes) -> str | None:
+        """put_if_absent that returns the new object's ETag ("" if the server sent none), or None
+        when an object already existed."""
         try:
-            obstore.put(self._store(uri), uri.key, data, mode="create")
+            return obstore.put(self._store(uri), uri.key, data, mode="create").get("e_tag") or ""
         except (AlreadyExistsError, PreconditionError):
-            return False
+            return None
         except CLIENT_ERRORS as exc:
             if "ConditionalRequestConflict" in str(exc) or "409 Conflict" in str(exc):
-                return False  # S3's answer when another conditional PUT on the key is in flight
+                return None  # S3's answer when another conditional PUT on the key is in flight
             raise self._classify(uri, exc) from exc
-        return True
 
     def delete(self, uri: ObjectURI) -> None:
         """Delete one object (deleting a missing key is not an error, as in S3)."""

@@ -4,8 +4,8 @@
 `flock(2)` on `OUT/dgrepair/lock`, on the output's own filesystem. The kernel drops a flock when its
 holder dies, so a lock left by a killed run is free at once; the holder's record (host, pid, start
 time, plan id) stays in the file and is reported when the next run takes it over. A clean release
-empties the record first. An object-store output can implement the same interface with a
-conditional put (see docs/adr/0009-output-lock.md).
+empties the record first. An object-store output implements the same interface with a
+conditional put and a heartbeat (engine/output/bucket_lock.py).
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class OutputLock(Protocol):
         """Take the lock or raise OutputError naming the folder and the live holder.
         Returns the record of a dead holder whose lock was taken over, else None."""
 
+    def check(self) -> None:
+        """Raise OutputError if the lock was lost to another run (a lease that expired)."""
+
     def release(self) -> None:
         """Give the lock up (idempotent)."""
 
@@ -91,6 +94,9 @@ class FileOutputLock:
         os.fsync(fd)
         self._fd = fd
         return stale
+
+    def check(self) -> None:
+        """A flock is never lost while its holder lives."""
 
     def release(self) -> None:
         if self._fd is None:

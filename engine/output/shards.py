@@ -16,7 +16,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from ..plan.model import Plan
 from . import manifest
 from .lock import LOCK_FILE
 from .paths import meta_dir, partial_dir, partial_path, run_file, summary_file
+
+Final = Callable[[str], bool]  # shard name -> already finalised?
 
 # errno -> what the user should do; any of these from the output becomes an exit-2 OutputError.
 OUTPUT_ERRNOS: dict[int, str] = {
@@ -60,10 +62,13 @@ def os_errors(out: Path) -> Iterator[None]:
 
 
 
-def check_out_path(out: Path, inputs: list[Path]) -> Path:
-    """Refuse an output that is, contains, or lies inside an input."""
+def check_out_path(out: Path, inputs: list[Any]) -> Path:
+    """Refuse a local output that is, contains, or lies inside a local input (inputs in a bucket
+    cannot overlap a local folder)."""
     resolved = out.expanduser().resolve()
     for src in inputs:
+        if not isinstance(src, Path):
+            continue
         if resolved == src or resolved.is_relative_to(src):
             raise OutputError(f"--out {out} is inside the input checkpoint {src}; choose a directory outside "
                               "both inputs (inputs are never modified).")
@@ -81,21 +86,26 @@ def precheck(out: Path) -> None:
                           "directory (dgrepair never deletes files it did not write).")
 
 
-def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool) -> str:
-    """Make `out` ready (call with the output lock held); returns 'fresh', 'resume' or 'complete'."""
+def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool, final: Final | None = None,
+            label: str | None = None) -> str:
+    """Make `out` ready (call with the output lock held); returns 'fresh', 'resume' or 'complete'.
+    `final` says which shards are already finalised (default: the file `OUT/<shard>` exists);
+    `label` is what messages call the output (default: the folder)."""
+    final = final or _final_file(out)
+    label = label or str(out)
     state = "fresh"
     owner = run_file(out)
-    previous = _read_json(owner)
+    previous = read_json(owner)
     if previous is None and _foreign(out, set()):
-        raise OutputError(f"--out {out} is not empty and holds no dgrepair run; choose an empty or new "
+        raise OutputError(f"--out {label} is not empty and holds no dgrepair run; choose an empty or new "
                           "directory (dgrepair never deletes files it did not write).")
     if previous is not None:
         if previous.get("plan_id") == plan.plan_id:
-            state = "complete" if is_complete(out, plan) else "resume"
+            state = "complete" if is_complete(out, plan, final) else "resume"
         elif force:
             _wipe(out, previous)
         else:
-            raise OutputError(f"--out {out} holds a different dgrepair run (plan {previous.get('plan_id')}, this "
+            raise OutputError(f"--out {label} holds a different dgrepair run (plan {previous.get('plan_id')}, this "
                               f"run is plan {plan.plan_id}: other inputs or options). Use another directory, or "
                               "--force to replace it.")
     if state == "complete":
@@ -107,26 +117,37 @@ def prepare(out: Path, plan: Plan, ft: Checkpoint, force: bool) -> str:
     write_json_atomic(owner, {"plan_id": plan.plan_id, "config": plan.config, "inputs": plan.fingerprints,
                                   "files": files})
     for shard, (prefix, size) in plan.out_shards.items():
-        # The prefix is the fine-tune's header byte for byte unless --out-dtype bf16 changed the layout.
-        if (out / shard).is_file():
-            continue  # finalised by an earlier attempt; verified against the manifest by the runner
-        part = partial_path(out, shard)
-        if part.is_file() and part.stat().st_size == size and _starts_with(part, prefix):
-            continue
-        part.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "wb") as fh:
-            fh.write(prefix)
-            fh.truncate(size)
+        if not final(shard):  # a finalised one is verified against the manifest by the runner
+            open_partial(out, shard, prefix, size)
     return state
 
 
-def is_complete(out: Path, plan: Plan) -> bool:
+def open_partial(out: Path, shard: str, prefix: bytes, size: int) -> None:
+    """Preallocate `OUT/dgrepair/partial/<shard>` (sparse, header in place) unless a partial of the
+    right size and header is already there. The prefix is the fine-tune's header byte for byte
+    unless --out-dtype bf16 changed the layout. Idempotent: a worker calls it before its first unit
+    of a shard, and again after a restart."""
+    part = partial_path(out, shard)
+    if part.is_file() and part.stat().st_size == size and _starts_with(part, prefix):
+        return
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "wb") as fh:
+        fh.write(prefix)
+        fh.truncate(size)
+
+
+def _final_file(out: Path) -> Final:
+    return lambda shard: (out / shard).is_file()
+
+
+def is_complete(out: Path, plan: Plan, final: Final | None = None) -> bool:
     """Complete means: summary.json, run.json and the manifest all name this plan, and every shard is final."""
-    summary = _read_json(summary_file(out))
-    run = _read_json(run_file(out))
+    final = final or _final_file(out)
+    summary = read_json(summary_file(out))
+    run = read_json(run_file(out))
     if summary is None or run is None or not summary.get("plan_id") == run.get("plan_id") == plan.plan_id:
         return False
-    if not all((out / shard).is_file() for shard in plan.out_shards):
+    if not all(final(shard) for shard in plan.out_shards):
         return False
     latest = manifest.latest_by_key(manifest.read_rows(out)).values()
     return all(r.plan_id == plan.plan_id for r in latest) and \
@@ -194,14 +215,14 @@ def read_summary(out: Path) -> dict[str, Any]:
     return json.loads(summary_file(out).read_text())
 
 
-def _owned(out: Path, previous: dict[str, Any]) -> set[str]:
+def owned_names(out: Path, previous: dict[str, Any]) -> set[str]:
     """Top-level names the previous run wrote: run.json's list, the manifest's shards, the summary's sidecars."""
     names = {str(f) for f in previous.get("files", [])}
     try:
         names |= {r.shard for r in manifest.read_rows(out)}
     except (OSError, ValueError):
         pass  # an unreadable manifest adds nothing; run.json's list still counts
-    names |= set((_read_json(summary_file(out)) or {}).get("sidecars", []))
+    names |= set((read_json(summary_file(out)) or {}).get("sidecars", []))
     return {Path(n).parts[0] for n in names if n and not Path(n).is_absolute() and ".." not in Path(n).parts}
 
 
@@ -213,15 +234,18 @@ def _foreign(out: Path, owned: set[str]) -> list[str]:
                   and not p.name.endswith(TMP_SUFFIX))
 
 
-def _wipe(out: Path, previous: dict[str, Any]) -> None:
-    """--force: remove what the previous run wrote, and refuse if anything else is there."""
-    owned = _owned(out, previous)
-    foreign = _foreign(out, owned)
+def refuse_foreign(label: str, foreign: list[str]) -> None:
+    """--force replaces only what dgrepair wrote: refuse when anything else is in the output."""
     if foreign:
         more = f" (+{len(foreign) - 8} more)" if len(foreign) > 8 else ""
-        raise OutputError(f"--out {out}: --force replaces only what dgrepair wrote, but {len(foreign)} entr"
+        raise OutputError(f"--out {label}: --force replaces only what dgrepair wrote, but {len(foreign)} entr"
                           f"{'y is' if len(foreign) == 1 else 'ies are'} not from the previous run: "
                           f"{', '.join(foreign[:8])}{more}. Move them away or choose another directory.")
+
+
+def _wipe(out: Path, previous: dict[str, Any]) -> None:
+    """--force: remove what the previous run wrote, and refuse if anything else is there."""
+    refuse_foreign(str(out), _foreign(out, owned_names(out, previous)))
     for child in [*out.iterdir(), *meta_dir(out).iterdir()]:
         if child == meta_dir(out) or child.name == LOCK_FILE and child.parent == meta_dir(out):
             continue  # the folder itself is kept; the lock is held by this run
@@ -231,7 +255,7 @@ def _wipe(out: Path, previous: dict[str, Any]) -> None:
             child.unlink()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     """A metadata file dgrepair wrote (atomically), or None when absent or not a JSON object."""
     try:
         obj = json.loads(path.read_text())

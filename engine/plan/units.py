@@ -35,16 +35,19 @@ class WorkUnit:
         return sum(e.ft.nbytes for e in self.entries)
 
 
-def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[WorkUnit]:
-    """Group entries into units; order follows the plan (first entry of each group)."""
+def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES,
+               per_shard: bool = False) -> list[WorkUnit]:
+    """Group entries into units; order follows the plan (first entry of each group). `per_shard`:
+    batches never mix output shards (an object-store output assembles each shard on one worker)."""
     groups: dict[tuple, list[PlanEntry]] = defaultdict(list)
     order: list[tuple] = []
-    packed_keys = {e.name: ("packed", e.matrix_shape) for e in entries if e.kind == Kind.PACKED_INT}
+    packed_keys = {e.name: ("packed", e.matrix_shape, *((e.shard,) if per_shard else ())) for e in entries
+                   if e.kind == Kind.PACKED_INT}
     for e in entries:
         if e.name in packed_keys or (e.kind == Kind.PACKED_AUX and e.companion in packed_keys):
             key = packed_keys[e.name if e.kind == Kind.PACKED_INT else e.companion]  # same-shape experts batch
         elif e.kind == Kind.SVD:
-            key: tuple = ("svd", e.matrix_shape)
+            key: tuple = ("svd", e.matrix_shape, e.shard) if per_shard else ("svd", e.matrix_shape)
         elif e.kind in ALONE_KINDS:
             key = ("alone", e.name)
         elif e.kind in SCALE_KINDS:  # rewritten (or dropped) by its weight's unit

@@ -48,8 +48,8 @@ class CalibrationRow:
 SCHEMA = parts.schema_of(CalibrationRow)
 
 
-def write_part(out: Path, rows: list[CalibrationRow]) -> None:
-    parts.write_part(calibration_dir(out), rows, SCHEMA)
+def write_part(out: Path, rows: list[CalibrationRow]) -> Path | None:
+    return parts.write_part(calibration_dir(out), rows, SCHEMA)
 
 
 def read_rows(out: Path, plan_id: str) -> dict[tuple[str, int | None, str | None], CalibrationRow]:

@@ -24,7 +24,7 @@ def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any
     with interrupt.signals_as_exceptions(), shards.os_errors(Path(cfg.output.out or ".")), \
             RunSession(cfg, stream) as session:
         if session.complete:
-            return {**shards.read_summary(session.inp.out), "already_complete": True}
+            return {**session.target.read_summary(), "already_complete": True}
         policy = cpu_thread_policy(session.settings.threads) if session.settings.device == "cpu" else nullcontext()
         with policy:
             if session.calibration is not None:

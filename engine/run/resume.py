@@ -14,8 +14,11 @@ from ..plan.kinds import QUANTIZED_KINDS, SCALE_KINDS, Kind
 from .inputs import Inputs, adapter_parts, expected_keys
 
 
-def verified_done(inp: Inputs) -> set[str]:
-    """Names of entries whose committed rows match the bytes on disk."""
+def verified_done(inp: Inputs, published: set[str] | None = None) -> set[str]:
+    """Names of entries whose committed rows match the bytes on disk. Entries of `published` shards
+    (final in a bucket, their objects matched by ETag) need only their rows; all of a published
+    shard's entries are done, or none (its object is rewritten whole)."""
+    published = published or set()
     latest = manifest.latest_by_key(manifest.read_rows(inp.out))
     parts = adapter_parts(inp)
     done = set()
@@ -25,6 +28,9 @@ def verified_done(inp: Inputs) -> set[str]:
             continue
         if parts and adapter.exportable(entry) is None and not adapter.has_part(parts, entry.name):
             continue  # --emit-adapter: its factors were never written
+        if entry.shard in published:
+            done.add(entry.name)
+            continue
         where = paths.shard_location(inp.out, entry.shard)
         ranges = {(r.byte_begin, r.byte_end): r.sha256 for r in rows if r is not None}  # fused halves share one
         try:
@@ -35,11 +41,19 @@ def verified_done(inp: Inputs) -> set[str]:
     # A packed weight has several companions, so this runs until nothing changes.
     pairs = [(e.name, e.companion) for e in inp.plan.entries
              if e.companion is not None and e.kind in QUANTIZED_KINDS + SCALE_KINDS + (Kind.PACKED_INT,)]
+    by_shard: dict[str, set[str]] = {}
+    for e in inp.plan.entries:
+        if e.shard in published:
+            by_shard.setdefault(e.shard, set()).add(e.name)
     changed = True
     while changed:
         changed = False
         for pair in pairs:
             if not set(pair) <= done and set(pair) & done:
                 done.difference_update(pair)
+                changed = True
+        for names in by_shard.values():
+            if not names <= done and names & done:
+                done.difference_update(names)
                 changed = True
     return done

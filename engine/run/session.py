@@ -27,9 +27,10 @@ from ...kernels.spectral import resolve_device
 from ..config import RepairConfig
 from ..errors import InputError, RepairFailure
 from ..io.bytes import fsync_file
-from ..output import adapter, manifest, paths, shards
-from ..output.lock import FileOutputLock, LockHolder, OutputLock
+from ..output import adapter, manifest, paths
+from ..output.lock import LockHolder, OutputLock
 from ..output.manifest import ManifestRow
+from ..output.target import LocalOutput, OutputTarget
 from ..plan.kinds import REPAIR_KINDS, SCALE_KINDS
 from ..plan.units import WorkUnit, make_units
 from . import calibration
@@ -67,10 +68,13 @@ class Phase(Protocol[R]):
 
 @dataclass
 class Committer:
-    """Buffers manifest rows; fsyncs touched shards before each part file is written."""
+    """Buffers manifest rows; fsyncs touched shards before each part file is written (when they are
+    on this machine's disk) and hands each part to the output target (a bucket copies it)."""
 
     out: Path
     interval_s: float = FLUSH_SECONDS
+    fsync_shards: bool = True
+    on_part: Callable[[Path | None], None] = lambda _: None
     rows: list[ManifestRow] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
     last: float = field(default_factory=time.monotonic)
@@ -82,9 +86,9 @@ class Committer:
             self.flush()
 
     def flush(self) -> None:
-        for shard in self.touched:
+        for shard in self.touched if self.fsync_shards else ():
             fsync_file(paths.shard_location(self.out, shard))
-        manifest.write_part(self.out, self.rows)
+        self.on_part(manifest.write_part(self.out, self.rows))
         self.rows, self.touched, self.last = [], set(), time.monotonic()
 
 
@@ -105,11 +109,12 @@ class RunSession:
             device = resolve_device(cfg.execution.device)  # refused before anything is created in --out
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        shards.precheck(self.inp.out)
-        self.lock: OutputLock = FileOutputLock(self.inp.out)
+        self.target: OutputTarget = self.inp.target or LocalOutput(self.inp.out)
+        self.target.precheck()
+        self.lock: OutputLock = self.target.lock()
         stale = self.lock.acquire(LockHolder.here(self.inp.plan.plan_id))
         if stale is not None:
-            print(f"dgrepair: taking over the lock on {self.inp.out} left by a run that is no longer running "
+            print(f"dgrepair: taking over the lock on {self.target.label} left by a run that is no longer running "
                   f"({stale.describe()}); its committed work is verified and kept.", file=stream or sys.stderr)
         try:
             self._prepare(cfg, device, stream)
@@ -119,10 +124,10 @@ class RunSession:
 
     def _prepare(self, cfg: RepairConfig, device: str, stream: TextIO | None) -> None:
         """Everything after the lock is taken: the output folder, what resume can skip, the work units."""
-        state = shards.prepare(self.inp.out, self.inp.plan, self.inp.ft, cfg.output.force)
+        state = self.target.prepare(self.inp.plan, self.inp.ft, cfg.output.force)
         self.stream = stream or sys.stderr
         self.complete = state == "complete"
-        self.done = verified_done(self.inp) if state == "resume" else set()
+        self.done = verified_done(self.inp, self.target.published()) if state == "resume" else set()
         total = len(self.inp.plan.entries)
         if state == "resume":  # a complete output is reported by the caller (CLI, job): "already complete"
             self.say(f"resuming: {len(self.done)} of {total} entries verified on disk, {total - len(self.done)} "
@@ -135,15 +140,19 @@ class RunSession:
         self.calibration = CalibrationPhase(self, stream) if cfg.method.target_rho is not None else None
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
         self.remaining = Counter(e.shard for e in todo)
+        self.checks = self._done_checks() if self.done else {}
+        self.defer_publication = False  # the Ray driver publishes on the worker that holds the shard
+        self.ready: list[str] = []  # complete shards waiting for the driver to publish them
         if not self.complete:
-            for shard in {e.shard for e in self.inp.plan.entries} & set(self.inp.plan.out_shards):
-                if self.remaining[shard] == 0 and not (self.inp.out / shard).is_file():
-                    shards.finalize_shard(self.inp.out, shard)  # all committed before an interruption
-                elif self.remaining[shard] > 0 and (self.inp.out / shard).is_file():
+            for shard in sorted({e.shard for e in self.inp.plan.entries} & set(self.inp.plan.out_shards)):
+                if self.remaining[shard] == 0 and not self.target.is_final(shard):
+                    self._shard_complete(shard)  # all committed before an interruption
+                elif self.remaining[shard] > 0 and self.target.is_final(shard):
                     # a finalised shard that no longer verifies
-                    shards.reopen_shard(self.inp.out, shard, self.inp.plan.out_shards[shard][0])
-        self.units = make_units(todo, cfg.execution.batch_mb << 20)
-        self.committer = Committer(self.inp.out, interval_s=cfg.execution.commit_interval_s)
+                    self.target.reopen(shard, *self.inp.plan.out_shards[shard])
+        self.units = make_units(todo, cfg.execution.batch_mb << 20, per_shard=self.target.per_shard_units)
+        self.committer = Committer(self.inp.out, interval_s=cfg.execution.commit_interval_s,
+                                   fsync_shards=self.target.fsync_partials, on_part=self.target.mirror)
         self.finished = len(self.done)
         self.bar = Progress("repair", sum(u.nbytes for u in self.units), total, self.finished,
                             cfg.execution.progress and not self.complete, cfg.execution.progress_interval_s,
@@ -181,14 +190,52 @@ class RunSession:
 
     def commit(self, unit: WorkUnit, rows: list[ManifestRow], note: str = "", node: str | None = None) -> None:
         """Record a finished unit; finalise every shard whose last tensor this was."""
+        self.lock.check()
         self.committer.add([replace(r, node=node) for r in rows] if node else rows)
+        for r in rows:
+            self.checks.setdefault(r.shard, {})[(r.tensor, r.expert, r.part)] = (r.byte_begin, r.byte_end, r.sha256)
         for e in unit.entries:
             self.remaining[e.shard] -= 1
             if self.remaining[e.shard] == 0 and e.shard in self.inp.plan.out_shards:
                 self.committer.flush()
-                shards.finalize_shard(self.inp.out, e.shard)
+                self._shard_complete(e.shard)
         self.finished += len(unit.entries)
         self.bar.update(unit.nbytes, len(unit.entries), note)
+
+    def shard_checks(self, shard: str) -> list[tuple[int, int, str]]:
+        """The byte ranges and digests of a shard's committed rows (verified before it is published)."""
+        return sorted(set(self.checks.get(shard, {}).values()))
+
+    def _shard_complete(self, shard: str) -> None:
+        if self.defer_publication and self.target.per_shard_units:
+            self.ready.append(shard)
+            return
+        bad = self.target.shard_complete(shard, self.shard_checks(shard))
+        if bad:
+            raise RepairFailure(f"{self.target.label}: staged shard {shard} no longer matches {len(bad)} committed "
+                                f"row(s) (scratch {paths.partial_path(self.inp.out, shard)} changed during the "
+                                "run); re-run the same command to redo them.")
+
+    def redo(self, shard: str, bad: list[tuple[int, int, str]]) -> list[WorkUnit]:
+        """Units that rewrite the entries of `shard` whose staged bytes did not verify (the Ray driver
+        queues them on the shard's worker again)."""
+        ranges = {(lo, hi) for lo, hi, _ in bad}
+        keys = {k for k, (lo, hi, _) in self.checks.get(shard, {}).items() if (lo, hi) in ranges}
+        names = {k[0] for k in keys}
+        entries = [e for e in self.inp.plan.entries if e.shard == shard and e.name in names]
+        for k in keys:
+            self.checks[shard].pop(k, None)
+        self.remaining[shard] += len(entries)
+        self.finished -= len(entries)
+        return make_units(entries, self.cfg.execution.batch_mb << 20, per_shard=True)
+
+    def _done_checks(self) -> dict[str, dict[tuple[str, int | None, str | None], tuple[int, int, str]]]:
+        latest = manifest.latest_by_key(manifest.read_rows(self.inp.out))
+        checks: dict[str, dict[tuple[str, int | None, str | None], tuple[int, int, str]]] = {}
+        for key, r in latest.items():
+            if r.tensor in self.done and r.plan_id == self.inp.plan.plan_id:
+                checks.setdefault(r.shard, {})[key] = (r.byte_begin, r.byte_end, r.sha256)
+        return checks
 
     def close(self) -> None:
         self.committer.flush()
@@ -208,7 +255,7 @@ class RunSession:
                                                   Path(self.cfg.output.emit_adapter).expanduser().resolve(),
                                                   self.inp.base, self.inp.ft)
         summary.update(extra or {})
-        shards.finalize_run(self.inp.out, self.inp.ft, summary, self.inp.plan)
+        self.target.finalize_run(self.inp.ft, summary, self.inp.plan)
         return summary
 
 
@@ -249,7 +296,7 @@ class CalibrationPhase:
             self.close()
 
     def close(self) -> None:
-        calibration.write_part(self.out, self.pending)
+        self.session.target.mirror(calibration.write_part(self.out, self.pending))
         self.pending = []
 
     def rows(self) -> list[CalibrationRow]:

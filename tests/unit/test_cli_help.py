@@ -28,7 +28,7 @@ def test_help_is_grouped_in_order_and_marks_required_options():
     heads = [m.group(1) for m in re.finditer(r"^(\w+):$", text, re.M)]
     assert heads == ["options", "inputs", "method", "scope", "formats", "execution", "cluster", "output"]
     flat = " ".join(text.split())
-    for flag in ("--base DIR|ORG/NAME|URI", "--ft DIR|ORG/NAME|URI", "--out DIR"):
+    for flag in ("--base DIR|ORG/NAME|URI", "--ft DIR|ORG/NAME|URI", "--out DIR|URI"):
         assert f"{flag} REQUIRED (here or in --config)" in flat
     assert "Hugging Face Hub repo id org/name[@revision]" in flat
     assert "out_in_interleaved [E,2I,H] gate = even rows (default: auto)" in flat  # the whole text

@@ -1,0 +1,127 @@
+"""The output lock of an object-store --out: an object created with a conditional put, kept alive
+by a heartbeat, taken over only when its heartbeat is older than its time-to-live.
+
+A bucket has no flock: nothing tells a reader that the process holding a lock has died. So the
+holder rewrites `OUT/dgrepair/lock` every `ttl/4` seconds with a fresh heartbeat time, each time
+with a conditional put on the version it wrote last (If-Match), and a lock whose heartbeat is older
+than its TTL counts as abandoned. Taking it over is itself a conditional put on the abandoned
+version, so of two runs that both find it abandoned exactly one wins. A holder whose heartbeat
+write fails because the object changed has lost the lock; the run notices at its next commit and
+stops (exit 2) rather than write beside another run. A clean release deletes the object.
+
+Clocks: the heartbeat time is the holder's UTC wall clock; keep the TTL well above the clock skew
+between machines (the default, 120 s, assumes NTP).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from dataclasses import asdict
+
+from ..errors import OutputError
+from ..io.objstore import ObjectURI, Storage, StorageError
+from .lock import LockHolder
+
+DEFAULT_TTL_S = 120.0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class BucketOutputLock:
+    """`OutputLock` on `OUT/dgrepair/lock` in a bucket (see the module docstring)."""
+
+    def __init__(self, storage: Storage, out: ObjectURI, ttl_s: float = DEFAULT_TTL_S) -> None:
+        self.storage = storage
+        self.out = out
+        self.uri = out.child("dgrepair/lock")
+        self.ttl_s = ttl_s
+        self._holder: LockHolder | None = None
+        self._e_tag: str | None = None
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _record(self, holder: LockHolder) -> bytes:
+        return (json.dumps({**asdict(holder), "heartbeat_utc": _now().isoformat(timespec="seconds"),
+                            "ttl_s": self.ttl_s}) + "\n").encode()
+
+    def acquire(self, holder: LockHolder) -> LockHolder | None:
+        tag = self.storage.create(self.uri, self._record(holder))
+        stale: LockHolder | None = None
+        if tag is None:
+            try:
+                text, seen = self.storage.read_tagged(self.uri)
+            except StorageError:  # released (deleted) between the two calls: try once more
+                text, seen = b"", None
+            record = _parse(text)
+            age = _age_s(record)
+            if seen is None:
+                tag = self.storage.create(self.uri, self._record(holder))
+            elif age is not None and age > float(record.get("ttl_s") or self.ttl_s):
+                stale = LockHolder.parse(text.decode("utf-8", "replace"))
+                tag = self.storage.replace_if(self.uri, self._record(holder), seen)
+            if tag is None:
+                who = LockHolder.parse(text.decode("utf-8", "replace"))
+                beat = f", last heartbeat {age:.0f} s ago" if age is not None else ""
+                raise OutputError(f"--out {self.out} is locked by another dgrepair run "
+                                  f"({who.describe() if who else 'unknown holder'}{beat}; lock object {self.uri}). "
+                                  "Wait for it to finish or stop it (SIGTERM); a lock whose holder died is taken "
+                                  f"over once its heartbeat is older than {self.ttl_s:g} s.")
+        self._holder, self._e_tag = holder, tag
+        self._beat = threading.Thread(target=self._heartbeat, name="dgrepair-lock-heartbeat", daemon=True)
+        self._beat.start()
+        return stale
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            if self._holder is None or self._e_tag is None:
+                return
+            try:
+                tag = self.storage.replace_if(self.uri, self._record(self._holder), self._e_tag) \
+                    if self._e_tag else self.storage.write(self.uri, self._record(self._holder))
+            except StorageError:
+                continue  # a transient failure: the next beat retries well within the TTL
+            if tag is None:
+                self._lost.set()
+                return
+            self._e_tag = tag
+
+    def check(self) -> None:
+        """Raise if another run took the lock over (this run's heartbeat was too late)."""
+        if self._lost.is_set():
+            raise OutputError(f"--out {self.out}: the output lock {self.uri} was taken over by another run "
+                              "(this run's heartbeat came too late, e.g. the machine was suspended); stopping so "
+                              "the two runs never write the same output. Re-run once the other run has finished.")
+
+    def release(self) -> None:
+        if self._holder is None:
+            return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=30)
+        self._holder = None
+        if self._lost.is_set():
+            return  # the lock is another run's now
+        try:
+            self.storage.delete(self.uri)
+        except StorageError:
+            pass  # the next run takes it over once the heartbeat is older than the TTL
+
+
+def _parse(text: bytes) -> dict:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _age_s(record: dict) -> float | None:
+    try:
+        return (_now() - dt.datetime.fromisoformat(str(record["heartbeat_utc"]))).total_seconds()
+    except (KeyError, ValueError, TypeError):
+        return None
