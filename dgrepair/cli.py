@@ -154,8 +154,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     for node, agg in summary.get("executor", {}).get("per_node", {}).items():
         print(f"  node {node}: {agg['tensors']} tensors in {agg['units']} units, {agg['seconds']:.1f} s busy, "
               f"read {agg['bytes_read'] / 1e9:.2f} GB, wrote {agg['bytes_written'] / 1e9:.2f} GB")
-    print(f"manifest: {Path(cfg.output.out) / 'dgrepair' / 'manifest.parquet'}  summary: "
-          f"{Path(cfg.output.out) / 'dgrepair' / 'summary.json'}")
+    meta = f"{str(cfg.output.out).rstrip('/')}/dgrepair"
+    print(f"manifest: {meta}/manifest.parquet  summary: {meta}/summary.json")
     return 0
 
 

@@ -4,7 +4,8 @@ by a heartbeat, taken over only when its heartbeat is older than its time-to-liv
 A bucket has no flock: nothing tells a reader that the process holding a lock has died. So the
 holder rewrites `OUT/dgrepair/lock` every `ttl/4` seconds with a fresh heartbeat time, each time
 with a conditional put on the version it wrote last (If-Match), and a lock whose heartbeat is older
-than its TTL counts as abandoned. Taking it over is itself a conditional put on the abandoned
+than the TTL its holder wrote into it counts as abandoned (the holder promised to beat within
+it; --lock-ttl-s only sets this run's own). Taking it over is itself a conditional put on the abandoned
 version, so of two runs that both find it abandoned exactly one wins. A holder whose heartbeat
 write fails because the object changed has lost the lock; the run notices at its next commit and
 stops (exit 2) rather than write beside another run. A clean release deletes the object.
@@ -77,17 +78,21 @@ class BucketOutputLock:
         return stale
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
-            if self._holder is None or self._e_tag is None:
-                return
-            try:
-                tag = self.storage.replace_if(self.uri, self._record(self._holder), self._e_tag) \
-                    if self._e_tag else self.storage.write(self.uri, self._record(self._holder))
-            except StorageError:
-                continue  # a transient failure: the next beat retries well within the TTL
-            if tag is None:
-                self._lost.set()
-                return
+        while not self._stop.wait(self.ttl_s / 4) and not self._lost.is_set():
+            self.beat()
+
+    def beat(self) -> None:
+        """One heartbeat: rewrite the record if the object is still the version this run wrote."""
+        if self._holder is None or self._e_tag is None:
+            return
+        try:
+            tag = self.storage.replace_if(self.uri, self._record(self._holder), self._e_tag) \
+                if self._e_tag else self.storage.write(self.uri, self._record(self._holder))
+        except StorageError:
+            return  # a transient failure: the next beat retries well within the TTL
+        if tag is None:
+            self._lost.set()
+        else:
             self._e_tag = tag
 
     def check(self) -> None:

@@ -1,0 +1,197 @@
+"""An s3:// --out on a real S3 API server (moto, loopback): the same bytes as a local --out, each
+object visible only complete, metadata in the bucket, resume from the bucket alone after SIGKILL,
+the lock as a conditional put, and clean exit-2 errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import s3server
+from pairs import make_pair
+
+from dgrepair.cli import main
+from dgrepair.engine.io.objstore import Storage, parse_uri
+from dgrepair.engine.output.bucket_lock import BucketOutputLock
+from dgrepair.engine.output.lock import LockHolder
+
+s3_server, s3_env = s3server.s3_server, s3server.s3_env
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def repair_args(pair, out: str, *extra: str) -> list[str]:
+    return ["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", out, "--in-process",
+            "--no-progress", *extra]
+
+
+def bucket_files(server, bucket: str, prefix: str) -> dict[str, str]:
+    """sha256 of every object below the prefix, by relative key."""
+    s3 = server.boto3()
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            found[obj["Key"][len(prefix) + 1:]] = hashlib.sha256(body).hexdigest()
+    return found
+
+
+def local_files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def weights(files: dict[str, str]) -> dict[str, str]:
+    """What a user loads: everything outside dgrepair/ (shards, index, sidecars)."""
+    return {k: v for k, v in files.items() if not k.startswith("dgrepair/")}
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """The same pair repaired to a local folder: the bytes every bucket run must reproduce."""
+    root = tmp_path_factory.mktemp("ref")
+    pair = make_pair(root / "pair")
+    assert main(repair_args(pair, str(root / "out"))) == 0
+    return pair, local_files(root / "out")
+
+
+@pytest.fixture
+def bucket(s3_env, request):
+    name = "out-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:10]
+    s3_env.boto3().create_bucket(Bucket=name)
+    return name
+
+
+def test_s3_out_gives_the_local_bytes_with_metadata_in_the_bucket(local_reference, s3_env, bucket, tmp_path):
+    pair, reference = local_reference
+    scratch = tmp_path / "scratch"
+    assert main(repair_args(pair, f"s3://{bucket}/runs/r1", "--scratch", str(scratch))) == 0
+    got = bucket_files(s3_env, bucket, "runs/r1")
+    assert weights(got) == weights(reference) and len(weights(got)) >= 4  # 3 shards + index (+ sidecars)
+    assert "dgrepair/summary.json" in got and "dgrepair/run.json" in got
+    assert any(k.startswith("dgrepair/manifest.parquet/part-") for k in got)
+    assert {k.split("/")[-1] for k in got if k.startswith("dgrepair/published/")} == \
+        {f"{k}.json" for k in weights(reference) if k.endswith(".safetensors")}
+    assert "dgrepair/lock" not in got  # released: deleted
+    assert not any(scratch.rglob("*.safetensors"))  # the scratch is freed at the end
+    s3 = s3_env.boto3()
+    summary = json.loads(s3.get_object(Bucket=bucket, Key="runs/r1/dgrepair/summary.json")["Body"].read())
+    local_summary = json.loads((Path(str(pair.base)).parent.parent / "out" / "dgrepair" / "summary.json")
+                               .read_text())
+    assert summary["totals"] == local_summary["totals"]  # same ranks and energies
+    # A second run of the same plan finds it complete in the bucket and changes nothing.
+    assert main(repair_args(pair, f"s3://{bucket}/runs/r1", "--scratch", str(tmp_path / "other"))) == 0
+    assert bucket_files(s3_env, bucket, "runs/r1") == got
+
+
+def test_uploads_are_whole_objects_written_once_under_their_final_keys(local_reference, s3_env, bucket,
+                                                                       tmp_path, monkeypatch):
+    pair, reference = local_reference
+    proxy = s3server.ThrottlingProxy(s3_env.url)  # logs every request the run makes
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert main(repair_args(pair, f"s3://{bucket}/o", "--scratch", str(tmp_path / "s"))) == 0
+    finally:
+        proxy.close()
+    writes = [(m, p.split("?")[0]) for m, p, _ in proxy.log  # (a POST to the bucket itself is a delete)
+              if m in ("PUT", "POST") and p.split("?")[0] != f"/{bucket}"]
+    shard_writes = [p for _, p in writes if p.endswith(".safetensors")]
+    assert sorted(shard_writes) == sorted(f"/{bucket}/o/{k}" for k in reference if k.endswith(".safetensors")
+                                          and not k.startswith("dgrepair/"))  # one PUT each, never rewritten
+    order = [p for _, p in writes]
+    summary = order.index(f"/{bucket}/o/dgrepair/summary.json")
+    assert summary == len(order) - 1, order[summary:]  # summary.json is the last write
+    assert order[0] == f"/{bucket}/o/dgrepair/lock"  # the first one is the lock
+    assert all(order.index(p) < summary for p in shard_writes)
+
+
+def _kill_after_commits(pair, out: str, scratch: Path, commits: int) -> int:
+    """Run the CLI in a child that SIGKILLs itself right after its n-th committed unit."""
+    code = (
+        "import os, signal, sys\n"
+        "from dgrepair.engine.run import session\n"
+        "orig = session.RunSession.commit\n"
+        "n = [0]\n"
+        "def commit(self, *a, **k):\n"
+        "    orig(self, *a, **k)\n"
+        "    n[0] += 1\n"
+        f"    if n[0] == {commits}:\n"
+        "        self.committer.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "session.RunSession.commit = commit\n"
+        "from dgrepair.cli import main\n"
+        f"sys.exit(main({repair_args(pair, out, '--scratch', str(scratch), '--lock-ttl-s', '3')!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=os.environ.copy(), timeout=300).returncode
+
+
+def test_sigkill_then_resume_from_the_bucket_alone_is_byte_identical(local_reference, s3_env, bucket, tmp_path,
+                                                                     capsys):
+    pair, reference = local_reference
+    out = f"s3://{bucket}/nightly"
+    assert _kill_after_commits(pair, out, tmp_path / "node-a", commits=6) == -signal.SIGKILL  # --lock-ttl-s 3
+    before = bucket_files(s3_env, bucket, "nightly")
+    assert "dgrepair/summary.json" not in before and "dgrepair/lock" in before  # the dead run's lock stays
+    published = [k for k in before if k.startswith("dgrepair/published/")]
+    assert published  # some shards were uploaded whole before the kill ...
+    assert not any(k.endswith(".safetensors") and k not in reference for k in before)  # ... and nothing else
+    # A new machine: no scratch from the first attempt. The dead run's lock is still fresh ...
+    assert main(repair_args(pair, out, "--scratch", str(tmp_path / "node-b"), "--lock-ttl-s", "3")) == 2
+    assert f"--out {out} is locked by another dgrepair run" in capsys.readouterr().err
+    time.sleep(3.5)  # ... until its heartbeat is older than the TTL
+    assert main(repair_args(pair, out, "--scratch", str(tmp_path / "node-b"), "--lock-ttl-s", "3")) == 0
+    err = capsys.readouterr().err
+    assert f"taking over the lock on {out}" in err
+    assert "resuming:" in err
+    after = bucket_files(s3_env, bucket, "nightly")
+    assert weights(after) == weights(reference)
+    summary = json.loads(s3_env.boto3().get_object(Bucket=bucket, Key="nightly/dgrepair/summary.json")["Body"].read())
+    assert summary["resumed_entries"] > 0  # the published shards' entries were not redone
+    for key in published:  # and their objects were not rewritten
+        shard = key.removeprefix("dgrepair/published/").removesuffix(".json")
+        assert after[shard] == before[shard]
+
+
+def test_the_bucket_lock_admits_one_run_and_takes_over_only_a_stale_one(s3_env, bucket):
+    storage, out = Storage(), parse_uri(f"s3://{bucket}/locked")
+    first, second = BucketOutputLock(storage, out, ttl_s=60), BucketOutputLock(storage, out, ttl_s=60)
+    assert first.acquire(LockHolder("host-a", 1, "t0", "plan-a")) is None
+    with pytest.raises(Exception, match=r"locked by another dgrepair run \(pid 1 on host host-a, started t0, plan "
+                                         r"plan-a, last heartbeat \d+ s ago"):
+        second.acquire(LockHolder("host-b", 2, "t1", "plan-b"))
+    first.release()
+    assert second.acquire(LockHolder("host-b", 2, "t1", "plan-b")) is None
+    second.release()
+    # A holder that stops beating (killed) loses the lock to the next run once its TTL has passed.
+    fourth, fifth = BucketOutputLock(storage, out, ttl_s=0.5), BucketOutputLock(storage, out, ttl_s=60)
+    assert fourth.acquire(LockHolder("host-d", 4, "t2", "plan-d")) is None
+    fourth._stop.set()  # its heartbeat thread ends: as if the process froze
+    time.sleep(1.2)
+    stale = fifth.acquire(LockHolder("host-e", 5, "t3", "plan-e"))
+    assert stale is not None and (stale.host, stale.pid) == ("host-d", 4)
+    # The frozen holder's next heartbeat fails its If-Match: it knows it lost the lock, and stops.
+    fourth.beat()
+    with pytest.raises(Exception, match="was taken over by another run"):
+        fourth.check()
+    fourth.release()  # must not delete the new holder's lock
+    assert json.loads(storage.read_object(fifth.uri))["pid"] == 5
+    fifth.release()
+    assert not storage.list(out)  # a clean release deletes the lock object
+
+
+def test_bad_output_prefixes_exit_2_naming_the_uri(local_reference, s3_env, bucket, tmp_path, capsys):
+    pair, _ = local_reference
+    s3 = s3_env.boto3()
+    s3.put_object(Bucket=bucket, Key="taken/notes.txt", Body=b"somebody else's")
+    assert main(repair_args(pair, f"s3://{bucket}/taken", "--scratch", str(tmp_path))) == 2
+    assert f"--out s3://{bucket}/taken is not empty and holds no dgrepair run (notes.txt)" in capsys.readouterr().err
+    assert main(repair_args(pair, "s3://no-such-bucket-here/x", "--scratch", str(tmp_path))) == 2
+    assert "s3://no-such-bucket-here/x" in capsys.readouterr().err
+    assert main(repair_args(pair, f"s3://{bucket}/a", "--emit-adapter", str(tmp_path / "ad"))) == 2
+    assert "--emit-adapter with an object-store --out" in capsys.readouterr().err
+    assert bucket_files(s3_env, bucket, "taken") == {"notes.txt": hashlib.sha256(b"somebody else's").hexdigest()}
