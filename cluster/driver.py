@@ -40,6 +40,7 @@ from ..engine.run import interrupt
 from ..engine.run.jobs import StepSettings, for_workers
 from ..engine.run.session import CalibrationPhase, Phase, RunSession
 from ..kernels.threads import available_cores, threads_per_worker
+from .affinity import ShardOwners
 from .session import ray_session
 from .worker import FAULT_ENV, RepairWorker, actor_name
 
@@ -81,15 +82,21 @@ class _Book:
             ids.append(self.next_id)
         return ids
 
-    def next_for(self, busy: bool) -> int | None:
-        """The next unit for an actor: anything for an idle actor, a non-isolated unit for a busy one."""
-        if not busy:
-            return self.queue.popleft() if self.queue else None
+    def next_for(self, busy: bool, allowed: Callable[[WorkUnit], bool] | None = None) -> int | None:
+        """The next unit for an actor: anything for an idle actor, a non-isolated unit for a busy one;
+        with `allowed`, only a unit it accepts (shard affinity)."""
         for i, unit_id in enumerate(self.queue):
-            if unit_id not in self.isolated:
+            if (not busy or unit_id not in self.isolated) and (allowed is None or allowed(self.units[unit_id])):
                 del self.queue[i]
                 return unit_id
         return None
+
+    def add(self, units: list[WorkUnit]) -> None:
+        """Queue new units first (a shard's redone entries)."""
+        for unit in reversed(units):
+            self.next_id += 1
+            self.units[self.next_id] = unit
+            self.queue.appendleft(self.next_id)
 
 
 def deadline_seconds(unit: WorkUnit, floor: float) -> float:
@@ -114,6 +121,7 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
     if not session.units and not (phase and phase.units):  # all committed earlier: nothing to distribute
         session.resolve_target()
         failures.unlink(missing_ok=True)
+        session.target.mirror(failures)
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
     env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     actors: list[Any] = []
@@ -125,6 +133,7 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
             if phase is not None and phase.units:
                 _calibrate(phase, cfg, info, env)
             session.resolve_target()
+            session.defer_publication = True  # each staged shard is published by the worker holding it
             book, settings = _dispatch(session, cfg, info, actors, env)
         finally:
             session.close()
@@ -138,11 +147,13 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
                               sorted({e.shard for e in book.units[u].entries}), "attempts": book.attempts[u],
                               "reason": why} for u, why in sorted(book.failed.items())], "executor": executor}
         write_json_atomic(failures, report)
+        session.target.mirror(failures)
         names = ", ".join(n for f in report["failed"] for n in f["tensors"])
         raise RepairFailure(f"{len(book.failed)} unit(s) failed after {cfg.cluster.max_attempts} attempts: "
                             f"{names}. The rest is committed; details in {failures}. Re-run the same command to "
                             "retry them.")
     failures.unlink(missing_ok=True)
+    session.target.mirror(failures)  # an absent file: the bucket's copy of an earlier report goes too
     return session.finish({"executor": executor})
 
 
@@ -204,9 +215,12 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
     book = _Book(units=dict(enumerate(session.units)), queue=deque(order), next_id=len(session.units))
     flights: dict[ray.ObjectRef, _Flight] = {}
     load = Counter()
+    assembly = _Assembly.of(session, actors)
 
     def submit(unit_id: int, actor: int) -> None:
         unit = book.units[unit_id]
+        if assembly is not None:
+            assembly.claim(actor, unit)
         ref = actors[actor].run.remote(unit_id, session.jobs(unit))
         shared = load[actor] > 0
         for other in flights.values():
@@ -221,29 +235,48 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
     recovering: dict[ray.ObjectRef, int] = {}
     down_since: dict[int, float] = {}
 
-    while book.queue or flights:
+    while book.queue or flights or (assembly is not None and assembly.busy):
+        if assembly is not None:
+            assembly.publish_ready()
         down = set(recovering.values())
         for actor in sorted(range(n_workers), key=lambda a: load[a]):
             while actor not in down and load[actor] < cfg.cluster.inflight_per_worker and not any(
                     f.solo and f.actor == actor for f in flights.values()):
-                unit_id = book.next_for(busy=load[actor] > 0)
+                busy = load[actor] > 0
+                if assembly is None:
+                    unit_id = book.next_for(busy)
+                else:  # its own shards first, then a new shard if its scratch bound allows
+                    unit_id = book.next_for(busy, assembly.accepts(actor, new_groups=False))
+                    if unit_id is None:
+                        unit_id = book.next_for(busy, assembly.accepts(actor, new_groups=True))
                 if unit_id is None:
                     break
                 submit(unit_id, actor)
-        ready, _ = ray.wait([*flights, *recovering], num_returns=1, timeout=1.0)
+        pending = [*flights, *recovering, *(assembly.publishing if assembly is not None else ())]
+        ready, _ = ray.wait(pending, num_returns=1, timeout=1.0)
         session.bar.tick()
         for ref in ready:
+            if assembly is not None and ref in assembly.publishing:
+                redo, lost = assembly.collect(ref)
+                book.add(redo)
+                if lost is not None and lost not in recovering.values():
+                    recovering[actors[lost].ping.remote()] = lost
+                continue
             if ref in recovering:
                 actor = recovering.pop(ref)
                 try:
                     ray.get(ref)
                     down_since.pop(actor, None)
+                    if assembly is not None:
+                        assembly.restarted(actor)
                 except RayActorError:
                     if time.monotonic() - down_since.setdefault(actor, time.monotonic()) < RECOVERY_WAIT_S:
                         time.sleep(0.2)
                         recovering[actors[actor].ping.remote()] = actor  # still restarting: ask again
                     else:  # not back in time: send it units again, as before the gate, and let them say why
                         down_since.pop(actor, None)
+                        if assembly is not None:
+                            assembly.restarted(actor)
                 continue
             flight = flights.pop(ref)
             load[flight.actor] -= 1
@@ -258,6 +291,81 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
                             f"{flight.actor}; restarting that worker")
                 ray.kill(actors[flight.actor], no_restart=False)
     return book, settings
+
+
+@dataclass
+class _Assembly:
+    """Shard assembly on workers for an object-store output: each shard is filled by the worker that
+    owns it (cluster/affinity.py), opened there before its first unit (again after a restart), and
+    published by that worker when its last tensor is committed; a publish whose staged bytes no
+    longer match the committed rows sends those entries back to the queue."""
+
+    session: RunSession
+    actors: list[Any]
+    owners: ShardOwners
+    opened: set[tuple[int, str]] = field(default_factory=set)
+    publishing: dict[ray.ObjectRef, tuple[str, int]] = field(default_factory=dict)
+    waiting: dict[int, list[str]] = field(default_factory=dict)  # publishes for a worker that is restarting
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.publishing or self.session.ready or any(self.waiting.values()))
+
+    @classmethod
+    def of(cls, session: Phase, actors: list[Any]) -> _Assembly | None:
+        if not isinstance(session, RunSession) or not session.target.per_shard_units:
+            return None
+        return cls(session, actors, ShardOwners.of(session.units))
+
+    def accepts(self, actor: int, new_groups: bool) -> Callable[[WorkUnit], bool]:
+        return lambda unit: self.owners.allows(actor, unit, new_groups)
+
+    def claim(self, actor: int, unit: WorkUnit) -> None:
+        self.owners.claim(actor, unit)
+        for shard in sorted({e.shard for e in unit.entries} & set(self.session.inp.plan.out_shards)):
+            if (actor, shard) not in self.opened:  # ordered before the unit: same caller, same actor
+                prefix, size = self.session.inp.plan.out_shards[shard]
+                self.actors[actor].open_shard.remote(str(self.session.inp.out), shard, prefix, size)
+                self.opened.add((actor, shard))
+
+    def restarted(self, actor: int) -> None:
+        """A restarted worker may be on another node: its shards are opened again before its next unit
+        (opening is idempotent; what the old process wrote is verified at publish time)."""
+        self.opened = {(a, s) for a, s in self.opened if a != actor}
+        self.session.ready.extend(self.waiting.pop(actor, []))
+
+    def publish_ready(self) -> None:
+        session = self.session
+        for shard in session.ready:
+            actor = self.owners.owner_of(shard)
+            ref = self.actors[actor].publish.remote(str(session.inp.out), session.target.label, shard,
+                                                    session.shard_checks(shard), session.inp.plan.plan_id)
+            self.publishing[ref] = (shard, actor)
+        session.ready.clear()
+
+    def collect(self, ref: ray.ObjectRef) -> tuple[list[WorkUnit], int | None]:
+        """Record a finished publish; returns units to redo (none when the shard is in the bucket) and
+        the worker that died while publishing (its publish is sent again once it is back)."""
+        shard, actor = self.publishing.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+            if isinstance(cause, DGRepairError):
+                raise cause from None  # the bucket refused the upload (access denied, throttled): exit 2
+            raise
+        except RayActorError:  # the worker died while uploading: ask again once it is back
+            self.waiting.setdefault(actor, []).append(shard)
+            return [], actor
+        if result.bad:
+            self.session.say(f"shard {shard}: {len(result.bad)} committed range(s) did not verify on worker {actor}'s "
+                             "scratch (it restarted elsewhere?); redoing them")
+            units = self.session.redo(shard, list(result.bad))
+            self.opened.discard((actor, shard))
+            return units, None
+        self.session.target.record(result)
+        self.owners.published.add(shard)
+        return [], None
 
 
 def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,

@@ -1,5 +1,6 @@
 """The Ray worker actor: executes work units with the engine's repair step, reading and writing
-shared storage itself (only paths and small records cross Ray, never tensor data).
+shared storage itself (only paths and small records cross Ray, never tensor data). With an
+object-store output it also stages the shards it owns on its node's scratch and uploads them.
 
 Fault-injection hooks for tests (environment variables, forwarded to actors by the driver):
 - `DGREPAIR_FAULT_CRASH_ON=<tensor name>`: the actor process exits abruptly (`os._exit`) when a
@@ -18,10 +19,13 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from ..engine.output.bucket import PublishResult, publish_shard
+from ..engine.output.shards import open_partial
 from ..engine.run.jobs import EntryJob, StepSettings
 from ..kernels.threads import cpu_thread_policy
 
@@ -59,6 +63,15 @@ class RepairWorker:
     def ping(self) -> bool:
         """Answers once the actor is up again after a restart: the driver sends it no unit before then."""
         return True
+
+    def open_shard(self, staging: str, shard: str, prefix: bytes, size: int) -> None:
+        """Object-store output: preallocate this worker's staged copy of a shard it owns."""
+        open_partial(Path(staging), shard, prefix, size)
+
+    def publish(self, staging: str, out_uri: str, shard: str, checks: list[tuple[int, int, str]],
+                plan_id: str) -> PublishResult:
+        """Object-store output: verify the staged shard, upload it whole, free the scratch."""
+        return publish_shard(staging, out_uri, shard, checks, plan_id)
 
     def run(self, unit_id: int, jobs: list[EntryJob]) -> UnitResult:
         names = {j.entry.name for j in jobs}

@@ -151,8 +151,14 @@ class BucketOutput:
         self._published[result.shard] = result.record
 
     def mirror(self, path: Path | None) -> None:
-        if path is not None:
-            self.storage.write(self.uri.child(path.relative_to(self.local).as_posix()), path.read_bytes())
+        """Make the bucket's copy of a metadata file equal the staged one (a removed file: deleted)."""
+        if path is None:
+            return
+        uri = self.uri.child(path.relative_to(self.local).as_posix())
+        if path.is_file():
+            self.storage.write(uri, path.read_bytes())
+        else:
+            self.storage.delete(uri)
 
     def finalize_run(self, ft: Checkpoint, summary: dict[str, Any], plan: Plan) -> list[str]:
         """Sidecars, the index, then summary.json last, each uploaded whole; then the scratch is freed."""

@@ -53,7 +53,7 @@ class OutputTarget(Protocol):
         """Finalise a shard whose rows are all committed; returns the checks that failed (redo those)."""
 
     def mirror(self, path: Path | None) -> None:
-        """A metadata file the run wrote under `local` (a manifest part, run.json, failures.json)."""
+        """A metadata file the run wrote (or removed) under `local`: a manifest part, run.json, failures.json."""
 
     def finalize_run(self, ft: Checkpoint, summary: dict[str, Any], plan: Plan) -> list[str]: ...
 

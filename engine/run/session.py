@@ -244,6 +244,11 @@ class RunSession:
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write sidecars, the index and summary.json (in that order); call only when all is done."""
         self.close()
+        unfinished = sorted(s for s in self.inp.plan.out_shards if not self.target.is_final(s))
+        if unfinished:  # never a summary beside a missing shard, whatever went wrong before
+            raise RepairFailure(f"{self.target.label}: {len(unfinished)} shard(s) were not finalised ({unfinished[0]}"
+                                f"{', ...' if len(unfinished) > 1 else ''}); this is a bug, please report it. "
+                                "Re-run the same command to finish them.")
         summary = build_summary(self.inp, self.started, resumed=len(self.done),
                                 timings={"plan_s": self.t_plan, "total_s": time.perf_counter() - self.t0})
         summary["method"] = {"name": self.settings.method.name, "params": self.settings.method.params()}
