@@ -195,3 +195,64 @@ def test_bad_output_prefixes_exit_2_naming_the_uri(local_reference, s3_env, buck
     assert main(repair_args(pair, f"s3://{bucket}/a", "--emit-adapter", str(tmp_path / "ad"))) == 2
     assert "--emit-adapter with an object-store --out" in capsys.readouterr().err
     assert bucket_files(s3_env, bucket, "taken") == {"notes.txt": hashlib.sha256(b"somebody else's").hexdigest()}
+
+
+auth_server = s3server.auth_server
+
+
+def _inputs_digest(pair) -> dict[str, str]:
+    return {f"{d.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in (Path(pair.base), Path(pair.ft)) for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("who", ["reader", "wrong secret", "unknown key"])
+def test_output_credentials_and_permissions_exit_2_naming_the_uri(local_reference, auth_server, who, tmp_path,
+                                                                  monkeypatch, capsys):
+    pair, _ = local_reference
+    url, keys = auth_server
+    creds = {"reader": keys["reader"], "wrong secret": {**keys["admin"], "AWS_SECRET_ACCESS_KEY": "nope"},
+             "unknown key": {"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000", "AWS_SECRET_ACCESS_KEY": "x"}}[who]
+    for name, value in s3server.client_env(url, **creds).items():
+        monkeypatch.setenv(name, value)
+    before = _inputs_digest(pair)
+    assert main(repair_args(pair, "s3://guarded/out", "--scratch", str(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert "s3://guarded/out" in err and "Traceback" not in err
+    assert ("access denied" in err) if who == "reader" else ("rejected the credentials" in err)
+    assert _inputs_digest(pair) == before
+    for name, value in s3server.client_env(url, **keys["admin"]).items():
+        monkeypatch.setenv(name, value)
+    listing = Storage().list(parse_uri("s3://guarded/out"))
+    assert not any(o.uri.key.endswith("summary.json") for o in listing)
+
+
+def test_output_throttled_past_the_retries_exits_2_naming_the_uri(local_reference, s3_env, bucket, tmp_path,
+                                                                   monkeypatch, capsys):
+    pair, _ = local_reference
+    proxy = s3server.ThrottlingProxy(s3_env.url)
+    proxy.fail = 10_000  # every request answers 503 SlowDown
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert main(repair_args(pair, f"s3://{bucket}/slow", "--scratch", str(tmp_path))) == 2
+    finally:
+        proxy.close()
+    err = capsys.readouterr().err
+    assert f"s3://{bucket}/slow" in err and "503 SlowDown" in err and "Traceback" not in err
+    assert proxy.seen > 1  # retried before giving up
+    assert bucket_files(s3_env, bucket, "slow") == {}
+
+
+def test_output_prefix_inside_an_input_prefix_is_refused(s3_env, tmp_path, capsys):
+    s3 = s3_env.boto3()
+    s3.create_bucket(Bucket="nested")
+    pair = make_pair(tmp_path / "pair")
+    for d, prefix in ((pair.base, "base"), (pair.ft, "ft")):
+        for f in sorted(Path(d).iterdir()):
+            s3.put_object(Bucket="nested", Key=f"{prefix}/{f.name}", Body=f.read_bytes())
+    for out, says in (("s3://nested/ft/repaired", "is inside"), ("s3://nested", "contains")):
+        assert main(["repair", "--base", "s3://nested/base", "--ft", "s3://nested/ft", "--out", out,
+                     "--in-process", "--no-progress", "--scratch", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out.rstrip('/')}" in err and says in err and "the input checkpoint s3://nested/" in err
+    uploaded = [f"{prefix}/{f.name}" for d, prefix in ((pair.base, "base"), (pair.ft, "ft")) for f in Path(d).iterdir()]
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="nested")["Contents"]) == sorted(uploaded)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import s3server
-from s3server import REGION, S3Server, ThrottlingProxy, client_env, start_moto, stop_moto
+from s3server import S3Server, ThrottlingProxy, client_env
 
 from dgrepair.engine.io.objstore import (
     AccessDenied,
@@ -25,6 +25,7 @@ from dgrepair.engine.io.objstore import (
 )
 
 s3_server, s3_env = s3server.s3_server, s3server.s3_env  # the loopback server fixtures
+auth_server = s3server.auth_server
 
 SMALL = StoreSettings(part_bytes=256 << 10, concurrency=4, max_retries=3, backoff_initial_s=0.01,
                       backoff_max_s=0.05, retry_timeout_s=20, multipart_chunk_bytes=5 << 20)
@@ -208,37 +209,6 @@ def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
 
 
 # -- credentials and permissions (a second server with IAM authentication switched on) ----------
-
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory):
-    """moto with authentication: a full-access user, a read-only user, then auth enforced."""
-    import json
-    import urllib.request
-
-    import boto3
-
-    proc = start_moto(tmp_path_factory.mktemp("moto-auth"))
-    try:
-        url = proc.url
-        iam = boto3.client("iam", endpoint_url=url, region_name=REGION, aws_access_key_id="x",
-                           aws_secret_access_key="x")
-        keys = {}
-        for user, actions in (("admin", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket"])):
-            iam.create_user(UserName=user)
-            iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
-                "Version": "2012-10-17",
-                "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
-            k = iam.create_access_key(UserName=user)["AccessKey"]
-            keys[user] = {"AWS_ACCESS_KEY_ID": k["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": k["SecretAccessKey"]}
-        s3 = S3Server(url, proc.pid).boto3(**keys["admin"])
-        s3.create_bucket(Bucket="guarded")
-        s3.put_object(Bucket="guarded", Key="in/model.safetensors", Body=b"abcdefgh")
-        urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset-auth", data=b"0", method="POST",
-                                                      headers={"Content-Type": "text/plain"}))
-        yield url, keys
-    finally:
-        stop_moto(proc)
-
 
 def _use(monkeypatch, url, keys):
     for name, value in client_env(url, **keys).items():
