@@ -256,3 +256,38 @@ def test_output_prefix_inside_an_input_prefix_is_refused(s3_env, tmp_path, capsy
         assert f"--out {out.rstrip('/')}" in err and says in err and "the input checkpoint s3://nested/" in err
     uploaded = [f"{prefix}/{f.name}" for d, prefix in ((pair.base, "base"), (pair.ft, "ft")) for f in Path(d).iterdir()]
     assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="nested")["Contents"]) == sorted(uploaded)
+
+
+def test_another_runs_prefix_needs_force_which_deletes_only_that_runs_objects(local_reference, s3_env, bucket,
+                                                                             tmp_path, capsys):
+    pair, _ = local_reference
+    out, s3 = f"s3://{bucket}/f", s3_env.boto3()
+    assert main(repair_args(pair, out, "--scratch", str(tmp_path / "s"))) == 0
+    assert main(repair_args(pair, out, "--scratch", str(tmp_path / "s"), "--scale", "2")) == 2
+    assert f"--out {out} holds a different dgrepair run" in capsys.readouterr().err
+    s3.put_object(Bucket=bucket, Key="f/README.md", Body=b"mine")
+    assert main(repair_args(pair, out, "--scratch", str(tmp_path / "s"), "--scale", "2", "--force")) == 2
+    assert "--force replaces only what dgrepair wrote, but 1 entry is not from the previous run: README.md" in \
+        capsys.readouterr().err
+    s3.delete_object(Bucket=bucket, Key="f/README.md")
+    assert main(repair_args(pair, out, "--scratch", str(tmp_path / "s"), "--scale", "2", "--force")) == 0
+    local = tmp_path / "local-scale-2"
+    assert main(repair_args(pair, str(local), "--scale", "2")) == 0
+    got = bucket_files(s3_env, bucket, "f")
+    assert weights(got) == weights(local_files(local))
+    assert len([k for k in got if k.startswith("dgrepair/manifest.parquet/")]) == \
+        len(list((local / "dgrepair" / "manifest.parquet").glob("part-*")))  # the first run's parts are gone
+
+
+def test_hub_inputs_to_an_s3_output_give_the_local_bytes(local_reference, s3_env, bucket, tmp_path, monkeypatch):
+    from hubcache import cache_repo
+
+    pair, reference = local_reference
+    cache = tmp_path / "hub"
+    for repo, folder in (("org/base", pair.base), ("org/sft", pair.ft)):
+        cache_repo(cache, repo, {f.name: f.read_bytes() for f in sorted(Path(folder).iterdir())})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert main(["repair", "--base", "org/base", "--ft", "org/sft", "--out", f"s3://{bucket}/hub", "--in-process",
+                 "--no-progress", "--scratch", str(tmp_path / "s")]) == 0
+    assert weights(bucket_files(s3_env, bucket, "hub")) == weights(reference)

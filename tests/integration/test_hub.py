@@ -5,32 +5,15 @@ files named by the index are used, and the cache is left untouched. docs/formats
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from ckpt import tree_digest
+from hubcache import SHA, cache_repo
 from safetensors.torch import save_file
 
 from dgrepair.cli import main
-
-SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_repo(cache: Path, repo: str, files: dict[str, bytes]) -> None:
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(SHA)
-    snap = root / "snapshots" / SHA
-    snap.mkdir(parents=True)
-    (root / "blobs").mkdir()
-    for name, data in files.items():
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snap / name).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, (snap / name).parent), snap / name)
 
 
 def shard_bytes(tmp: Path, tensors: dict[str, torch.Tensor]) -> bytes:
