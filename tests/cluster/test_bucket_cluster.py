@@ -4,7 +4,6 @@ cluster from the bucket alone."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import pytest
 import s3server
 from pairs import make_pair
 from raytools import RayHead
+from s3server import local_files, weights
 
 ray = pytest.importorskip("ray")
 
@@ -27,19 +27,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def objects(server, bucket: str, prefix: str) -> dict[str, str]:
-    s3, found = server.boto3(), {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-        for obj in page.get("Contents", []):
-            body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-            found[obj["Key"][len(prefix) + 1:]] = hashlib.sha256(body).hexdigest()
-    return found
-
-
-def weights(files: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in files.items() if not k.startswith("dgrepair/")}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
@@ -47,9 +34,7 @@ def reference(tmp_path_factory):
     out = root / "out"
     assert main(["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--in-process",
                  "--no-progress"]) == 0
-    files = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in out.rglob("*") if p.is_file()}
-    return pair, weights(files)
+    return pair, weights(local_files(out))
 
 
 def cli(pair, out: str, scratch: Path, *extra: str) -> list[str]:
@@ -65,7 +50,7 @@ def test_ray_workers_assemble_shards_and_write_the_in_process_bytes(reference, s
     done = subprocess.run(cli(pair, f"s3://{bucket}/out", tmp_path / "scratch", "--workers", str(workers)),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    got = objects(s3_env, bucket, "out")
+    got = s3_env.files(bucket, "out")
     assert weights(got) == ref
     summary = json.loads(s3_env.boto3().get_object(Bucket=bucket, Key="out/dgrepair/summary.json")["Body"].read())
     assert summary["executor"]["kind"] == "ray" and summary["executor"]["workers"] == workers
@@ -87,7 +72,7 @@ def test_whole_cluster_lost_mid_run_resumes_on_a_new_cluster_from_the_bucket(ref
                                 stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(k.startswith("dgrepair/published/") for k in objects(s3_env, bucket, "nightly")):
+            if any(k.startswith("dgrepair/published/") for k in s3_env.files(bucket, "nightly")):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
@@ -95,7 +80,7 @@ def test_whole_cluster_lost_mid_run_resumes_on_a_new_cluster_from_the_bucket(ref
         first.stop()  # the whole cluster goes: head, workers, their scratch
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = objects(s3_env, bucket, "nightly")
+    before = s3_env.files(bucket, "nightly")
     assert "dgrepair/summary.json" not in before
     published = {k.removeprefix("dgrepair/published/").removesuffix(".json") for k in before
                  if k.startswith("dgrepair/published/")}
@@ -106,6 +91,6 @@ def test_whole_cluster_lost_mid_run_resumes_on_a_new_cluster_from_the_bucket(ref
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "taking over the lock" in done.stderr and "resuming:" in done.stderr
-    after = objects(s3_env, bucket, "nightly")
+    after = s3_env.files(bucket, "nightly")
     assert weights(after) == ref
     assert all(after[s] == before[s] for s in published)

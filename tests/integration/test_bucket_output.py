@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import s3server
 from pairs import make_pair
+from s3server import local_files, weights
 
 from dgrepair.cli import main
 from dgrepair.engine.io.objstore import Storage, parse_uri
@@ -29,27 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def repair_args(pair, out: str, *extra: str) -> list[str]:
     return ["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", out, "--in-process",
             "--no-progress", *extra]
-
-
-def bucket_files(server, bucket: str, prefix: str) -> dict[str, str]:
-    """sha256 of every object below the prefix, by relative key."""
-    s3 = server.boto3()
-    found = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-        for obj in page.get("Contents", []):
-            body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-            found[obj["Key"][len(prefix) + 1:]] = hashlib.sha256(body).hexdigest()
-    return found
-
-
-def local_files(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in root.rglob("*") if p.is_file()}
-
-
-def weights(files: dict[str, str]) -> dict[str, str]:
-    """What a user loads: everything outside dgrepair/ (shards, index, sidecars)."""
-    return {k: v for k, v in files.items() if not k.startswith("dgrepair/")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +52,7 @@ def test_s3_out_gives_the_local_bytes_with_metadata_in_the_bucket(local_referenc
     pair, reference = local_reference
     scratch = tmp_path / "scratch"
     assert main(repair_args(pair, f"s3://{bucket}/runs/r1", "--scratch", str(scratch))) == 0
-    got = bucket_files(s3_env, bucket, "runs/r1")
+    got = s3_env.files(bucket, "runs/r1")
     assert weights(got) == weights(reference) and len(weights(got)) >= 4  # 3 shards + index (+ sidecars)
     assert "dgrepair/summary.json" in got and "dgrepair/run.json" in got
     assert any(k.startswith("dgrepair/manifest.parquet/part-") for k in got)
@@ -87,7 +67,7 @@ def test_s3_out_gives_the_local_bytes_with_metadata_in_the_bucket(local_referenc
     assert summary["totals"] == local_summary["totals"]  # same ranks and energies
     # A second run of the same plan finds it complete in the bucket and changes nothing.
     assert main(repair_args(pair, f"s3://{bucket}/runs/r1", "--scratch", str(tmp_path / "other"))) == 0
-    assert bucket_files(s3_env, bucket, "runs/r1") == got
+    assert s3_env.files(bucket, "runs/r1") == got
 
 
 def test_uploads_are_whole_objects_written_once_under_their_final_keys(local_reference, s3_env, bucket,
@@ -135,7 +115,7 @@ def test_sigkill_then_resume_from_the_bucket_alone_is_byte_identical(local_refer
     pair, reference = local_reference
     out = f"s3://{bucket}/nightly"
     assert _kill_after_commits(pair, out, tmp_path / "node-a", commits=6) == -signal.SIGKILL  # --lock-ttl-s 3
-    before = bucket_files(s3_env, bucket, "nightly")
+    before = s3_env.files(bucket, "nightly")
     assert "dgrepair/summary.json" not in before and "dgrepair/lock" in before  # the dead run's lock stays
     published = [k for k in before if k.startswith("dgrepair/published/")]
     assert published  # some shards were uploaded whole before the kill ...
@@ -148,7 +128,7 @@ def test_sigkill_then_resume_from_the_bucket_alone_is_byte_identical(local_refer
     err = capsys.readouterr().err
     assert f"taking over the lock on {out}" in err
     assert "resuming:" in err
-    after = bucket_files(s3_env, bucket, "nightly")
+    after = s3_env.files(bucket, "nightly")
     assert weights(after) == weights(reference)
     summary = json.loads(s3_env.boto3().get_object(Bucket=bucket, Key="nightly/dgrepair/summary.json")["Body"].read())
     assert summary["resumed_entries"] > 0  # the published shards' entries were not redone
@@ -194,7 +174,7 @@ def test_bad_output_prefixes_exit_2_naming_the_uri(local_reference, s3_env, buck
     assert "s3://no-such-bucket-here/x" in capsys.readouterr().err
     assert main(repair_args(pair, f"s3://{bucket}/a", "--emit-adapter", str(tmp_path / "ad"))) == 2
     assert "--emit-adapter with an object-store --out" in capsys.readouterr().err
-    assert bucket_files(s3_env, bucket, "taken") == {"notes.txt": hashlib.sha256(b"somebody else's").hexdigest()}
+    assert s3_env.files(bucket, "taken") == {"notes.txt": hashlib.sha256(b"somebody else's").hexdigest()}
 
 
 auth_server = s3server.auth_server
@@ -239,7 +219,7 @@ def test_output_throttled_past_the_retries_exits_2_naming_the_uri(local_referenc
     err = capsys.readouterr().err
     assert f"s3://{bucket}/slow" in err and "503 SlowDown" in err and "Traceback" not in err
     assert proxy.seen > 1  # retried before giving up
-    assert bucket_files(s3_env, bucket, "slow") == {}
+    assert s3_env.files(bucket, "slow") == {}
 
 
 def test_output_prefix_inside_an_input_prefix_is_refused(s3_env, tmp_path, capsys):
@@ -273,7 +253,7 @@ def test_another_runs_prefix_needs_force_which_deletes_only_that_runs_objects(lo
     assert main(repair_args(pair, out, "--scratch", str(tmp_path / "s"), "--scale", "2", "--force")) == 0
     local = tmp_path / "local-scale-2"
     assert main(repair_args(pair, str(local), "--scale", "2")) == 0
-    got = bucket_files(s3_env, bucket, "f")
+    got = s3_env.files(bucket, "f")
     assert weights(got) == weights(local_files(local))
     assert len([k for k in got if k.startswith("dgrepair/manifest.parquet/")]) == \
         len(list((local / "dgrepair" / "manifest.parquet").glob("part-*")))  # the first run's parts are gone
@@ -290,4 +270,4 @@ def test_hub_inputs_to_an_s3_output_give_the_local_bytes(local_reference, s3_env
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert main(["repair", "--base", "org/base", "--ft", "org/sft", "--out", f"s3://{bucket}/hub", "--in-process",
                  "--no-progress", "--scratch", str(tmp_path / "s")]) == 0
-    assert weights(bucket_files(s3_env, bucket, "hub")) == weights(reference)
+    assert weights(s3_env.files(bucket, "hub")) == weights(reference)
