@@ -139,6 +139,21 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class ObjectVersion:
+    """One version of an object, for conditional writes: S3 matches the ETag, GCS the generation."""
+
+    e_tag: str | None
+    version: str | None = None
+
+    @classmethod
+    def of(cls, meta: dict) -> ObjectVersion:
+        return cls(meta.get("e_tag"), meta.get("version"))
+
+    def precondition(self) -> dict[str, str]:
+        return {k: v for k, v in (("e_tag", self.e_tag), ("version", self.version)) if v is not None}
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """One listed (or HEADed) object; `e_tag` names this exact version of its bytes."""
 
@@ -222,11 +237,11 @@ class Storage:
         """A whole small object (an index, config.json); large data goes through read_range."""
         return self.read_tagged(uri)[0]
 
-    def read_tagged(self, uri: ObjectURI) -> tuple[bytes, str | None]:
-        """A whole small object and the ETag of the version read (for a later conditional replace)."""
+    def read_tagged(self, uri: ObjectURI) -> tuple[bytes, ObjectVersion]:
+        """A whole small object and the version read (for a later conditional replace)."""
         try:
             got = obstore.get(self._store(uri), uri.key)
-            return bytes(got.bytes()), got.meta.get("e_tag")
+            return bytes(got.bytes()), ObjectVersion.of(got.meta)
         except CLIENT_ERRORS as exc:
             raise self._classify(uri, exc) from exc
 
@@ -253,11 +268,12 @@ class Storage:
         except CLIENT_ERRORS as exc:
             raise self._classify(uri, exc) from exc
 
-    def replace_if(self, uri: ObjectURI, data: bytes, e_tag: str) -> str | None:
-        """Overwrite `uri` only if it is still the version `e_tag` (a conditional PUT, If-Match).
-        Returns the new ETag, or None when the object changed meanwhile (another writer won)."""
+    def replace_if(self, uri: ObjectURI, data: bytes, seen: ObjectVersion) -> ObjectVersion | None:
+        """Overwrite `uri` only if it is still the version `seen` (a conditional PUT: If-Match on S3,
+        if-generation-match on GCS). Returns the new version, or None when the object changed
+        meanwhile (another writer won)."""
         try:
-            return obstore.put(self._store(uri), uri.key, data, mode={"e_tag": e_tag}).get("e_tag")
+            return ObjectVersion.of(obstore.put(self._store(uri), uri.key, data, mode=seen.precondition()))
         except (PreconditionError, NotFoundError, FileNotFoundError):
             return None
         except CLIENT_ERRORS as exc:
@@ -271,11 +287,10 @@ class Storage:
         on an output prefix needs (exactly one of two racing callers gets True)."""
         return self.create(uri, data) is not None
 
-    def create(self, uri: ObjectURI, data: bytes) -> str | None:
-        """put_if_absent that returns the new object's ETag ("" if the server sent none), or None
-        when an object already existed."""
+    def create(self, uri: ObjectURI, data: bytes) -> ObjectVersion | None:
+        """put_if_absent that returns the new object's version, or None when an object already existed."""
         try:
-            return obstore.put(self._store(uri), uri.key, data, mode="create").get("e_tag") or ""
+            return ObjectVersion.of(obstore.put(self._store(uri), uri.key, data, mode="create"))
         except (AlreadyExistsError, PreconditionError):
             return None
         except CLIENT_ERRORS as exc:

@@ -22,7 +22,7 @@ import threading
 from dataclasses import asdict
 
 from ..errors import OutputError
-from ..io.objstore import ObjectURI, Storage, StorageError
+from ..io.objstore import NoSuchKey, ObjectURI, ObjectVersion, Storage, StorageError
 from .lock import LockHolder
 
 DEFAULT_TTL_S = 120.0
@@ -41,7 +41,7 @@ class BucketOutputLock:
         self.uri = out.child("dgrepair/lock")
         self.ttl_s = ttl_s
         self._holder: LockHolder | None = None
-        self._e_tag: str | None = None
+        self._version: ObjectVersion | None = None
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -56,23 +56,26 @@ class BucketOutputLock:
         if tag is None:
             try:
                 text, seen = self.storage.read_tagged(self.uri)
-            except StorageError:  # released (deleted) between the two calls: try once more
+            except NoSuchKey:  # released (deleted) between the two calls: try once more
                 text, seen = b"", None
             record = _parse(text)
             age = _age_s(record)
-            if seen is None:
+            ttl = _ttl_s(record, self.ttl_s)
+            if seen is None or not seen.precondition():  # gone meanwhile (or a server with no ETags)
                 tag = self.storage.create(self.uri, self._record(holder))
-            elif age is not None and age > float(record.get("ttl_s") or self.ttl_s):
+            elif age is not None and age > ttl:
                 stale = LockHolder.parse(text.decode("utf-8", "replace"))
                 tag = self.storage.replace_if(self.uri, self._record(holder), seen)
             if tag is None:
                 who = LockHolder.parse(text.decode("utf-8", "replace"))
                 beat = f", last heartbeat {age:.0f} s ago" if age is not None else ""
+                after = (f"a lock whose holder died is taken over once its heartbeat is older than {ttl:g} s" if
+                         age is not None else "its record is unreadable, so it is never taken over: if no run uses "
+                         "this output, delete that object")
                 raise OutputError(f"--out {self.out} is locked by another dgrepair run "
                                   f"({who.describe() if who else 'unknown holder'}{beat}; lock object {self.uri}). "
-                                  "Wait for it to finish or stop it (SIGTERM); a lock whose holder died is taken "
-                                  f"over once its heartbeat is older than {self.ttl_s:g} s.")
-        self._holder, self._e_tag = holder, tag
+                                  f"Wait for it to finish or stop it (SIGTERM); {after}.")
+        self._holder, self._version = holder, tag
         self._beat = threading.Thread(target=self._heartbeat, name="dgrepair-lock-heartbeat", daemon=True)
         self._beat.start()
         return stale
@@ -83,17 +86,16 @@ class BucketOutputLock:
 
     def beat(self) -> None:
         """One heartbeat: rewrite the record if the object is still the version this run wrote."""
-        if self._holder is None or self._e_tag is None:
+        if self._holder is None or self._version is None:
             return
         try:
-            tag = self.storage.replace_if(self.uri, self._record(self._holder), self._e_tag) \
-                if self._e_tag else self.storage.write(self.uri, self._record(self._holder))
+            tag = self.storage.replace_if(self.uri, self._record(self._holder), self._version)
         except StorageError:
             return  # a transient failure: the next beat retries well within the TTL
         if tag is None:
             self._lost.set()
         else:
-            self._e_tag = tag
+            self._version = tag
 
     def check(self) -> None:
         """Raise if another run took the lock over (this run's heartbeat was too late)."""
@@ -123,6 +125,13 @@ def _parse(text: bytes) -> dict:
     except ValueError:
         return {}
     return obj if isinstance(obj, dict) else {}
+
+
+def _ttl_s(record: dict, default: float) -> float:
+    try:
+        return float(record["ttl_s"])
+    except (KeyError, ValueError, TypeError):
+        return default
 
 
 def _age_s(record: dict) -> float | None:

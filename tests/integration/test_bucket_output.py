@@ -162,6 +162,10 @@ def test_the_bucket_lock_admits_one_run_and_takes_over_only_a_stale_one(s3_env, 
     assert json.loads(storage.read_object(fifth.uri))["pid"] == 5
     fifth.release()
     assert not storage.list(out)  # a clean release deletes the lock object
+    storage.write(fifth.uri, b"not a lock record")  # never taken over: the user is told what to do
+    with pytest.raises(Exception, match="its record is unreadable, so it is never taken over: if no run uses this "
+                                         "output, delete that object"):
+        BucketOutputLock(storage, out, ttl_s=0.01).acquire(LockHolder("h", 6, "t", "p"))
 
 
 def test_bad_output_prefixes_exit_2_naming_the_uri(local_reference, s3_env, bucket, tmp_path, capsys):
