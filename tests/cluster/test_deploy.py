@@ -292,6 +292,8 @@ def test_objstore_rayjob(name):
     assert head["rayStartParams"]["num-cpus"] == "0" and workers["groupName"] == "gpu"
     head_env = {e["name"]: e.get("value") for e in head["template"]["spec"]["containers"][0]["env"]}
     assert int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
+    # the driver gets to commit and release the bucket lock before Kubernetes kills the head
+    assert head["template"]["spec"]["terminationGracePeriodSeconds"] > int(head_env["RAY_JOB_STOP_WAIT_TIME_S"])
     for pod in (head["template"], workers["template"], spec["submitterPodTemplate"]):
         token_auth(pod)
     ways = {bucket_credentials(p, others) for p in (head["template"], workers["template"])}
