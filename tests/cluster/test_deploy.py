@@ -123,6 +123,15 @@ def documented_image() -> str:
     return match[1]
 
 
+def ray_base_image() -> tuple[str, int, int]:
+    """(Ray version, Python major, minor) of the Dockerfile's official Ray base image."""
+    froms = re.findall(r"^FROM\s+(\S+)", dockerfile(), re.M)
+    assert len(froms) == 1, froms
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+)", froms[0])
+    assert match, f"{froms[0]}: expected the official GPU image rayproject/ray:X.Y.Z-pyXY-gpu (or -cuXYZ)"
+    return match[1], int(match[2]), int(match[3])
+
+
 def ray_pods(doc: dict) -> list[dict]:
     """The pod templates of a RayCluster or RayJob: head, worker groups, and a RayJob's submitter."""
     if doc["kind"] == "RayCluster":
@@ -150,15 +159,6 @@ def test_every_manifest_parses(name):
 
 def test_objstore_manifests_are_among_the_parsed_ones():
     assert set(OBJSTORE_JOBS) <= set(MANIFESTS)
-
-
-def ray_base_image() -> tuple[str, int, int]:
-    """(Ray version, Python major, minor) of the Dockerfile's official Ray base image."""
-    froms = re.findall(r"^FROM\s+(\S+)", dockerfile(), re.M)
-    assert len(froms) == 1, froms
-    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+)", froms[0])
-    assert match, f"{froms[0]}: expected the official GPU image rayproject/ray:X.Y.Z-pyXY-gpu (or -cuXYZ)"
-    return match[1], int(match[2]), int(match[3])
 
 
 def requirement(package: str, dependency: str) -> Requirement:
