@@ -339,10 +339,12 @@ def test_objstore_entrypoint_scratch_flag(name):
 @pytest.mark.parametrize("name", OBJSTORE_JOBS)
 def test_objstore_entrypoint_is_a_valid_repair_config(name):
     job, _ = job_doc(name)
+    argv = entrypoint_argv(job)
     try:
-        cfg = config_from_args(parse_entrypoint(entrypoint_argv(job)))
+        cfg = config_from_args(parse_entrypoint(argv))
     except InputError as exc:
         if "object storage is not supported yet" in str(exc):
             pytest.skip(f"this build refuses s3:// repair ({exc})")
         raise
     assert cfg.output.out.startswith("s3://") and cfg.execution.progress_interval_s == 60
+    assert cfg.output.scratch == flag_value(argv, "--scratch")
