@@ -282,15 +282,18 @@ class RepairConfig:
     output: OutputOptions = field(default_factory=OutputOptions)
 
     def __post_init__(self) -> None:
-        remote = [v for v in (self.inputs.base, self.inputs.ft, self.output.out) if is_object_uri(v)]
-        if remote and self.output.out is not None:
-            raise InputError(f"{remote[0]}: repairing from or to object storage is not supported yet; "
-                             "`dgrepair plan` reads s3:// and gs:// inputs. Copy the checkpoints to a local or "
-                             "shared filesystem to repair them.")
+        self._check_output_location()
         if self.output.emit_adapter and not METHODS[self.method.name].spectral:
             raise InputError(f"--emit-adapter needs a spectral method (dg_hard, fixed_rank, mp_edge, optimal_shrink); "
                              f"{self.method.name} changes delta entry by entry, so its result has no low-rank "
                              "factors.")
+
+    def _check_output_location(self) -> None:
+        """s3:// and gs:// inputs are read with ranged GETs; an object-store output is not written yet."""
+        for flag, value in (("--out", self.output.out), ("--emit-adapter", self.output.emit_adapter)):
+            if is_object_uri(value):
+                raise InputError(f"{flag} {value}: writing the output to object storage is not supported yet "
+                                 "(s3:// and gs:// inputs are); choose a local or shared-filesystem directory.")
 
     def repair_method(self) -> Method:
         """The configured method with its parameters (before any --target-rho resolution)."""

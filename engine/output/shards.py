@@ -61,9 +61,10 @@ def os_errors(out: Path) -> Iterator[None]:
 
 
 def check_out_path(out: Path, inputs: list[Path]) -> Path:
-    """Refuse an output that is, contains, or lies inside an input."""
+    """Refuse an output that is, contains, or lies inside an input (a local output cannot overlap an
+    input in a bucket)."""
     resolved = out.expanduser().resolve()
-    for src in inputs:
+    for src in (i for i in inputs if isinstance(i, Path)):
         if resolved == src or resolved.is_relative_to(src):
             raise OutputError(f"--out {out} is inside the input checkpoint {src}; choose a directory outside "
                               "both inputs (inputs are never modified).")
