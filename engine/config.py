@@ -90,10 +90,10 @@ class Section:
 @dataclass(frozen=True)
 class InputOptions(Section):
     base: str | None = _opt(None, "base checkpoint: a local folder of safetensors files, or a Hugging Face Hub "
-                            "repo id org/name[@revision] (a local folder of that name wins); `plan` also reads s3:// "
-                            "and gs:// prefixes", metavar="DIR|ORG/NAME|URI")
-    ft: str | None = _opt(None, "fine-tuned checkpoint: a local folder or a Hub repo id org/name[@revision], as for "
-                          "--base", metavar="DIR|ORG/NAME|URI")
+                            "repo id org/name[@revision] (a local folder of that name wins), or an s3:// or gs:// "
+                            "prefix (read with ranged GETs)", metavar="DIR|ORG/NAME|URI")
+    ft: str | None = _opt(None, "fine-tuned checkpoint: a local folder, a Hub repo id org/name[@revision] or an "
+                          "s3:// / gs:// prefix, as for --base", metavar="DIR|ORG/NAME|URI")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import InputError
 from .bytes import ByteSource
 from .hub import locate
-from .remote_checkpoint import is_object_uri, read_shard_header, remote_root
+from .remote_checkpoint import RemotePath, is_object_uri, read_shard_header, remote_root
 from .safetensors_format import AmbiguousJSON, ShardHeader, TensorEntry, strict_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -25,7 +25,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 class Checkpoint:
     """A validated safetensors checkpoint: shards by relative name, tensors by name."""
 
-    root: Path
+    root: Path | RemotePath  # a local folder, or a bucket prefix
     index_name: str | None
     index_bytes: bytes | None
     shards: dict[str, ShardHeader]
