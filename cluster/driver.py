@@ -33,6 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ..engine.config import RepairConfig
 from ..engine.errors import DGRepairError, RepairFailure
 from ..engine.io.bytes import write_json_atomic
+from ..engine.io.objstore import endpoint_env
 from ..engine.output import shards as output
 from ..engine.output.paths import failures_file
 from ..engine.plan.units import WorkUnit
@@ -123,7 +124,8 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
         failures.unlink(missing_ok=True)
         session.target.mirror(failures)
         return session.finish({"executor": {"kind": "ray", "workers": 0, "note": "nothing left to run"}})
-    env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
+    env = {**{k: os.environ[k] for k in FAULT_ENV if k in os.environ},
+           **endpoint_env(cfg.inputs.base, cfg.inputs.ft, cfg.output.out)}
     actors: list[Any] = []
     started = time.monotonic()
     with _ray_started(cfg, session.say) as info:

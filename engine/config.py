@@ -90,10 +90,10 @@ class Section:
 @dataclass(frozen=True)
 class InputOptions(Section):
     base: str | None = _opt(None, "base checkpoint: a local folder of safetensors files, or a Hugging Face Hub "
-                            "repo id org/name[@revision] (a local folder of that name wins); `plan` also reads s3:// "
-                            "and gs:// prefixes", metavar="DIR|ORG/NAME|URI")
-    ft: str | None = _opt(None, "fine-tuned checkpoint: a local folder or a Hub repo id org/name[@revision], as for "
-                          "--base", metavar="DIR|ORG/NAME|URI")
+                            "repo id org/name[@revision] (a local folder of that name wins), or an s3:// or gs:// "
+                            "prefix (read with ranged GETs)", metavar="DIR|ORG/NAME|URI")
+    ft: str | None = _opt(None, "fine-tuned checkpoint: a local folder, a Hub repo id org/name[@revision] or an "
+                          "s3:// / gs:// prefix, as for --base", metavar="DIR|ORG/NAME|URI")
 
 
 @dataclass(frozen=True)
@@ -288,6 +288,9 @@ class RepairConfig:
     output: OutputOptions = field(default_factory=OutputOptions)
 
     def __post_init__(self) -> None:
+        if is_object_uri(self.output.emit_adapter):
+            raise InputError(f"--emit-adapter {self.output.emit_adapter}: the adapter is written to a local or "
+                             "shared-filesystem directory; choose one (and copy it to the bucket afterwards).")
         if is_object_uri(self.output.out) and self.output.emit_adapter:
             raise InputError(f"--emit-adapter with an object-store --out ({self.output.out}) is not supported: the "
                              "adapter is assembled from parts on one filesystem. Run with a local --out to export "

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .bytes import ByteSource
 from .hub import locate
-from .remote_checkpoint import is_object_uri, read_shard_header, remote_root
+from .remote_checkpoint import RemotePath, is_object_uri, read_shard_header, remote_root
 from .safetensors_format import AmbiguousJSON, ShardHeader, TensorEntry, strict_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -24,13 +25,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 class Checkpoint:
     """A validated safetensors checkpoint: shards by relative name, tensors by name."""
 
-    root: Path
+    root: Path | RemotePath  # a local folder, or a bucket prefix
     index_name: str | None
     index_bytes: bytes | None
     shards: dict[str, ShardHeader]
     locations: dict[str, str]  # tensor name -> shard relative name
 
-    def entry(self, name: str) -> tuple[Path, TensorEntry]:
+    def entry(self, name: str) -> tuple[ByteSource, TensorEntry]:
         shard = self.shards[self.locations[name]]
         return shard.path, shard.tensors[name]
 
@@ -95,6 +96,8 @@ class Checkpoint:
 
 def hub_blob_store(root: Path) -> Path | None:
     """`.../models--org--name/blobs` when `root` is a snapshot folder of a Hugging Face cache."""
+    if not isinstance(root, Path):
+        return None  # a bucket prefix
     repo = root.parent.parent
     if root.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--")) \
             and (repo / "blobs").is_dir():

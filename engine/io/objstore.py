@@ -40,6 +40,9 @@ from obstore.store import GCSStore, S3Store
 from ..errors import DGRepairError
 
 SCHEMES = ("s3", "gs")
+# Where the endpoint is and how to reach it (no secrets): a Ray driver passes these to its actors so
+# they read the bucket the plan read. Credentials come from each node's own environment and chain.
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_REGION", "AWS_DEFAULT_REGION")
 _URI = re.compile(r"^(?P<scheme>s3|gs)://(?P<bucket>[^/]*)(?:/(?P<key>.*))?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _BAD_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
@@ -56,6 +59,17 @@ class StorageError(DGRepairError):
     def __init__(self, uri: ObjectURI | str, message: str) -> None:
         super().__init__(f"{uri}: {message}")
         self.uri = str(uri)
+        self.detail = message
+
+    def about(self, what: str, instead: str | None = None) -> StorageError:
+        """The same error, saying what was being read (`tensor 'x'`) after the URI, optionally with
+        a message that fits the caller better than the generic one."""
+        message = instead if instead is not None else self.detail
+        return type(self)(self.uri, f"{what}: {message}" if what else message)
+
+    def __reduce__(self):
+        """Rebuilt from (uri, message), so it crosses from a Ray worker to the driver intact."""
+        return type(self), (self.uri, self.detail)
 
 
 class NoSuchBucket(StorageError):
@@ -109,6 +123,13 @@ class ObjectURI:
 def is_object_uri(text: object) -> bool:
     """True for a string that starts with s3:// or gs:// (anything else is a local path or a Hub id)."""
     return isinstance(text, str) and text.split("://", 1)[0] in SCHEMES and "://" in text
+
+
+def endpoint_env(*specs: object) -> dict[str, str]:
+    """The ENDPOINT_ENV variables set here, when any of `specs` is an object-store URI (else none)."""
+    if not any(is_object_uri(s) for s in specs):
+        return {}
+    return {k: os.environ[k] for k in ENDPOINT_ENV if k in os.environ}
 
 
 def parse_uri(text: str) -> ObjectURI:
@@ -171,8 +192,19 @@ class Storage:
     """Clients for the buckets one run touches, created on first use and shared across threads."""
 
     settings: StoreSettings = field(default_factory=StoreSettings)
-    _stores: dict[tuple[str, str], object] = field(default_factory=dict, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _stores: dict[tuple[str, str], object] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    # -- pickling (a RemotePath in a work unit travels to a Ray actor) ---------------------------
+    def __getstate__(self) -> dict[str, object]:
+        """Only the settings travel: clients and the lock are per process, recreated on first use
+        (each reads its credentials and endpoint from the environment of the process that uses it)."""
+        return {"settings": self.settings}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.settings = state["settings"]  # type: ignore[assignment]
+        self._stores = {}
+        self._lock = threading.Lock()
 
     # -- clients ---------------------------------------------------------------------------------
     def _store(self, uri: ObjectURI):

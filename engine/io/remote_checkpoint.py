@@ -1,4 +1,5 @@
-"""A checkpoint under an s3:// or gs:// prefix, opened by reading headers only (ranged GETs).
+"""A checkpoint under an s3:// or gs:// prefix: headers read at planning, tensor data at repair, both
+with ranged GETs.
 
 `RemotePath` gives an object-store prefix the few path operations that opening a checkpoint uses
 (`/`, name, iterdir, is_file, exists, read_bytes, read_text), so engine/io/checkpoint.py applies the
@@ -7,8 +8,9 @@ is fetched as two ranged GETs (the 8-byte length, then the JSON) and validated b
 header parser: the fetched prefix is placed in a sparse temporary file of the object's size (no
 tensor data is read or written), so layout checks against the object's length apply unchanged.
 
-Only planning reads object storage so far: repairing from or to a bucket is refused by the config
-until the engine's data reads and output go through engine/io/objstore.py.
+A RemotePath is also a `RangeSource` (engine/io/bytes.py): the repair's reads of a shard object
+are `Storage.read_range` calls (a tensor's byte range, split into concurrent GETs), never a
+download of the object. It pickles without its clients, so work units carry it to Ray actors.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ class RemotePath:
             yield self / first if sep else RemotePath(obj.uri, self.storage, obj.size)
 
     def is_dir(self) -> bool:
-        return bool(self.storage.list(self.uri))
+        return self.known_size is None and bool(self.storage.list(self.uri))
+
+    def is_symlink(self) -> bool:
+        return False  # object stores have no links
 
     def exists(self) -> bool:
         return self.is_dir() or self.is_file()
@@ -74,6 +79,10 @@ class RemotePath:
 
     def size(self) -> int:
         return self.known_size if self.known_size is not None else self.storage.size(self.uri)
+
+    def read_range(self, begin: int, end: int) -> bytearray:
+        """Bytes [begin, end) of the object (concurrent ranged GETs; TruncatedObject past its end)."""
+        return self.storage.read_range(self.uri, begin, end)
 
     def read_bytes(self) -> bytes:
         try:
@@ -95,10 +104,10 @@ def read_shard_header(path: Path | RemotePath) -> ShardHeader:
     if not isinstance(path, RemotePath):
         return read_header(path)
     size = path.size()
-    head = bytes(path.storage.read_range(path.uri, 0, min(8, size)))
+    head = bytes(path.read_range(0, min(8, size)))
     n = int.from_bytes(head, "little") if len(head) == 8 else 0
     fits = len(head) == 8 and n <= MAX_HEADER_BYTES and 8 + n <= size
-    body = bytes(path.storage.read_range(path.uri, 8, 8 + n)) if fits else b""  # else the parser says why
+    body = bytes(path.read_range(8, 8 + n)) if fits else b""  # else the parser says why
     with tempfile.TemporaryDirectory(prefix="dgrepair-header-") as tmp:
         local = Path(tmp) / (path.name or "shard")
         with open(local, "wb") as fh:

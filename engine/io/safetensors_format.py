@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .bytes import read_range
+from .bytes import ByteSource, read_range
 
 MAX_HEADER_BYTES = 100_000_000  # the Rust reader's MAX_HEADER_SIZE
 
@@ -59,7 +59,7 @@ class TensorEntry:
 class ShardHeader:
     """A parsed and validated safetensors header."""
 
-    path: Path
+    path: ByteSource  # a local file, or the shard's object in a bucket (a RemotePath)
     header_len: int
     raw_prefix: bytes  # the first 8 + header_len bytes, reproduced verbatim in the output
     file_size: int
@@ -194,14 +194,15 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, 
                          "appended to.")
 
 
-def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor's bytes into a torch tensor of its stored dtype and shape."""
+def read_tensor(path: ByteSource, entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor's bytes (from a local file or a bucket) into a torch tensor of its stored
+    dtype and shape."""
     torch_dtype = TORCH_DTYPES.get(entry.dtype)
     if torch_dtype is None:
         raise InputError(f"{path}: tensor {entry.name!r}: dtype {entry.dtype} cannot be loaded as a dense tensor.")
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=torch_dtype)
-    buf = read_range(path, entry.begin, entry.end)
+    buf = read_range(path, entry.begin, entry.end, tensor=entry.name)
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(entry.shape)
 
 

@@ -16,6 +16,7 @@ from ...kernels import fp8, mxfp4
 from ...kernels.methods import Method
 from ...kernels.threshold import SpectralStats
 from ..errors import RepairFailure
+from ..io.bytes import ByteSource
 from ..io.safetensors_format import DTYPE_BITS, TensorEntry, read_tensor
 from ..output.manifest import ManifestRow
 from ..plan.kinds import QUANTIZED_KINDS, SCALE_KINDS
@@ -43,16 +44,18 @@ def for_workers(settings: StepSettings, *, device: str, threads: int | None) -> 
 
 @dataclass(frozen=True)
 class EntryJob:
-    """One entry with the files it reads and the (partial) output shard it writes."""
+    """One entry with the files it reads and the (partial) output shard it writes. An input is a
+    local path or a shard object in a bucket (a RemotePath, pickled without its clients); every read
+    goes through engine/io/bytes.py, which reads either."""
 
     entry: PlanEntry
-    base_file: Path | None
-    ft_file: Path
+    base_file: ByteSource | None
+    ft_file: ByteSource
     out_file: Path
-    base_scale_file: Path | None = None  # fp8 / packed: where the base's scales live
-    base_zero_point_file: Path | None = None  # packed asymmetric base: where its weight_zero_point lives
+    base_scale_file: ByteSource | None = None  # fp8 / packed: where the base's scales live
+    base_zero_point_file: ByteSource | None = None  # packed asymmetric base: where its weight_zero_point lives
 
-    def base_side(self) -> tuple[Path, TensorEntry]:
+    def base_side(self) -> tuple[ByteSource, TensorEntry]:
         """The base file and tensor of a repair entry (which always has one)."""
         if self.base_file is None or self.entry.base is None or self.entry.matrix_shape is None:
             raise RepairFailure(f"tensor {self.entry.name!r} is planned for repair but has no base tensor; "
@@ -93,7 +96,7 @@ def matrix_key(name: str, kind: str, index: int) -> str:
     return name if expert is None else f"{name}#{expert}" + (f":{part}" if part else "")
 
 
-def dequantize(entry: PlanEntry, path: Path, tensor: TensorEntry, scale_path: Path | None,
+def dequantize(entry: PlanEntry, path: ByteSource, tensor: TensorEntry, scale_path: ByteSource | None,
                scale: TensorEntry | None) -> torch.Tensor:
     """float32 values of a block-FP8 or MXFP4 weight (MXFP4 in its on-disk (out, in) orientation)."""
     if scale_path is None or scale is None:
@@ -104,7 +107,7 @@ def dequantize(entry: PlanEntry, path: Path, tensor: TensorEntry, scale_path: Pa
     return fp8.dequantize(read_tensor(path, tensor), read_tensor(scale_path, scale))
 
 
-def check_finite(t: torch.Tensor, name: str, path: Path) -> None:
+def check_finite(t: torch.Tensor, name: str, path: ByteSource) -> None:
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise RepairFailure(f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s); DG-Hard cannot repair it. "

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 import torch
 
 from ...kernels import packed_int
 from ...kernels.methods import apply_method
 from ...kernels.threshold import SpectralStats
+from ..io.bytes import ByteSource
 from ..io.bytes import copy_range as _copy_range
 from ..io.bytes import pwrite as _pwrite
 from ..io.safetensors_format import TORCH_DTYPES, read_tensor
@@ -27,7 +27,8 @@ from .jobs import check_finite as _check_finite
 from .jobs import manifest_row as _row
 
 
-def module_values(mod: PackedModule, packed_file: Path, scale_file: Path, zp_file: Path | None) -> torch.Tensor:
+def module_values(mod: PackedModule, packed_file: ByteSource, scale_file: ByteSource,
+                  zp_file: ByteSource | None) -> torch.Tensor:
     """float32 [rows, cols] of one stored packed module."""
     zp = read_tensor(zp_file, mod.zero_point) if mod.zero_point is not None and zp_file is not None else None
     return packed_int.dequantize(read_tensor(packed_file, mod.packed), read_tensor(scale_file, mod.scale), zp,
@@ -104,7 +105,7 @@ def _write(job: EntryJob, aux: list[EntryJob], w: torch.Tensor, st: SpectralStat
         _pwrite(job.out_file, e.out_begin, payload)
         digest = hashlib.sha256(payload).hexdigest()
     elif st is not None and st.degenerate:  # the fine-tune's bytes, weight and companions
-        digest = _copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
+        digest = _copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin, tensor=e.name)
         error = 0.0
     else:
         scale_dtype = TORCH_DTYPES[mod.scale.dtype]
@@ -130,7 +131,8 @@ def _write(job: EntryJob, aux: list[EntryJob], w: torch.Tensor, st: SpectralStat
             _pwrite(a.out_file, ae.out_begin, fresh[name])
             d, status = hashlib.sha256(fresh[name]).hexdigest(), "rewritten"
         else:  # weight_shape (and every companion of an unchanged weight) keeps the fine-tune's bytes
-            d, status = _copy_range(a.ft_file, ae.ft.begin, ae.ft.end, a.out_file, ae.out_begin), "passthrough"
+            d, status = _copy_range(a.ft_file, ae.ft.begin, ae.ft.end, a.out_file, ae.out_begin,
+                                    tensor=ae.name), "passthrough"
         rows.append(_row(ae, None, status, None, kernel=None, begin=ae.out_begin, end=ae.out_end, digest=d,
                          seconds=0.0, plan_id=settings.plan_id))
     return rows

@@ -44,8 +44,8 @@ def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings)
         w_star = from_matrices(mats, e.batch_kind, tuple(w1.shape), e.layout)
     unchanged = e.kind != Kind.DEQUANT and all(st is not None and st.degenerate for st in stats)
     if e.out_dtype is None and unchanged:  # the fine-tune's bytes, weight and scales
-        copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
-        copy_range(scale_job.ft_file, se.ft.begin, se.ft.end, scale_job.out_file, se.out_begin)
+        copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin, tensor=e.name)
+        copy_range(scale_job.ft_file, se.ft.begin, se.ft.end, scale_job.out_file, se.out_begin, tensor=se.name)
         w_bytes, s_bytes, error = None, None, 0.0
     elif e.out_dtype is None:
         if e.is_mxfp4:

@@ -50,7 +50,7 @@ def repair_unit(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRo
 def _copy_entry(job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
     start = time.perf_counter()
     e = job.entry
-    digest = copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin)
+    digest = copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin, tensor=e.name)
     return [_row(e, None, "passthrough", None, kernel=None, begin=e.out_begin, end=e.out_end, digest=digest,
                  seconds=time.perf_counter() - start, plan_id=settings.plan_id)]
 

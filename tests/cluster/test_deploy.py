@@ -20,7 +20,6 @@ import dgrepair
 from dgrepair import cluster, engine, kernels
 from dgrepair.cli import build_parser, config_from_args
 from dgrepair.engine.config import RepairConfig
-from dgrepair.engine.errors import InputError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MANIFESTS = sorted(p.relative_to(DEPLOY).as_posix() for p in (DEPLOY / "kuberay").glob("*.yaml"))
@@ -201,11 +200,6 @@ def test_runtime_env_for_ray_job_submit():
 
 # -- the RayJobs on object storage ----------------------------------------------------------------------
 
-def repair_parser() -> argparse.ArgumentParser:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["repair"]
-
-
 def entrypoint_argv(job: dict) -> list[str]:
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["dgrepair", "repair"], argv
@@ -218,11 +212,7 @@ def flag_value(argv: list[str], flag: str) -> str:
 
 
 def parse_entrypoint(argv: list[str]) -> argparse.Namespace:
-    """The entry point's command line through dgrepair's own parser. --scratch is dropped only while this
-    build's CLI does not have it yet (s3:// output adds it); every other flag must parse."""
-    if "--scratch" not in repair_parser()._option_string_actions and "--scratch" in argv:
-        i = argv.index("--scratch")
-        argv = argv[:i] + argv[i + 2:]
+    """The entry point's command line through dgrepair's own parser: every flag must parse."""
     return build_parser().parse_args(argv)
 
 
@@ -329,8 +319,6 @@ def test_the_two_objstore_jobs_use_a_secret_and_a_service_account():
 
 @pytest.mark.parametrize("name", OBJSTORE_JOBS)
 def test_objstore_entrypoint_scratch_flag(name):
-    if "--scratch" not in repair_parser()._option_string_actions:
-        pytest.skip("this build's `dgrepair repair` has no --scratch yet (s3:// output adds it)")
     job, _ = job_doc(name)
     argv = entrypoint_argv(job)
     assert build_parser().parse_args(argv).scratch == flag_value(argv, "--scratch")
@@ -340,11 +328,6 @@ def test_objstore_entrypoint_scratch_flag(name):
 def test_objstore_entrypoint_is_a_valid_repair_config(name):
     job, _ = job_doc(name)
     argv = entrypoint_argv(job)
-    try:
-        cfg = config_from_args(parse_entrypoint(argv))
-    except InputError as exc:
-        if "object storage is not supported yet" in str(exc):
-            pytest.skip(f"this build refuses s3:// repair ({exc})")
-        raise
+    cfg = config_from_args(parse_entrypoint(argv))
     assert cfg.output.out.startswith("s3://") and cfg.execution.progress_interval_s == 60
     assert cfg.output.scratch == flag_value(argv, "--scratch")

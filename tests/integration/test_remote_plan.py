@@ -74,10 +74,3 @@ def test_plan_from_s3_errors_name_the_uri(remote_pair, s3_env, capsys):
     err = capsys.readouterr().err
     assert f"s3://ckpts/runs/ft/{shard.name}" in err and "truncated" in err and "dgrepair-header-" not in err
 
-
-def test_repair_on_object_storage_is_refused_before_anything_is_written(remote_pair, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["repair", "--base", "s3://ckpts/base", "--ft", "s3://ckpts/runs/ft", "--out", str(out),
-                 "--in-process", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "s3://ckpts/base" in err and "not supported yet" in err and not out.exists()
