@@ -219,3 +219,12 @@ def test_storage_errors_keep_their_type_across_pickling():
     for cls in (NoSuchKey, Throttled, TruncatedObject):
         err = pickle.loads(pickle.dumps(cls("s3://b/k", "why")))
         assert type(err) is cls and str(err) == "s3://b/k: why"
+
+
+@pytest.mark.slow
+def test_s3_inputs_to_an_s3_output_on_two_ray_workers(remote_pair, local_result, s3_env, tmp_path):
+    assert repair("s3://ckpts/base", "s3://ckpts/ft", "s3://ckpts/runs/ray", "--workers", "2",
+                  "--scratch", str(tmp_path / "scratch")) == 0
+    got = s3_env.files("ckpts", "runs/ray")
+    assert {k: v for k, v in got.items() if not k.startswith("dgrepair/")} == output_digests(local_result)
+    assert "dgrepair/summary.json" in got
