@@ -275,3 +275,23 @@ def test_hub_inputs_to_an_s3_output_give_the_local_bytes(local_reference, s3_env
     assert main(["repair", "--base", "org/base", "--ft", "org/sft", "--out", f"s3://{bucket}/hub", "--in-process",
                  "--no-progress", "--scratch", str(tmp_path / "s")]) == 0
     assert weights(s3_env.files(bucket, "hub")) == weights(reference)
+
+
+@pytest.mark.parametrize("who", ["reader", "wrong secret"])
+def test_input_prefix_credentials_are_checked_before_anything_is_written(auth_server, who, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Reading inputs needs only read access ('reader' may read s3://guarded/in); a wrong secret is named."""
+    url, keys = auth_server
+    creds = keys["reader"] if who == "reader" else {**keys["reader"], "AWS_SECRET_ACCESS_KEY": "nope"}
+    for name, value in s3server.client_env(url, **creds).items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert main(["repair", "--base", "s3://guarded/in", "--ft", "s3://guarded/in", "--out", str(out),
+                 "--in-process", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "s3://guarded/in" in err and "Traceback" not in err
+    if who == "reader":  # the credentials work; the object there is not a checkpoint, and it says so
+        assert "rejected the credentials" not in err and "access denied" not in err
+    else:
+        assert "rejected the credentials" in err
+    assert not out.exists()
