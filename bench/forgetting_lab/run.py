@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                     shutil.rmtree(out)  # repaired earlier in --repair-only mode (weights deleted): redo to evaluate
                 t0 = time.time()
                 try:
-                    summary = run_repair(base, ft, out, v, rho, len(offered) > 1)
+                    summary = run_repair(base, ft, out, v, rho, len(offered) > 1, args.threads)
                 except (RuntimeError, ValueError) as exc:  # one refused variant must not stop the grid
                     _log(f"{cell}: {v.name} FAILED: {exc}")
                     info.setdefault("failed", {})[v.name] = str(exc)[-500:]

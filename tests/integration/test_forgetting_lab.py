@@ -73,6 +73,8 @@ def test_repair_grid_command_lines():
                        "--method", "dare", "--seed", "3", "--no-dare-rescale", "--target-rho", "0.8853"]
     cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["wise_ft@0.25"], None, True)
     assert cmd[-4:] == ["--method", "wise_ft", "--alpha", "0.25"]
+    cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["dg_hard@1"], None, True, threads=1)
+    assert cmd[9:] == ["O", "--threads", "1", "--method", "dg_hard", "--scale", "1.0"]
     with pytest.raises(ValueError, match="ties@rho"):
         repair_command(Path("B"), Path("F"), Path("O"), grid["ties@rho"], None, True)
 
