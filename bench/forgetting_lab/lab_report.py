@@ -78,7 +78,8 @@ def write_report(results: dict, path: Path) -> None:
         out += ["Combined/balance: not computed — the installed CLI has no `dgrepair score` yet.", ""]
     else:
         out += [f"Healed / preserved / Combined / balance: `{Path(results.get('score_exe', 'dgrepair')).name} score "
-                "--table scores-TASK.csv --cohort-column length --json` (docs/scoring.md; damaged/improved at ±0.03).", ""]
+                "--table scores-TASK.csv --cohort-column length --json` (docs/scoring.md; damaged/improved "
+                "at ±0.03).", ""]
         if results.get("unscorable_cells"):
             out += ["Not scorable by the metric (docs/scoring.md) (ft scores 0 on the task, or base 0 on every "
                     "held-out benchmark): "

@@ -107,6 +107,9 @@ def report(common: list[str], work: Path, lrs: dict[str, float], out: Path, plan
         # one call per length: a cached-only call skips a seed that lacks any requested length
         for steps, extra in ((list(plan.noise_steps), ["--repair-only", "--variants", "dg_hard@1"]),
                              *(([n], ["--variants", *CORE, *KNOBS]) for n in (*plan.lengths, plan.long))):
+            if not any((lab.trajectory_dir(work, task, lr, s) / f"steps{steps[0]}" / "lab_ft.json").is_file()
+                       for s in plan.seeds):
+                continue  # not trained yet: nothing cached to report
             r = lab.main(common + ["--task", task, "--lr", repr(lr), "--seeds", *map(str, plan.seeds), "--steps",
                                    *map(str, steps), "--cached-only"] + extra)
             merged["args"], merged["offered_methods"] = r["args"], r["offered_methods"]
@@ -117,6 +120,8 @@ def report(common: list[str], work: Path, lrs: dict[str, float], out: Path, plan
         sw = work / f"sweep-{task}.json"
         if sw.is_file():
             merged["sweeps"].append(json.loads(sw.read_text()))
+    if "args" not in merged:
+        return  # nothing trained yet
     (work / "results-round2.json").write_text(json.dumps(merged, indent=1))
     write_report(merged, out)
 
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                 _cells(common, name, lrs[name], seeds, list(plan.noise_steps), [], ["dg_hard@1"], repair_only=True)
         report(common, work, lrs, out, plan)
         _log(f"phase {phase} done ({(time.time() - t_start) / 60:.1f} min since start)")
-    report(common, work, lrs, out, plan)
+    if not out.is_file():
+        report(common, work, lrs, out, plan)
     _log("all requested phases done")
 
 
