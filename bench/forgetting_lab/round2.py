@@ -46,10 +46,11 @@ class Plan:
     noise_steps: tuple[int, ...] = (15, 30)  # repair-only checkpoints for the noise-residual table
     lengths: tuple[int, ...] = (120, 300)  # both tasks, every seed
     long: int = 1000  # first task, first seed
+    tasks: tuple[str, ...] = TASKS
 
     def phases(self) -> list[str]:
         """Priority order: sweep, each length's core cells task by task, the long run, then fixed knobs."""
-        return (["sweep"] + [f"{t}{n}" for n in self.lengths for t in TASKS] + [f"{TASKS[0]}{self.long}"]
+        return (["sweep"] + [f"{t}{n}" for n in self.lengths for t in self.tasks] + [f"{self.tasks[0]}{self.long}"]
                 + [f"knobs{n}" for n in (*self.lengths, self.long)])
 
 
@@ -139,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise-steps", type=int, nargs="+", default=list(d.noise_steps))
     p.add_argument("--lengths", type=int, nargs="+", default=list(d.lengths))
     p.add_argument("--long", type=int, default=d.long)
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(d.tasks), help="the first gets the long run")
     p.add_argument("--lab-args", nargs=argparse.REMAINDER, default=[],
                    help="passed to every run.py call (smoke test: --num-layers 2 --synthetic --batch 2 ...)")
     a = p.parse_args(argv)
-    plan = Plan(tuple(a.seeds), tuple(a.sweep_lrs), a.sweep_steps, tuple(a.noise_steps), tuple(a.lengths), a.long)
+    plan = Plan(tuple(a.seeds), tuple(a.sweep_lrs), a.sweep_steps, tuple(a.noise_steps), tuple(a.lengths), a.long,
+                tuple(a.tasks))
     phases = plan.phases()
     if a.phases and set(a.phases) - set(phases):
         p.error(f"unknown phases {sorted(set(a.phases) - set(phases))}; this plan has: {' '.join(phases)}")
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--workdir", str(work), "--threads", str(a.threads), *a.lab_args]
     out = a.report or work / "report.md"
     t_start = time.time()
-    lrs = {t: sweep(common, work, t, plan) for t in TASKS}  # cached after the first run; every phase needs them
+    lrs = {t: sweep(common, work, t, plan) for t in plan.tasks}  # cached after the first run; every phase needs them
     _log(f"learning rates: {lrs}")
     for phase in [ph for ph in phases if not a.phases or ph in a.phases]:
         if phase == "sweep":
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         long_run = n == plan.long
         seeds = plan.seeds[:1] if long_run else plan.seeds
         if name == "knobs":
-            for task in (TASKS[:1] if long_run else TASKS):
+            for task in (plan.tasks[:1] if long_run else plan.tasks):
                 _cells(common, task, lrs[task], seeds, [n], [], KNOBS)
         else:
             save = [s for s in (*plan.noise_steps, *plan.lengths) if s < n]

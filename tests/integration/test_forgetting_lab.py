@@ -235,7 +235,8 @@ def test_round2_plan_smoke(tmp_path):
     spec.loader.exec_module(round2)
     work = tmp_path / "lab"
     argv = ["--workdir", str(work), "--seeds", "0", "--sweep-lrs", "1e-4", "3e-4", "--sweep-steps", "2",
-            "--noise-steps", "1", "--lengths", "3", "--long", "4", "--phases", "sweep", "add3", "add4",
+            "--noise-steps", "1", "--lengths", "3", "--long", "4", "--tasks", "add",
+            "--phases", "sweep", "add3", "add4",
             "--lab-args", "--num-layers", "2", "--synthetic", "--batch", "2", "--seq-len", "16"]
     round2.main(argv)
     sweep = json.loads((work / "sweep-add.json").read_text())
