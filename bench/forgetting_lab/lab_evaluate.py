@@ -1,8 +1,9 @@
 """Offline evaluation of one checkpoint on a `Suite`: greedy decoding and log-likelihoods, fixed prompts.
 
 Scores are in [0, 1] (the metric of docs/scoring.md needs that):
-- task, capitals: exact-match accuracy of greedy completions (task: first integer equals a+b; capitals:
-  the first line contains the city name, case-insensitive); Wilson 95 % interval.
+- task, geography: exact-match accuracy of greedy completions (task: the first word of the completion,
+  trailing punctuation stripped, equals the answer, e.g. "68" or "1997-03-05"; geography: the first line
+  contains the place name, case-insensitive); Wilson 95 % interval.
 - definitions: 4-way multiple choice, the choice with the highest mean token log-probability wins; Wilson.
 - sentences: next-token top-1 accuracy over all tokens of held-out WordNet example sentences (each
   sentence scored after `<|endoftext|>`): a likelihood-based accuracy on the same forward pass that gives
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from pathlib import Path
 
 from lab_data import Suite
 
-BENCHMARKS = ("task", "capitals", "definitions", "sentences")
+BENCHMARKS = ("task", "geography", "definitions", "sentences")
 DOC_START = "<|endoftext|>"  # SmolLM2's document separator: sentences are scored as document starts
 
 
@@ -39,8 +39,8 @@ def answer_correct(benchmark: str, completion: str, answer: str) -> bool:
     """Exact-match rule of the generation benchmarks (unit-tested on hand-written strings)."""
     line = completion.strip().split("\n")[0]
     if benchmark == "task":
-        m = re.match(r"\s*(-?\d+)", line)
-        return bool(m) and m.group(1) == answer
+        words = line.split()
+        return bool(words) and words[0].rstrip(".,;") == answer
     return answer.lower() in line.lower()
 
 
@@ -106,27 +106,51 @@ def load(model_dir: Path, tok_dir: Path):
     return model, tok
 
 
-def evaluate(model_dir: Path, tok_dir: Path, suite: Suite) -> dict[str, dict]:
-    """Per benchmark: score, n, lo, hi (95 % interval) and per-item outcomes."""
+def items_of(suite: Suite, benchmark: str) -> list:
+    """The items one benchmark scores (what its cache key hashes)."""
+    return {"task": suite.task, "geography": suite.geography, "definitions": suite.definitions,
+            "sentences": suite.sentences}[benchmark]
+
+
+def evaluate(model_dir: Path, tok_dir: Path, suite: Suite, benchmarks=BENCHMARKS) -> dict[str, dict]:
+    """Per benchmark in `benchmarks`: score, n, lo, hi (95 % interval), per-item outcomes, seconds."""
+    import time
+
     model, tok = load(model_dir, tok_dir)
     results: dict[str, dict] = {}
-    for name, items, new in (("task", suite.task, 4), ("capitals", suite.capitals, 5)):
-        comps = greedy(model, tok, [p for p, _ in items], new)
-        ok = [answer_correct(name, c, a) for c, (_, a) in zip(comps, items, strict=True)]
-        results[name] = _acc(ok) | {"completions": comps}
-    ctx = [it.prompt for it in suite.definitions for _ in it.choices]
-    cont = [c for it in suite.definitions for c in it.choices]
-    lps = token_logprobs(model, tok, ctx, cont)
-    ok, k = [], 0
-    for it in suite.definitions:
-        means = [sum(lp) / len(lp) for lp in lps[k : k + len(it.choices)]]
-        k += len(it.choices)
-        ok.append(max(range(len(means)), key=means.__getitem__) == it.answer)
-    results["definitions"] = _acc(ok)
-    flags: list[list[int]] = []
-    sent_lps = token_logprobs(model, tok, [DOC_START] * len(suite.sentences), suite.sentences, top1=flags)
-    results["sentences"] = _token_accuracy(flags, sent_lps)
+    for name in benchmarks:
+        t0 = time.time()
+        results[name] = _run_benchmark(model, tok, suite, name)
+        results[name]["seconds"] = time.time() - t0
     return results
+
+
+def _run_benchmark(model, tok, suite: Suite, name: str) -> dict:
+    if name in ("task", "geography"):
+        items = items_of(suite, name)
+        comps = greedy(model, tok, [p for p, _ in items], suite.task_new_tokens if name == "task" else 5)
+        ok = [answer_correct(name, c, a) for c, (_, a) in zip(comps, items, strict=True)]
+        res = _acc(ok) | {"completions": comps}
+        if name == "geography" and suite.geography_kinds:
+            for kind in sorted(set(suite.geography_kinds)):
+                sub = [o for o, k in zip(ok, suite.geography_kinds, strict=True) if k == kind]
+                res[f"kind_{kind}"] = {key: v for key, v in _acc(sub).items() if key != "items"}
+        return res
+    if name == "definitions":
+        ctx = [it.prompt for it in suite.definitions for _ in it.choices]
+        cont = [c for it in suite.definitions for c in it.choices]
+        lps = token_logprobs(model, tok, ctx, cont)
+        ok, k = [], 0
+        for it in suite.definitions:
+            means = [sum(lp) / len(lp) for lp in lps[k : k + len(it.choices)]]
+            k += len(it.choices)
+            ok.append(max(range(len(means)), key=means.__getitem__) == it.answer)
+        return _acc(ok)
+    if name == "sentences":
+        flags: list[list[int]] = []
+        sent_lps = token_logprobs(model, tok, [DOC_START] * len(suite.sentences), suite.sentences, top1=flags)
+        return _token_accuracy(flags, sent_lps)
+    raise ValueError(f"unknown benchmark {name!r}")
 
 
 def _acc(ok: list[bool]) -> dict:

@@ -53,9 +53,11 @@ def cli_methods() -> set[str]:
     return set(flat[start : flat.index("}", start)].split(","))
 
 
-def repair_command(base: Path, ft: Path, out: Path, v: Variant, target_rho: float | None, has_method: bool) -> list:
+def repair_command(base: Path, ft: Path, out: Path, v: Variant, target_rho: float | None, has_method: bool,
+                   threads: int = 0) -> list:
+    """`threads` > 0 caps the CLI's BLAS threads (the lab's `--threads`); 0 leaves the CLI's default."""
     cmd = [dgrepair_exe(), "repair", "--in-process", "--no-progress", "--base", str(base), "--ft", str(ft)]
-    cmd += ["--out", str(out)]
+    cmd += ["--out", str(out)] + (["--threads", str(threads)] if threads else [])
     if has_method:
         cmd += ["--method", v.method]
     cmd += list(v.args)
@@ -66,11 +68,12 @@ def repair_command(base: Path, ft: Path, out: Path, v: Variant, target_rho: floa
     return cmd
 
 
-def run_repair(base: Path, ft: Path, out: Path, v: Variant, target_rho: float | None, has_method: bool) -> dict:
+def run_repair(base: Path, ft: Path, out: Path, v: Variant, target_rho: float | None, has_method: bool,
+               threads: int = 0) -> dict:
     """Run the CLI (resumes/skips a complete `out`) and return its summary.json."""
     summary = Path(out) / "dgrepair" / "summary.json"
     if not summary.is_file():
-        cmd = repair_command(base, ft, out, v, target_rho, has_method)
+        cmd = repair_command(base, ft, out, v, target_rho, has_method, threads)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")

@@ -49,22 +49,21 @@ def write_report(results: dict, path: Path) -> None:
         "Command:",
         "",
         "```bash",
-        f"python bench/forgetting_lab/run.py --seeds {args['seeds'].strip('[]').replace(',', '')} "
-        f"--steps {args['steps'].strip('[]').replace(',', '')} --workdir {args['workdir']} --report {args['report']}"
-        + (f" --methods {args['methods'].strip('[]').replace(',', '').replace(chr(39), '')}"
-           if args.get("methods") not in (None, "None") else ""),
+        _command(results),
         "```",
         "",
-        *(["This report was assembled with `--cached-only` from the steps in `bench/forgetting_lab/phases.sh` "
-           "(same workdir, same seeds); the command above computes the same grid in one go.", ""]
+        *(["This report was assembled with `--cached-only` from cached results (nothing re-evaluated).", ""]
           if args.get("cached_only") == "True" else []),
-        f"Fine-tune: full-parameter AdamW, lr {args['lr']}, batch {args['batch']} × {args['seq_len']} tokens of "
-        "packed 2-digit additions, CPU, bf16 checkpoints; the two lengths of a seed are two checkpoints of one "
-        "trajectory. Eval sets (fixed, independent of the seed): "
-        + ", ".join(f"{b} n={cells[0]['evals']['base'][b]['n']}" for b in BENCHMARKS)
+        f"Fine-tune: full-parameter AdamW, batch {args['batch']} × {args['seq_len']} tokens of packed task "
+        "examples, CPU, bf16 checkpoints; the lengths of a seed are checkpoints of one trajectory. Tasks: "
+        + ", ".join(sorted({f"{c.get('task', 'add')} (lr {c.get('lr', args['lr'])})" for c in all_cells}))
+        + ". Eval sets (fixed, independent of the seed): "
+        + (", ".join(f"{b} n={cells[0]['evals']['base'][b]['n']}" for b in BENCHMARKS) if cells else "none yet")
         + f". Repair methods offered by the CLI at run time: {', '.join(results['offered_methods'])}.",
         "",
     ]
+    out += _sweeps(results)
+    out += _training(all_cells)
     out += ["What ran: variants listed as not run were not offered by the CLI or not computed before this "
             "report was assembled (`--cached-only`); repair-only cells have kept ranks and ρ but no evaluations.", ""]
     for c in all_cells:
@@ -79,7 +78,8 @@ def write_report(results: dict, path: Path) -> None:
         out += ["Combined/balance: not computed — the installed CLI has no `dgrepair score` yet.", ""]
     else:
         out += [f"Healed / preserved / Combined / balance: `{Path(results.get('score_exe', 'dgrepair')).name} score "
-                "--table scores.csv --cohort-column length --json` (docs/scoring.md; damaged/improved at ±0.03).", ""]
+                "--table scores-TASK.csv --cohort-column length --json` (docs/scoring.md; damaged/improved "
+                "at ±0.03).", ""]
         if results.get("unscorable_cells"):
             out += ["Not scorable by the metric (docs/scoring.md) (ft scores 0 on the task, or base 0 on every "
                     "held-out benchmark): "
@@ -87,7 +87,7 @@ def write_report(results: dict, path: Path) -> None:
     methods = _methods(cells)
     out += ["## Per seed", ""]
     for c in cells:
-        out += [f"### {c['cell']} (seed {c['seed']}, {c['steps']} steps)", ""]
+        out += [f"### {c['cell']} ({c.get('task', 'add')}, seed {c['seed']}, {c['steps']} steps)", ""]
         hdr = "| method | " + " | ".join(BENCHMARKS) + " | ppl | global ρ | healed | preserved | Combined | balance |"
         out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
         for m in methods:
@@ -109,11 +109,51 @@ def write_report(results: dict, path: Path) -> None:
     path.write_text("\n".join(out) + ("\n" if not notes else ""))
 
 
-def _by_length(cells: list[dict]) -> dict[int, list[dict]]:
-    res: dict[int, list[dict]] = {}
+def _by_length(cells: list[dict]) -> dict[str, list[dict]]:
+    """Cells grouped by (task, steps), labelled "task, N"."""
+    res: dict[tuple, list[dict]] = {}
     for c in cells:
-        res.setdefault(c["steps"], []).append(c)
-    return dict(sorted(res.items()))
+        res.setdefault((c.get("task", "add"), c["steps"]), []).append(c)
+    return {f"{t}, {n}": g for (t, n), g in sorted(res.items())}
+
+
+def _command(results: dict) -> str:
+    args = results["args"]
+    if results.get("sweeps") is not None:
+        return f"python bench/forgetting_lab/round2.py --workdir {args['workdir']} --threads {args['threads']}"
+    return (f"python bench/forgetting_lab/run.py --task {args.get('task', 'add')} --seeds "
+            f"{args['seeds'].strip('[]').replace(',', '')} --steps {args['steps'].strip('[]').replace(',', '')} "
+            f"--workdir {args['workdir']} --report {args['report']}"
+            + (f" --methods {args['methods'].strip('[]').replace(',', '').replace(chr(39), '')}"
+               if args.get("methods") not in (None, "None") else ""))
+
+
+def _sweeps(results: dict) -> list[str]:
+    out = []
+    for sw in results.get("sweeps") or []:
+        out += [f"Learning-rate sweep, task {sw['task']} (seed {sw['seed']}, {sw['steps']} steps): criterion: "
+                f"{' '.join(sw['criterion'].split())} Chosen: {sw['chosen_lr']:g}.", "",
+                "| lr | task | geography | mean loss, first 10 steps | last 10 steps |", "|---|---|---|---|---|"]
+        out += [f"| {r['lr']:g} | {_f(r['task'])} | {_f(r['geography'])} | {_f(r['loss_first10'])} | "
+                f"{_f(r['loss_last10'])} |" for r in sw["rows"].values()]
+        out.append("")
+    return out
+
+
+def _training(cells: list[dict]) -> list[str]:
+    """Loss at the checkpoint and the measured seconds per optimiser step (median over the trajectory)."""
+    rows = [c for c in cells if c.get("ft_meta", {}).get("step_seconds")]
+    if not rows:
+        return []
+    out = ["Training (full curves: `WORKDIR/ft/<task>-lr<lr>-s<seed>/curve.csv`): loss at the checkpoint "
+           "(mean of its last 10 steps) and median wall seconds per optimiser step on this machine.", "",
+           "| cell | steps | loss (last 10) | median s/step | torch threads |", "|---|---|---|---|---|"]
+    for c in sorted(rows, key=lambda c: (c.get("task", "add"), c["steps"], c["seed"])):
+        m = c["ft_meta"]
+        out.append(f"| {c['cell']} | {m['steps']} | {_f(statistics.mean(m['losses'][-10:]))} | "
+                   f"{statistics.median(m['step_seconds']):.2f} | {m.get('torch_threads', '–')} |")
+    out.append("")
+    return out
 
 
 def _mean_range(vals: list[float]) -> str:
@@ -152,7 +192,7 @@ def _ranks(cells) -> list[str]:
            "(Frobenius retention) and mean noise_energy_fraction per class; global ρ from `summary.json`.", ""]
     hdr = "| cell | global ρ | class | matrices | kept rank mean (min–max) / total | mean ρ | mean noise energy |"
     out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
-    for c in sorted(cells, key=lambda c: (c["steps"], c["seed"])):
+    for c in sorted(cells, key=lambda c: (c.get("task", "add"), c["steps"], c["seed"])):
         rec = c["repairs"].get("dg_hard@1")
         if not rec:
             continue
@@ -162,11 +202,11 @@ def _ranks(cells) -> list[str]:
                        f"{_f(r['rho_mean'])} | {_f(r['noise_energy_fraction_mean'])} |")
     out.append("")
     by_len = _by_length(cells)
-    if len(by_len) >= 2:
+    if by_len:
         out += ["Noise residual per length: ‖Δ‖²_F summed over repaired matrices, the part DG-Hard@1 discards "
                 "(‖Δ‖² − ‖Δ*‖², absolute and as a share 1 − ρ²), and the mean noise level σ̂ of the MLP and "
                 "attention matrices (manifest `sigma_hat`). Mean over seeds (min–max):", ""]
-        out += ["| steps | seeds | global ρ | ‖Δ‖² | discarded ‖Δ‖²−‖Δ*‖² | share 1−ρ² | mean σ̂ (q…down) |",
+        out += ["| task, steps | seeds | global ρ | ‖Δ‖² | discarded ‖Δ‖²−‖Δ*‖² | share 1−ρ² | mean σ̂ (q…down) |",
                 "|---|---|---|---|---|---|---|"]
         for steps, group in by_len.items():
             recs = [c["repairs"]["dg_hard@1"] for c in group if "dg_hard@1" in c["repairs"]]

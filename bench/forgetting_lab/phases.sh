@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Round 1 (a record): how the committed docs/results.md was produced, with the lab code of commit 17c0ae0
+# (capitals n=80, 100 held-out additions, `seed{N}/` layout); today's code runs it with the round-2 eval sets
+# and layout. Round 2 is `round2.py`.
 # How the committed docs/results.md was produced on 2 shared CPU cores within one session: fine-tunes in one
 # background process, repairs/evals in priority order (the matched-rho comparison at 30 steps first, then the
 # rest of the grid), each step resuming from the workdir cache. The session ran some of these steps side by

@@ -1,10 +1,11 @@
 """Forgetting lab: build the base, fine-tune, repair with every method through the CLI, evaluate, score.
 
-    python bench/forgetting_lab/run.py --seeds 0 1 2 --steps 15 30 --workdir bench/_work/lab \
-        --report docs/results.md
+    python bench/forgetting_lab/run.py --task add --seeds 0 1 2 --steps 120 300 --workdir bench/_work/lab \
+        --report bench/_work/lab/report.md
 
-Everything is cached in the workdir (base, fine-tunes, repairs, evaluations), so re-running the same
-command resumes; adding seeds, steps or methods only computes what is missing.
+Everything is cached in the workdir (base, fine-tune trajectories and their optimiser state, repairs,
+evaluations per benchmark), so re-running the same command resumes; adding seeds, steps, tasks or
+methods only computes what is missing. `round2.py` runs the whole second-round grid in priority order.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lab_base import build_base  # noqa: E402
-from lab_data import Suite, build_suite, synthetic_suite  # noqa: E402
-from lab_evaluate import BENCHMARKS, evaluate  # noqa: E402
+from lab_data import TASKS, Suite, build_suite, synthetic_suite  # noqa: E402
+from lab_evaluate import BENCHMARKS, evaluate, items_of  # noqa: E402
 from lab_finetune import finetune  # noqa: E402
 from lab_repair import cli_methods, kept_ranks, run_repair, variants  # noqa: E402
 from lab_score import score_exe, score_table, write_table  # noqa: E402
@@ -30,16 +31,19 @@ from lab_score import score_exe, score_table, write_table  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="add", help="fine-tuning task")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, nargs="+", default=[15, 30], help="fine-tune lengths (one trajectory)")
+    p.add_argument("--save-steps", type=int, nargs="*", default=[],
+                   help="further checkpoints to write along the trajectory (not processed in this call)")
     p.add_argument("--workdir", type=Path, default=Path("bench/_work/lab"))
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--n-task", type=int, default=60, help="held-out additions")
-    p.add_argument("--n-capitals", type=int, default=80)
-    p.add_argument("--n-sentences", type=int, default=40)
-    p.add_argument("--n-definitions", type=int, default=40)
+    p.add_argument("--n-task", type=int, default=200, help="held-out items of the task")
+    p.add_argument("--n-geography", type=int, default=500, help="all capital pairs, then city-in-region pairs")
+    p.add_argument("--n-sentences", type=int, default=200)
+    p.add_argument("--n-definitions", type=int, default=100)
     p.add_argument("--methods", nargs="+", help="only these repair methods (default: all the CLI offers)")
     p.add_argument("--variants", nargs="+", help="only these variants by name, e.g. dg_hard@1 (default: all)")
     p.add_argument("--num-layers", type=int, help="truncate the base to this many layers (smoke test)")
@@ -56,23 +60,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _suite_id(suite: Suite) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(suite), sort_keys=True).encode()).hexdigest()[:16]
+def _items_id(suite: Suite, benchmark: str) -> str:
+    items = items_of(suite, benchmark)
+    if benchmark == "task":
+        items = [suite.task_name, suite.task_new_tokens, items]
+    data = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in items]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _eval_cached(model_dir: Path, tok_dir: Path, suite: Suite, path: Path) -> dict:
-    """Evaluation results are reused only for the same suite (the id is stored with them)."""
-    if path.is_file():
-        res = json.loads(path.read_text())
-        if res.get("_suite") == _suite_id(suite):
-            return res
-    t0 = time.time()
-    res = evaluate(model_dir, tok_dir, suite)
-    res["_seconds"] = time.time() - t0
-    res["_suite"] = _suite_id(suite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res))
-    return res
+def eval_cached(model_dir: Path, tok_dir: Path, suite: Suite, path: Path, benchmarks=BENCHMARKS) -> dict:
+    """Results per benchmark, cached in `path` under `benchmark:items-hash`: only benchmarks whose exact
+    items were never scored on this model are evaluated (the base file serves both tasks)."""
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    keys = {b: f"{b}:{_items_id(suite, b)}" for b in benchmarks}
+    missing = [b for b in benchmarks if keys[b] not in cache]
+    if missing:
+        cache.update({keys[b]: r for b, r in evaluate(model_dir, tok_dir, suite, missing).items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(path)
+    return {b: cache[keys[b]] for b in benchmarks}
+
+
+def has_eval(suite: Suite, path: Path, benchmarks=BENCHMARKS) -> bool:
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    return all(f"{b}:{_items_id(suite, b)}" in cache for b in benchmarks)
+
+
+def trajectory_dir(work: Path, task: str, lr: float, seed: int) -> Path:
+    return work / "ft" / f"{task}-lr{lr:g}-s{seed}"
+
+
+def cell_dir(work: Path, task: str, lr: float, seed: int, steps: int) -> Path:
+    return work / "cells" / f"{task}-lr{lr:g}-s{seed}-n{steps}"
+
+
+def make_suite(args: argparse.Namespace) -> Suite:
+    if args.synthetic:
+        return synthetic_suite(args.task)
+    return build_suite(args.task, args.n_task, args.n_geography, args.n_sentences, args.n_definitions)
 
 
 def _log(msg: str) -> None:
@@ -88,51 +115,53 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     base = build_base(work / "base", args.num_layers)
-    suite = synthetic_suite() if args.synthetic else build_suite(
-        args.n_task, args.n_capitals, args.n_sentences, args.n_definitions
-    )
-    (work / "suite.json").write_text(json.dumps(dataclasses.asdict(suite), indent=1))
-    _log("evaluating base")
-    base_eval = _eval_cached(base, base, suite, work / "base_eval.json")
+    suite = make_suite(args)
+    (work / f"suite-{args.task}.json").write_text(json.dumps(dataclasses.asdict(suite), indent=1))
+    _log(f"evaluating base ({args.task} suite)")
+    base_eval = eval_cached(base, base, suite, work / "base_eval.json")
     offered = cli_methods()
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "offered_methods": sorted(offered), "cells": []}
     rows: list[dict] = []
     for seed in args.seeds:
+        troot = trajectory_dir(work, args.task, args.lr, seed)
         if args.wait or args.cached_only:
-            ready = {n: work / f"seed{seed}" / "ft" / f"steps{n}" for n in args.steps}
+            ready = {n: troot / f"steps{n}" for n in args.steps}
             while args.wait and not all((p / "lab_ft.json").is_file() for p in ready.values()):
                 time.sleep(10)
             if not all((p / "lab_ft.json").is_file() for p in ready.values()):
                 continue
-        fts = finetune(base, work / f"seed{seed}" / "ft", seed, args.steps, args.lr, args.batch, args.seq_len)
-        for steps, ft in fts.items():
-            cell = f"s{seed}-n{steps}"
-            cdir = work / f"seed{seed}" / f"steps{steps}"
+        fts = finetune(base, troot, seed, sorted(set(args.steps) | set(args.save_steps)), args.lr, args.batch,
+                       args.seq_len, args.task, log=_log)
+        for steps in sorted(args.steps):
+            ft = fts[steps]
+            cell = f"{args.task}-s{seed}-n{steps}"
+            cdir = cell_dir(work, args.task, args.lr, seed, steps)
             # repair-only cells feed the kept-rank / noise-residual tables but not the score table
-            evaluated = {p.stem for p in (cdir / "evals").glob("*.json")}
+            evaluated = {p.stem for p in (cdir / "evals").glob("*.json") if has_eval(suite, p)}
             repair_only = args.repair_only or (args.cached_only and ("ft" not in evaluated or evaluated == {"ft"}))
             evals = {}
             if not repair_only:
                 _log(f"{cell}: evaluating ft")
-                evals = {"base": base_eval, "ft": _eval_cached(ft, base, suite, cdir / "evals" / "ft.json")}
-            info = {"cell": cell, "seed": seed, "steps": steps, "repairs": {}, "skipped": [],
-                    "repair_only": repair_only}
+                evals = {"base": base_eval, "ft": eval_cached(ft, base, suite, cdir / "evals" / "ft.json")}
+            info = {"cell": cell, "task": args.task, "seed": seed, "steps": steps, "lr": args.lr, "repairs": {},
+                    "skipped": [], "repair_only": repair_only}
             rho = None
             for v in variants(seed, args.methods):
                 if args.variants and v.name not in args.variants:
                     continue
                 out = cdir / "repairs" / v.name
                 done = (out / "dgrepair" / "summary.json").is_file()
-                cached = done and (repair_only or (cdir / "evals" / f"{v.name}.json").is_file())
+                evaluated_v = has_eval(suite, cdir / "evals" / f"{v.name}.json")
+                cached = done and (repair_only or evaluated_v)
                 if v.method not in offered or (args.cached_only and not cached):
                     info["skipped"].append(v.name)
                     continue
-                evals_needed = not repair_only and not (cdir / "evals" / f"{v.name}.json").is_file()
+                evals_needed = not repair_only and not evaluated_v
                 if done and evals_needed and not list(out.glob("*.safetensors")):
                     shutil.rmtree(out)  # repaired earlier in --repair-only mode (weights deleted): redo to evaluate
                 t0 = time.time()
                 try:
-                    summary = run_repair(base, ft, out, v, rho, len(offered) > 1)
+                    summary = run_repair(base, ft, out, v, rho, len(offered) > 1, args.threads)
                 except (RuntimeError, ValueError) as exc:  # one refused variant must not stop the grid
                     _log(f"{cell}: {v.name} FAILED: {exc}")
                     info.setdefault("failed", {})[v.name] = str(exc)[-500:]
@@ -153,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                if (out / "lab_command.txt").is_file() else None}))
                 info["repairs"][v.name] = json.loads(rec.read_text())
                 if not repair_only:
-                    evals[v.name] = _eval_cached(out, base, suite, cdir / "evals" / f"{v.name}.json")
+                    _log(f"{cell}: evaluating {v.name}")
+                    evals[v.name] = eval_cached(out, base, suite, cdir / "evals" / f"{v.name}.json")
                 if not args.keep_models and (repair_only or v.name in evals):
                     for f in out.glob("*.safetensors"):
                         f.unlink()
@@ -163,17 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
                 info["repair_only"] = repair_only = True  # no evaluated repair: nothing to score in this cell
             if repair_only:
                 continue
-            info["evals"] = {m: {b: {k: e[b][k] for k in ("score", "n", "lo", "hi")} | (
-                {"perplexity": e[b]["perplexity"]} if "perplexity" in e[b] else {}) for b in BENCHMARKS}
-                for m, e in evals.items()}
-            rows += [{"cell": cell, "method": m, "benchmark": b, "score": e[b]["score"], "length": f"n{steps}"}
-                     for m, e in evals.items() for b in BENCHMARKS]
+            info["evals"] = {m: {b: {k: v for k, v in e[b].items() if k not in ("items", "completions")}
+                                 for b in BENCHMARKS} for m, e in evals.items()}
+            rows += [{"cell": cell, "method": m, "benchmark": b, "score": e[b]["score"],
+                      "length": f"{args.task}-n{steps}"} for m, e in evals.items() for b in BENCHMARKS]
     results["scores"] = None
     if rows:
-        write_table(work / "scores.csv", rows)
-        results["scores"], results["unscorable_cells"] = score_table(work / "scores.csv")
+        write_table(work / f"scores-{args.task}.csv", rows)
+        results["scores"], results["unscorable_cells"] = score_table(work / f"scores-{args.task}.csv")
         results["score_exe"] = score_exe()
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    (work / f"results-{args.task}.json").write_text(json.dumps(results, indent=1))
     if args.report:
         from lab_report import write_report
 

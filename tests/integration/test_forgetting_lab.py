@@ -40,8 +40,10 @@ def test_answer_rules_and_wilson_by_hand():
     assert lab_eval.answer_correct("task", " 68\nQ: What", "68")
     assert not lab_eval.answer_correct("task", " 680", "68")
     assert not lab_eval.answer_correct("task", " The answer is 68", "68")
-    assert lab_eval.answer_correct("capitals", " Paris.\nB", "Paris")
-    assert not lab_eval.answer_correct("capitals", " Lyon\nParis", "Paris")
+    assert lab_eval.answer_correct("task", " 1997-03-05.\nQ", "1997-03-05")
+    assert not lab_eval.answer_correct("task", " 1997-03-5", "1997-03-05")
+    assert lab_eval.answer_correct("geography", " Paris.\nB", "Paris")
+    assert not lab_eval.answer_correct("geography", " Lyon\nParis", "Paris")
     # Wilson 95 %: k=0, n=4 -> [0, z²/(n+z²)] = [0, 3.8416/7.8416]
     lo, hi = lab_eval.wilson(0, 4)
     assert lo == 0 and hi == pytest.approx(3.8416 / 7.8416, abs=1e-12)
@@ -53,7 +55,7 @@ def test_answer_rules_and_wilson_by_hand():
 
 def test_score_table_refuses_incomplete_rows(tmp_path):
     rows = [{"cell": "c", "method": m, "benchmark": b, "score": 0.5, "length": "n1"}
-            for m in ("base", "ft") for b in ("task", "capitals")]
+            for m in ("base", "ft") for b in ("task", "geography")]
     write_table(tmp_path / "ok.csv", rows)
     with pytest.raises(ValueError, match="dg_hard@1"):
         write_table(tmp_path / "bad.csv", rows + [{"cell": "c", "method": "dg_hard@1", "benchmark": "task",
@@ -71,6 +73,8 @@ def test_repair_grid_command_lines():
                        "--method", "dare", "--seed", "3", "--no-dare-rescale", "--target-rho", "0.8853"]
     cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["wise_ft@0.25"], None, True)
     assert cmd[-4:] == ["--method", "wise_ft", "--alpha", "0.25"]
+    cmd = repair_command(Path("B"), Path("F"), Path("O"), grid["dg_hard@1"], None, True, threads=1)
+    assert cmd[9:] == ["O", "--threads", "1", "--method", "dg_hard", "--scale", "1.0"]
     with pytest.raises(ValueError, match="ties@rho"):
         repair_command(Path("B"), Path("F"), Path("O"), grid["ties@rho"], None, True)
 
@@ -88,22 +92,23 @@ def test_lab_pipeline_smoke(tmp_path):
                             "--synthetic", "--variants", "dg_hard@1", "--keep-models", "--batch", "2",
                             "--seq-len", "16", "--report", str(report)])
     # score table: every (method, benchmark) of the one cell, scores in [0, 1]
-    with open(work / "scores.csv") as fh:
+    with open(work / "scores-add.csv") as fh:
         rows = list(csv.DictReader(fh))
     got = {(r["cell"], r["method"], r["benchmark"]) for r in rows}
-    want = {("s0-n1", m, b) for m in ("base", "ft", "dg_hard@1") for b in lab_eval.BENCHMARKS}
+    want = {("add-s0-n1", m, b) for m in ("base", "ft", "dg_hard@1") for b in lab_eval.BENCHMARKS}
     assert got == want and len(rows) == len(want)
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
     # scored by `dgrepair score`, or named as unscorable when one fine-tune step left ft at 0 on the task
     ft_task = next(float(r["score"]) for r in rows if r["method"] == "ft" and r["benchmark"] == "task")
     if ft_task > 0:
-        assert {(r["cell"], r["method"]) for r in results["scores"] if r["level"] == "cell"} == {("s0-n1", "dg_hard@1")}
+        assert {(r["cell"], r["method"]) for r in results["scores"] if r["level"] == "cell"} == {
+            ("add-s0-n1", "dg_hard@1")}
     else:
-        assert results["scores"] == [] and results["unscorable_cells"] == ["s0-n1"]
+        assert results["scores"] == [] and results["unscorable_cells"] == ["add-s0-n1"]
         assert "Not scorable by the metric (docs/scoring.md)" in report.read_text()
 
-    base_dir, ft_dir = work / "base", work / "seed0" / "ft" / "steps1"
-    out = work / "seed0" / "steps1" / "repairs" / "dg_hard@1"
+    base_dir, ft_dir = work / "base", work / "ft" / "add-lr0.0001-s0" / "steps1"
+    out = work / "cells" / "add-lr0.0001-s0-n1" / "repairs" / "dg_hard@1"
     cfg = json.loads((base_dir / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and cfg["tie_word_embeddings"] is True
     base, ft, rep = _f32(base_dir / "model.safetensors"), _f32(ft_dir / "model.safetensors"), _f32(
@@ -163,6 +168,94 @@ def test_cells_spec_cannot_score_are_named_not_scored():
     def rows(cell, ft_task, base_held):
         return [{"cell": cell, "method": "ft", "benchmark": "task", "score": ft_task},
                 {"cell": cell, "method": "base", "benchmark": "task", "score": 0.0},
-                {"cell": cell, "method": "base", "benchmark": "capitals", "score": base_held}]
+                {"cell": cell, "method": "base", "benchmark": "geography", "score": base_held}]
 
     assert unscorable_cells(rows("a", 0.5, 0.4) + rows("b", 0.0, 0.4) + rows("c", 0.5, 0.0)) == ["b", "c"]
+
+
+def test_tasks_by_hand():
+    from lab_data import TASKS
+
+    date = TASKS["date"]
+    assert date.example(0) == ("Q: Write 1 January 1900 as YYYY-MM-DD.\nA:", "1900-01-01")
+    assert date.example(365 + 31 + 28) == ("Q: Write 1 March 1901 as YYYY-MM-DD.\nA:", "1901-03-01")
+    assert TASKS["add"].example((12, 89)) == ("Q: What is 12 + 89?\nA:", "101")
+    for task in TASKS.values():  # training never draws a held-out item; eval sets are prefixes of one sample
+        held, exclude = task.split(50)
+        assert held == task.split(300)[0][:50] and len(exclude) == 300 and set(held) <= exclude
+        rng = __import__("random").Random(0)
+        texts = {task.train_text(rng, exclude) for _ in range(2000)}
+        assert not texts & {f"{p} {a}" for p, a in map(task.example, exclude)}
+
+
+def test_eval_cache_recomputes_only_changed_benchmarks(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_evaluate(model_dir, tok_dir, suite, benchmarks):
+        calls.append(tuple(benchmarks))
+        return {b: {"score": len(lab_eval.items_of(suite, b)) / 10} for b in benchmarks}
+
+    monkeypatch.setattr(lab_run, "evaluate", fake_evaluate)
+    path = tmp_path / "ft.json"
+    suite = lab_run.synthetic_suite("add")
+    first = lab_run.eval_cached(tmp_path, tmp_path, suite, path)
+    assert calls == [lab_eval.BENCHMARKS] and first["geography"]["score"] == 0.4
+    assert lab_run.eval_cached(tmp_path, tmp_path, suite, path) == first and len(calls) == 1
+    other = lab_run.synthetic_suite("date")  # same held-out items, another task: only "task" is new
+    assert lab_run.eval_cached(tmp_path, tmp_path, other, path)["geography"] == first["geography"]
+    assert calls[1] == ("task",)
+    assert lab_run.has_eval(other, path) and lab_run.has_eval(suite, path)
+
+
+def test_resumed_trajectory_equals_uninterrupted(tmp_path):
+    """Stopping after step 1 and continuing to step 3 from the saved state gives the bytes of one 3-step run."""
+    from lab_base import build_base
+    from lab_finetune import finetune
+
+    base = build_base(tmp_path / "base", 2)
+    whole = finetune(base, tmp_path / "whole", 0, [3], batch=2, seq_len=16, task="date")[3]
+    finetune(base, tmp_path / "parts", 0, [1], batch=2, seq_len=16, task="date")
+    parts = finetune(base, tmp_path / "parts", 0, [1, 3], batch=2, seq_len=16, task="date")[3]
+    a, b = _f32(whole / "model.safetensors"), _f32(parts / "model.safetensors")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    la = json.loads((whole / "lab_ft.json").read_text())["losses"]
+    assert la == json.loads((parts / "lab_ft.json").read_text())["losses"] and len(la) == 3
+    with pytest.raises(SystemExit, match="past the missing checkpoint"):
+        finetune(base, tmp_path / "parts", 0, [2, 3], batch=2, seq_len=16, task="date")
+
+
+@pytest.mark.slow
+def test_round2_plan_smoke(tmp_path):
+    """The round-2 driver on a shrunken plan: the sweep's choice follows its stated criterion, the chosen
+    learning rate's sweep run is the first seed's main trajectory (same losses, continued), the noise lengths
+    are repair-only cells, the long run exists for one task and seed only, and a second call computes nothing."""
+    spec = importlib.util.spec_from_file_location("forgetting_lab_round2", LAB / "round2.py")
+    round2 = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = round2  # its dataclass looks its module up there
+    spec.loader.exec_module(round2)
+    work = tmp_path / "lab"
+    argv = ["--workdir", str(work), "--seeds", "0", "--sweep-lrs", "1e-4", "3e-4", "--sweep-steps", "2",
+            "--noise-steps", "1", "--lengths", "3", "--long", "4", "--tasks", "add",
+            "--phases", "sweep", "add3", "add4",
+            "--lab-args", "--num-layers", "2", "--synthetic", "--batch", "2", "--seq-len", "16"]
+    round2.main(argv)
+    sweep = json.loads((work / "sweep-add.json").read_text())
+    rows = list(sweep["rows"].values())
+    fell = [r for r in rows if r["loss_last10"] < r["loss_first10"]]
+    best = max(r["task"] for r in fell)
+    assert sweep["chosen_lr"] == min(r["lr"] for r in fell if r["task"] >= best - 0.02)
+    lr = sweep["chosen_lr"]
+    traj = work / "ft" / f"add-lr{lr:g}-s0"
+    sweep_losses = json.loads((traj / "steps2" / "lab_ft.json").read_text())["losses"]
+    long_losses = json.loads((traj / "steps4" / "lab_ft.json").read_text())["losses"]
+    assert len(long_losses) == 4 and long_losses[:2] == sweep_losses
+    merged = json.loads((work / "results-round2.json").read_text())
+    kinds = {(c["cell"], c["repair_only"]) for c in merged["cells"]}
+    assert ("add-s0-n1", True) in kinds and ("add-s0-n3", False) in kinds and ("add-s0-n4", False) in kinds
+    assert not (work / "cells" / f"add-lr{lr:g}-s1-n4").exists()
+    n4 = next(c for c in merged["cells"] if c["cell"] == "add-s0-n4")
+    assert set(n4["evals"]) == {"base", "ft", *round2.CORE}
+    stamp = {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if "evals" in p.parts}
+    round2.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if "evals" in p.parts} == stamp
+    assert "Learning-rate sweep, task add" in (work / "report.md").read_text()
