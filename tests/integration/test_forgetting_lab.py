@@ -224,7 +224,7 @@ def test_resumed_trajectory_equals_uninterrupted(tmp_path):
         finetune(base, tmp_path / "parts", 0, [2, 3], batch=2, seq_len=16, task="date")
 
 
-@pytest.mark.slow
+@pytest.mark.lab
 def test_round2_plan_smoke(tmp_path):
     """The round-2 driver on a shrunken plan: the sweep's choice follows its stated criterion, the chosen
     learning rate's sweep run is the first seed's main trajectory (same losses, continued), the noise lengths
