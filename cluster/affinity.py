@@ -25,6 +25,13 @@ class ShardOwners:
     owner: dict[str, int] = field(default_factory=dict)  # representative -> worker index
     published: set[str] = field(default_factory=set)
     max_open: int = MAX_OPEN_GROUPS
+    members: dict[str, frozenset[str]] = field(init=False)  # representative -> its shards (from `group`)
+
+    def __post_init__(self) -> None:
+        found: dict[str, set[str]] = {}
+        for shard, rep in self.group.items():
+            found.setdefault(rep, set()).add(shard)
+        self.members = {rep: frozenset(shards) for rep, shards in found.items()}
 
     @classmethod
     def of(cls, units: Iterable[WorkUnit], max_open: int = MAX_OPEN_GROUPS) -> ShardOwners:
@@ -45,20 +52,12 @@ class ShardOwners:
             find(shards[0])
         return cls(group={s: find(s) for s in parent}, max_open=max_open)
 
-    def add(self, unit: WorkUnit) -> None:
-        """A unit created later (a redo) writes only shards whose groups exist already, or new ones."""
-        for e in unit.entries:
-            self.group.setdefault(e.shard, e.shard)
-
     def groups_of(self, unit: WorkUnit) -> set[str]:
         return {self.group.get(e.shard, e.shard) for e in unit.entries}
 
     def open_groups(self, worker: int) -> int:
-        members: dict[str, list[str]] = {}
-        for shard, rep in self.group.items():
-            members.setdefault(rep, []).append(shard)
         return sum(1 for rep, w in self.owner.items()
-                   if w == worker and not set(members.get(rep, [rep])) <= self.published)
+                   if w == worker and not self.members.get(rep, frozenset((rep,))) <= self.published)
 
     def allows(self, worker: int, unit: WorkUnit, new_groups: bool) -> bool:
         """May `worker` run `unit`? Only if it owns every group the unit writes, or (with `new_groups`)

@@ -324,9 +324,10 @@ class _Assembly:
 
     def claim(self, actor: int, unit: WorkUnit) -> None:
         self.owners.claim(actor, unit)
-        for shard in sorted({e.shard for e in unit.entries} & set(self.session.inp.plan.out_shards)):
+        out_shards = self.session.inp.plan.out_shards
+        for shard in sorted({e.shard for e in unit.entries if e.shard in out_shards}):
             if (actor, shard) not in self.opened:  # ordered before the unit: same caller, same actor
-                prefix, size = self.session.inp.plan.out_shards[shard]
+                prefix, size = out_shards[shard]
                 self.actors[actor].open_shard.remote(str(self.session.inp.out), shard, prefix, size)
                 self.opened.add((actor, shard))
 
