@@ -95,6 +95,7 @@ class BucketOutput:
         self.local = staging_dir(scratch, uri)
         self.storage = Storage()
         self.lock_ttl_s = lock_ttl_s
+        self._plan_id = ""  # set by prepare
         self._published: dict[str, PublishedShard] = {}
 
     # -- before the lock -------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class BucketOutput:
 
     # -- with the lock held ----------------------------------------------------------------------
     def prepare(self, plan: Plan, ft: Checkpoint, force: bool) -> str:
+        self._plan_id = plan.plan_id
         self.local.mkdir(parents=True, exist_ok=True)
         self._pull()
         previous = shards.read_json(run_file(self.local))
@@ -136,7 +138,7 @@ class BucketOutput:
         shards.open_partial(self.local, shard, prefix, size)
 
     def shard_complete(self, shard: str, checks: list[Check]) -> list[Check]:
-        result = publish_shard(str(self.local), str(self.uri), shard, checks, self._plan_id())
+        result = publish_shard(str(self.local), str(self.uri), shard, checks, self._plan_id)
         self.record(result)
         return list(result.bad)
 
@@ -173,10 +175,6 @@ class BucketOutput:
         return json.loads(self.storage.read_object(self.uri.child(f"{META_DIR}/{SUMMARY_FILE}")))
 
     # -- internals -------------------------------------------------------------------------------
-    def _plan_id(self) -> str:
-        run = shards.read_json(run_file(self.local)) or {}
-        return str(run.get("plan_id", ""))
-
     def _pull(self) -> None:
         """Replace the staging folder's metadata by the bucket's (the bucket is the truth); staged
         partial shards of an earlier attempt on this machine stay, and are verified byte by byte."""
@@ -202,6 +200,7 @@ class BucketOutput:
             return {}
         latest = manifest.latest_by_key(manifest.read_rows(self.local))
         committed = {k[0] for k, r in latest.items() if r.plan_id == plan.plan_id}
+        uncommitted = {e.shard for e in plan.entries if e.name not in committed}
         found: dict[str, PublishedShard] = {}
         for path in sorted(folder.rglob("*.json")):
             try:
@@ -210,7 +209,7 @@ class BucketOutput:
                 continue
             if record.plan_id != plan.plan_id or record.shard not in plan.out_shards:
                 continue
-            if not all(e.name in committed for e in plan.entries if e.shard == record.shard):
+            if record.shard in uncommitted:
                 continue
             try:
                 head = self.storage.head(self.uri.child(record.shard))

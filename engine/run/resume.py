@@ -9,17 +9,18 @@ together.
 from __future__ import annotations
 
 from ..io.bytes import TruncatedFile, sha256_range
-from ..output import adapter, manifest, paths
+from ..output import adapter, paths
+from ..output.manifest import ManifestRow
 from ..plan.kinds import QUANTIZED_KINDS, SCALE_KINDS, Kind
 from .inputs import Inputs, adapter_parts, expected_keys
 
 
-def verified_done(inp: Inputs, published: set[str] | None = None) -> set[str]:
-    """Names of entries whose committed rows match the bytes on disk. Entries of `published` shards
-    (final in a bucket, their objects matched by ETag) need only their rows; all of a published
-    shard's entries are done, or none (its object is rewritten whole)."""
+def verified_done(inp: Inputs, latest: dict[tuple[str, int | None, str | None], ManifestRow],
+                  published: set[str] | None = None) -> set[str]:
+    """Names of entries whose committed rows (`latest`, the last row per key) match the bytes on
+    disk. Entries of `published` shards (final in a bucket, their objects matched by ETag) need only
+    their rows; all of a published shard's entries are done, or none (its object is rewritten whole)."""
     published = published or set()
-    latest = manifest.latest_by_key(manifest.read_rows(inp.out))
     parts = adapter_parts(inp)
     done = set()
     for entry in inp.plan.entries:

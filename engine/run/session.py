@@ -127,7 +127,8 @@ class RunSession:
         state = self.target.prepare(self.inp.plan, self.inp.ft, cfg.output.force)
         self.stream = stream or sys.stderr
         self.complete = state == "complete"
-        self.done = verified_done(self.inp, self.target.published()) if state == "resume" else set()
+        latest = manifest.latest_by_key(manifest.read_rows(self.inp.out)) if state == "resume" else {}
+        self.done = verified_done(self.inp, latest, self.target.published()) if state == "resume" else set()
         total = len(self.inp.plan.entries)
         if state == "resume":  # a complete output is reported by the caller (CLI, job): "already complete"
             self.say(f"resuming: {len(self.done)} of {total} entries verified on disk, {total - len(self.done)} "
@@ -140,7 +141,7 @@ class RunSession:
         self.calibration = CalibrationPhase(self, stream) if cfg.method.target_rho is not None else None
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
         self.remaining = Counter(e.shard for e in todo)
-        self.checks = self._done_checks() if self.done else {}
+        self.checks = self._done_checks(latest)
         self.defer_publication = False  # the Ray driver publishes on the worker that holds the shard
         self.ready: list[str] = []  # complete shards waiting for the driver to publish them
         if not self.complete:
@@ -229,8 +230,9 @@ class RunSession:
         self.finished -= len(entries)
         return make_units(entries, self.cfg.execution.batch_mb << 20, per_shard=True)
 
-    def _done_checks(self) -> dict[str, dict[tuple[str, int | None, str | None], tuple[int, int, str]]]:
-        latest = manifest.latest_by_key(manifest.read_rows(self.inp.out))
+    def _done_checks(self, latest: dict[tuple[str, int | None, str | None], ManifestRow]
+                     ) -> dict[str, dict[tuple[str, int | None, str | None], tuple[int, int, str]]]:
+        """The checks of the rows resume kept (entries verified done), by shard."""
         checks: dict[str, dict[tuple[str, int | None, str | None], tuple[int, int, str]]] = {}
         for key, r in latest.items():
             if r.tensor in self.done and r.plan_id == self.inp.plan.plan_id:
