@@ -112,10 +112,14 @@ class ObjectURI:
         name = name.strip("/")
         return ObjectURI(self.scheme, self.bucket, f"{self.key}/{name}" if self.key else name)
 
+    def is_within(self, prefix: ObjectURI) -> bool:
+        """This URI is `prefix` itself or lies below it."""
+        return (self.scheme, self.bucket) == (prefix.scheme, prefix.bucket) and (
+            prefix.key == "" or self.key == prefix.key or self.key.startswith(prefix.key + "/"))
+
     def relative_to(self, prefix: ObjectURI) -> str:
         """This key's path below `prefix` (which must contain it)."""
-        if (self.scheme, self.bucket) != (prefix.scheme, prefix.bucket) or not (
-                prefix.key == "" or self.key.startswith(prefix.key + "/")):
+        if not self.is_within(prefix) or (prefix.key and self.key == prefix.key):
             raise ValueError(f"{self} is not below {prefix}")
         return self.key[len(prefix.key) + 1:] if prefix.key else self.key
 
@@ -309,7 +313,7 @@ class Storage:
         except (PreconditionError, NotFoundError, FileNotFoundError):
             return None
         except CLIENT_ERRORS as exc:
-            if "ConditionalRequestConflict" in str(exc) or "409 Conflict" in str(exc):
+            if _lost_race(exc):
                 return None
             raise self._classify(uri, exc) from exc
 
@@ -326,8 +330,8 @@ class Storage:
         except (AlreadyExistsError, PreconditionError):
             return None
         except CLIENT_ERRORS as exc:
-            if "ConditionalRequestConflict" in str(exc) or "409 Conflict" in str(exc):
-                return None  # S3's answer when another conditional PUT on the key is in flight
+            if _lost_race(exc):
+                return None
             raise self._classify(uri, exc) from exc
 
     def delete(self, uri: ObjectURI) -> None:
@@ -394,6 +398,11 @@ class Storage:
         if uri.scheme == "gs":
             return "Google Cloud Storage"
         return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def _lost_race(exc: Exception) -> bool:
+    """S3's answer to a conditional PUT while another conditional PUT on the key is in flight."""
+    return "ConditionalRequestConflict" in str(exc) or "409 Conflict" in str(exc)
 
 
 def _profile_credentials(uri: ObjectURI):

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import RepairConfig
 from ..errors import OutputError
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.objstore import ObjectURI, StorageError, is_object_uri, parse_uri
+from ..io.objstore import StorageError, is_object_uri, parse_uri
 from ..io.remote_checkpoint import RemotePath
 from ..output import paths, shards
 from ..output.bucket import BucketOutput
@@ -56,20 +56,12 @@ def output_target(cfg: RepairConfig, inputs: list) -> OutputTarget:
         raise OutputError(str(exc)) from None
     for src in inputs:
         if isinstance(src, RemotePath):
-            inside, around = uri == src.uri or _below(uri, src.uri), _below(src.uri, uri)
+            inside, around = uri.is_within(src.uri), src.uri.is_within(uri)
             if inside or around:
                 raise OutputError(f"--out {uri} {'is inside' if inside else 'contains'} the input checkpoint {src}; "
                                   "choose a prefix outside both inputs (inputs are never modified).")
     scratch = Path(cfg.output.scratch).expanduser() if cfg.output.scratch else Path(tempfile.gettempdir())
     return BucketOutput(uri, scratch.resolve(), cfg.output.lock_ttl_s)
-
-
-def _below(inner: ObjectURI, outer: ObjectURI) -> bool:
-    try:
-        inner.relative_to(outer)
-    except ValueError:
-        return False
-    return True
 
 
 def expected_keys(entry: PlanEntry) -> list[tuple[str, int | None, str | None]]:
