@@ -196,16 +196,14 @@ def test_output_credentials_and_permissions_exit_2_naming_the_uri(local_referenc
     url, keys = auth_server
     creds = {"reader": keys["reader"], "wrong secret": {**keys["admin"], "AWS_SECRET_ACCESS_KEY": "nope"},
              "unknown key": {"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000", "AWS_SECRET_ACCESS_KEY": "x"}}[who]
-    for name, value in s3server.client_env(url, **creds).items():
-        monkeypatch.setenv(name, value)
+    s3server.use_endpoint(monkeypatch, url, **creds)
     before = _inputs_digest(pair)
     assert main(repair_args(pair, "s3://guarded/out", "--scratch", str(tmp_path))) == 2
     err = capsys.readouterr().err
     assert "s3://guarded/out" in err and "Traceback" not in err
     assert ("access denied" in err) if who == "reader" else ("rejected the credentials" in err)
     assert _inputs_digest(pair) == before
-    for name, value in s3server.client_env(url, **keys["admin"]).items():
-        monkeypatch.setenv(name, value)
+    s3server.use_endpoint(monkeypatch, url, **keys["admin"])
     listing = Storage().list(parse_uri("s3://guarded/out"))
     assert not any(o.uri.key.endswith("summary.json") for o in listing)
 
@@ -283,8 +281,7 @@ def test_input_prefix_credentials_are_checked_before_anything_is_written(auth_se
     """Reading inputs needs only read access ('reader' may read s3://guarded/in); a wrong secret is named."""
     url, keys = auth_server
     creds = keys["reader"] if who == "reader" else {**keys["reader"], "AWS_SECRET_ACCESS_KEY": "nope"}
-    for name, value in s3server.client_env(url, **creds).items():
-        monkeypatch.setenv(name, value)
+    s3server.use_endpoint(monkeypatch, url, **creds)
     out = tmp_path / "out"
     assert main(["repair", "--base", "s3://guarded/in", "--ft", "s3://guarded/in", "--out", str(out),
                  "--in-process", "--no-progress"]) == 2

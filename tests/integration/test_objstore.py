@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import s3server
-from s3server import S3Server, ThrottlingProxy, client_env
+from s3server import S3Server, ThrottlingProxy, use_endpoint
 
 from dgrepair.engine.io.objstore import (
     AccessDenied,
@@ -200,8 +200,7 @@ def test_slowdown_is_retried_then_a_clear_error(s3_env, monkeypatch):
 
 
 def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
-    for name, value in client_env(f"http://127.0.0.1:{s3server._free_port()}").items():  # nothing listens
-        monkeypatch.setenv(name, value)
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{s3server._free_port()}")  # nothing listens there
     uri = parse_uri("s3://bkt/model.safetensors")
     with pytest.raises(StorageError) as err:
         Storage(SMALL).read_range(uri, 0, 8)
@@ -211,8 +210,7 @@ def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
 # -- credentials and permissions (a second server with IAM authentication switched on) ----------
 
 def _use(monkeypatch, url, keys):
-    for name, value in client_env(url, **keys).items():
-        monkeypatch.setenv(name, value)
+    use_endpoint(monkeypatch, url, **keys)
 
 
 def test_valid_reader_reads(auth_server, monkeypatch):
