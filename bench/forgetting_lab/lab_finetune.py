@@ -112,6 +112,27 @@ def _save_checkpoint(out: Path, model, tok, meta: dict) -> None:
     (out / "lab_ft.json").write_text(json.dumps(meta))
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """A checkpoint with its weights; `lab_ft.json` alone (restored from the ledger, lab_ledger.py) is the
+    record of a checkpoint whose weights must be rebuilt before they are used."""
+    return (path / "lab_ft.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _check_recorded(path: Path, meta: dict) -> None:
+    """A rebuilt checkpoint must be the one the ledger's results were measured on: same losses, step by step."""
+    rec = path / "lab_ft.json"
+    if not rec.is_file():
+        return
+    old = json.loads(rec.read_text())
+    if old["losses"] != meta["losses"] or old.get("torch_threads") != meta["torch_threads"]:
+        diff = next((i for i, (a, b) in enumerate(zip(old["losses"], meta["losses"], strict=False)) if a != b), None)
+        raise SystemExit(f"{path}: the retrained trajectory differs from the recorded one (threads "
+                         f"{old.get('torch_threads')} recorded, {meta['torch_threads']} now; first different loss "
+                         f"at step {None if diff is None else diff + 1}); the ledger's results for it were measured "
+                         "on another model: run with the recorded thread count, or delete this trajectory's and "
+                         "its cells' entries from the ledger and the workdir to measure it anew")
+
+
 def finetune(
     base_dir: Path,
     out_root: Path,
@@ -131,7 +152,7 @@ def finetune(
 
     out_root = Path(out_root)
     targets = {n: out_root / f"steps{n}" for n in sorted(steps)}
-    if all((p / "lab_ft.json").is_file() for p in targets.values()):
+    if all(checkpoint_complete(p) for p in targets.values()):
         return targets
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -141,7 +162,7 @@ def finetune(
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     start, curve = _load_state(out_root, model, opt, rng)
-    missing = [n for n, p in targets.items() if not (p / "lab_ft.json").is_file()]
+    missing = [n for n, p in targets.items() if not checkpoint_complete(p)]
     if start > min(missing):
         raise SystemExit(f"{out_root}: saved trajectory is at step {start}, past the missing checkpoint "
                          f"steps{min(missing)}; delete {out_root / STATE_DIR} to retrain from step 0")
@@ -161,6 +182,7 @@ def finetune(
             meta = {"task": task, "seed": seed, "steps": step, "lr": lr, "batch": batch, "seq_len": seq_len,
                     "torch_threads": torch.get_num_threads(), "losses": [c[1] for c in curve],
                     "step_seconds": [c[2] for c in curve]}
+            _check_recorded(targets[step], meta)
             _save_checkpoint(targets[step], model, tok, meta)
         if step in targets or step % state_every == 0:
             _save_state(out_root, model, opt, rng, step, curve)

@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 nice -n 19 python bench/forgetting_lab/round2.py --workdir /work/lab2_work --threads 1
 
 Every phase skips what its workdir already holds (fine-tune checkpoints, the trajectory's saved optimiser
-state, repairs, evaluations per benchmark), so the same command resumes after a kill or in a new session.
+state, repairs, evaluations per benchmark), so the same command resumes after a kill. The results also go to
+the ledger in git (lab_ledger.py), restored first, so the command continues in a new session on a new
+machine: finished cells are not recomputed, and fine-tunes are retrained only where a result is missing.
 Phases run in order of how much they answer (README "Round 2 plan"): the learning-rate sweep, then the
 120-step cells of each task (DG-Hard@1 and the four baselines at its ρ), the 300-step cells, the
 1,000-step cell, and last the fixed-knob variants (DG-Hard scale 0.5/2, WiSE-FT 0.5). After each phase the
@@ -24,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import lab_ledger  # noqa: E402
 import run as lab  # noqa: E402
 from lab_base import build_base  # noqa: E402
 from lab_finetune import STATE_DIR, finetune  # noqa: E402
@@ -133,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the lab runs beside other work)")
     p.add_argument("--phases", nargs="+", help="run only these phases (names: see the README plan)")
     p.add_argument("--report", type=Path, help="default: WORKDIR/report.md")
+    p.add_argument("--ledger", type=Path, default=lab_ledger.LEDGER,
+                   help="the results kept in git (lab_ledger.py): restored into the workdir first, updated after "
+                        "each phase (default: %(default)s)")
+    p.add_argument("--no-ledger", action="store_true", help="neither restore nor update the ledger")
     d = Plan()
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     p.add_argument("--sweep-lrs", type=float, nargs="+", default=list(d.sweep_lrs))
@@ -156,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--workdir", str(work), "--threads", str(a.threads), *a.lab_args]
     out = a.report or work / "report.md"
     t_start = time.time()
+    ledger = None if a.no_ledger else a.ledger
+    if ledger is not None:
+        _log(f"ledger {ledger}: {len(lab_ledger.restore(ledger, work))} file(s) restored into {work}")
     lrs = {t: sweep(common, work, t, plan) for t in plan.tasks}  # cached after the first run; every phase needs them
     _log(f"learning rates: {lrs}")
     for phase in [ph for ph in phases if not a.phases or ph in a.phases]:
@@ -175,9 +185,13 @@ def main(argv: list[str] | None = None) -> None:
             if n == plan.lengths[0]:  # the noise-residual lengths ride on the same trajectories
                 _cells(common, name, lrs[name], seeds, list(plan.noise_steps), [], ["dg_hard@1"], repair_only=True)
         report(common, work, lrs, out, plan)
+        if ledger is not None:
+            _log(f"ledger {ledger}: {len(lab_ledger.save(work, ledger))} file(s) updated")
         _log(f"phase {phase} done ({(time.time() - t_start) / 60:.1f} min since start)")
     if not out.is_file():
         report(common, work, lrs, out, plan)
+    if ledger is not None:
+        lab_ledger.save(work, ledger)
     _log("all requested phases done")
 
 

@@ -96,6 +96,25 @@ def cell_dir(work: Path, task: str, lr: float, seed: int, steps: int) -> Path:
     return work / "cells" / f"{task}-lr{lr:g}-s{seed}-n{steps}"
 
 
+def _pending(work: Path, args: argparse.Namespace, suite: Suite, seed: int, steps: int, offered: set) -> bool:
+    """Whether the cell needs its fine-tune's weights: its checkpoint record, the fine-tune's evaluation, or
+    a selected variant's repair, record or evaluation is not cached (a cell restored from the ledger,
+    lab_ledger.py, is complete without its weights)."""
+    cdir = cell_dir(work, args.task, args.lr, seed, steps)
+    if not (trajectory_dir(work, args.task, args.lr, seed) / f"steps{steps}" / "lab_ft.json").is_file():
+        return True
+    if not args.repair_only and not has_eval(suite, cdir / "evals" / "ft.json"):
+        return True
+    for v in variants(seed, args.methods):
+        if (args.variants and v.name not in args.variants) or v.method not in offered:
+            continue
+        done = (cdir / "repairs" / v.name / "dgrepair" / "summary.json").is_file()
+        recorded = (cdir / "repairs" / f"{v.name}.lab.json").is_file()
+        if not (done and recorded and (args.repair_only or has_eval(suite, cdir / "evals" / f"{v.name}.json"))):
+            return True
+    return False
+
+
 def make_suite(args: argparse.Namespace) -> Suite:
     if args.synthetic:
         return synthetic_suite(args.task)
@@ -130,8 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
                 time.sleep(10)
             if not all((p / "lab_ft.json").is_file() for p in ready.values()):
                 continue
-        fts = finetune(base, troot, seed, sorted(set(args.steps) | set(args.save_steps)), args.lr, args.batch,
-                       args.seq_len, args.task, log=_log)
+        if args.cached_only or not any(_pending(work, args, suite, seed, n, offered) for n in args.steps):
+            fts = {n: troot / f"steps{n}" for n in args.steps}  # every result is cached: no weights needed
+        else:
+            fts = finetune(base, troot, seed, sorted(set(args.steps) | set(args.save_steps)), args.lr, args.batch,
+                           args.seq_len, args.task, log=_log)
         for steps in sorted(args.steps):
             ft = fts[steps]
             cell = f"{args.task}-s{seed}-n{steps}"

@@ -234,10 +234,11 @@ def test_round2_plan_smoke(tmp_path):
     sys.modules[spec.name] = round2  # its dataclass looks its module up there
     spec.loader.exec_module(round2)
     work = tmp_path / "lab"
-    argv = ["--workdir", str(work), "--seeds", "0", "--sweep-lrs", "1e-4", "3e-4", "--sweep-steps", "2",
-            "--noise-steps", "1", "--lengths", "3", "--long", "4", "--tasks", "add",
-            "--phases", "sweep", "add3", "add4",
-            "--lab-args", "--num-layers", "2", "--synthetic", "--batch", "2", "--seq-len", "16"]
+    ledger = tmp_path / "ledger"
+    plan = ["--seeds", "0", "--sweep-lrs", "1e-4", "3e-4", "--sweep-steps", "2", "--noise-steps", "1",
+            "--lengths", "3", "--long", "4", "--tasks", "add", "--phases", "sweep", "add3", "add4", "--ledger",
+            str(ledger), "--lab-args", "--num-layers", "2", "--synthetic", "--batch", "2", "--seq-len", "16"]
+    argv = ["--workdir", str(work), *plan]
     round2.main(argv)
     sweep = json.loads((work / "sweep-add.json").read_text())
     rows = list(sweep["rows"].values())
@@ -259,3 +260,57 @@ def test_round2_plan_smoke(tmp_path):
     round2.main(argv)
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if "evals" in p.parts} == stamp
     assert "Learning-rate sweep, task add" in (work / "report.md").read_text()
+    # a new session: the ledger alone, in a new workdir, continues without training or evaluating again
+    fresh = tmp_path / "fresh"
+    round2.main(["--workdir", str(fresh), *plan])
+    assert not list((fresh / "ft").rglob("*.safetensors"))
+    assert json.loads((fresh / "results-round2.json").read_text())["cells"] == merged["cells"]
+
+
+def test_ledger_continues_in_a_new_workdir(tmp_path, monkeypatch):
+    """The ledger (results, not weights) restored into an empty workdir, as in a new session on a new machine:
+    a finished cell computes nothing; a missing evaluation retrains the fine-tune (checked step by step against
+    the recorded losses) and gives the same value; a trajectory that does not retrain the same is refused."""
+    import lab_ledger
+
+    argv = ["--seeds", "0", "--steps", "1", "--num-layers", "2", "--synthetic", "--variants", "dg_hard@1",
+            "--batch", "2", "--seq-len", "16", "--threads", "1"]
+    first = lab_run.main(argv + ["--workdir", str(tmp_path / "w1")])
+    ledger = tmp_path / "ledger"
+    saved = lab_ledger.save(tmp_path / "w1", ledger)
+    cell = Path("cells/add-lr0.0001-s0-n1")
+    assert {cell / "evals" / "ft.json", cell / "evals" / "dg_hard@1.json", cell / "repairs" / "dg_hard@1.lab.json",
+            Path("ft/add-lr0.0001-s0/steps1/lab_ft.json"), Path("base_eval.json")} <= set(saved)
+    assert not [p for p in ledger.rglob("*") if p.suffix == ".safetensors" or "state" in p.parts]
+    assert lab_ledger.save(tmp_path / "w1", ledger) == []  # nothing changed: nothing copied
+
+    def never(*a, **k):
+        raise AssertionError("a cached cell was recomputed")
+
+    work = tmp_path / "w2"
+    lab_ledger.restore(ledger, work)
+    with monkeypatch.context() as m:
+        for name in ("finetune", "evaluate"):
+            m.setattr(lab_run, name, never)
+        again = lab_run.main(argv + ["--workdir", str(work)])
+    assert again["cells"][0]["evals"] == first["cells"][0]["evals"]
+
+    (work / cell / "evals" / "dg_hard@1.json").unlink()  # one result missing: rebuilt from step 0, same value
+    rebuilt = lab_run.main(argv + ["--workdir", str(work)])
+    assert _timeless(rebuilt["cells"][0]["evals"]) == _timeless(first["cells"][0]["evals"])
+    weights = "ft/add-lr0.0001-s0/steps1/model.safetensors"
+    assert (work / weights).read_bytes() == (tmp_path / "w1" / weights).read_bytes()
+
+    other = tmp_path / "w3"
+    lab_ledger.restore(ledger, other)
+    (other / cell / "evals" / "ft.json").unlink()
+    rec = other / "ft/add-lr0.0001-s0/steps1/lab_ft.json"
+    meta = json.loads(rec.read_text())
+    rec.write_text(json.dumps({**meta, "losses": [meta["losses"][0] + 1e-3]}))
+    with pytest.raises(SystemExit, match="differs from the recorded one"):
+        lab_run.main(argv + ["--workdir", str(other)])
+
+
+def _timeless(evals: dict) -> dict:
+    """Evaluation results without their wall seconds (the only field that may differ between two runs)."""
+    return {m: {b: {k: v for k, v in r.items() if k != "seconds"} for b, r in e.items()} for m, e in evals.items()}
