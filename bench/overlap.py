@@ -12,7 +12,8 @@ Every run is `dgrepair repair` in a fresh process to a fresh local --out under a
 on and off alternate inside each round (order reversed every other round) for each executor
 (`--executors in-process ray`; ray = the embedded Ray with one worker per core). Every output is
 checked byte for byte against the first run's. Printed: the load average before and after, each
-run's wall, and per executor the median wall of on and off and their ratio.
+run's wall (and an in-process run's peak RSS, from bench/repair_memory.py's one-child wrapper), and
+per executor the median wall of on and off, their ratio, and the highest peak RSS of each.
 
     python bench/overlap.py --pair bench/_work/vs_paper_L8 --rounds 3
     python bench/overlap.py --s3 --s3-layers 2 --rounds 3
@@ -21,29 +22,20 @@ run's wall, and per executor the median wall of on and off and their ratio.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+from repair_memory import measure  # noqa: E402 - wall and peak RSS of one command
+from s3_repair import digests, timed_repair, uptime  # noqa: E402 - the same run-and-check as the S3 bench
 
 BUCKET = "bench"
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def digests(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.relative_to(out).parts[0] != "dgrepair"}
 
 
 def s3_pair(work: Path, layers: int, vocab: int) -> tuple[tuple[str, str], dict[str, str], object]:
@@ -70,6 +62,7 @@ def series(label: str, inputs: tuple[str, str], env: dict[str, str], executors: 
            work: Path) -> None:
     configs = [(ex, mode) for ex in executors for mode in ("on", "off")]
     walls: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
+    peaks: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
     reference: dict[str, str] | None = None
     print(f"\n[{label}] load before: {uptime()}", flush=True)
     for rnd in range(rounds):
@@ -79,24 +72,28 @@ def series(label: str, inputs: tuple[str, str], env: dict[str, str], executors: 
             cmd = [sys.executable, "-m", "dgrepair", "repair", "--base", inputs[0], "--ft", inputs[1], "--out",
                    str(out), "--no-progress", *(["--in-process"] if executor == "in-process" else []),
                    *(["--no-overlap"] if mode == "off" else [])]
-            t0 = time.perf_counter()
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if done.returncode != 0:
-                sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
-            got = digests(out)
+            what = f"{label} {executor} overlap {mode}"
+            if executor == "in-process":  # one process: its peak RSS is the worker's
+                wall, peak = measure(cmd)
+                got = digests(out)
+                if reference is not None and got != reference:
+                    sys.exit(f"{what}: output bytes differ from the first run's")
+                peaks[(executor, mode)].append(peak)
+            else:
+                wall, got = timed_repair(cmd, env, out, reference, what)
             reference = reference or got
-            if got != reference:
-                sys.exit(f"{label} {executor} overlap {mode}: output bytes differ from the first run's")
             walls[(executor, mode)].append(wall)
-            print(f"[{label}] round {rnd} {executor:10s} overlap {mode:3s}: {wall:6.1f} s", flush=True)
+            rss = f", peak RSS {peaks[(executor, mode)][-1]:.2f} GiB" if executor == "in-process" else ""
+            print(f"[{label}] round {rnd} {executor:10s} overlap {mode:3s}: {wall:6.1f} s{rss}", flush=True)
     shutil.rmtree(work / "out", ignore_errors=True)
     print(f"[{label}] load after: {uptime()}")
-    print(f"\n| input | executor | overlap on (median of {rounds}) | off | off / on |")
-    print("|---|---|---|---|---|")
+    print(f"\n| input | executor | overlap on (median of {rounds}) | off | off / on | peak RSS on / off |")
+    print("|---|---|---|---|---|---|")
     for executor in executors:
         on, off = (statistics.median(walls[(executor, m)]) for m in ("on", "off"))
-        print(f"| {label} | {executor} | {on:.1f} s | {off:.1f} s | {off / on:.2f} |")
+        rss = (f"{max(peaks[(executor, 'on')]):.2f} / {max(peaks[(executor, 'off')]):.2f} GiB"
+               if executor == "in-process" else "-")
+        print(f"| {label} | {executor} | {on:.1f} s | {off:.1f} s | {off / on:.2f} | {rss} |")
     print("(all outputs byte-identical)")
 
 
@@ -124,6 +121,7 @@ def main() -> None:
             from s3server import stop_moto
 
             inputs, s3_env, proc = s3_pair(work, args.s3_layers, args.s3_vocab)
+            os.environ.update(s3_env)  # the in-process runs' wrapper inherits this process's environment
             try:
                 series("s3 (loopback moto)", inputs, {**env, **s3_env}, args.executors, args.rounds, work)
             finally:
