@@ -184,19 +184,19 @@ class ComputeGate:
 
     def compute(self, unit: _UnitPhases, fn: Callable[[], T]) -> T:
         asked = time.perf_counter()
-        with self._cond:
+        with self._cond:  # events under the lock: their order in the trace is the order of the turns
             self._turns.want(unit.key)
             self._cond.wait_for(lambda: self._turns.next() == unit.key)
             self._turns.start(unit.key)
+            self.hooks.event(unit.label, "compute")
         unit.waited += time.perf_counter() - asked
-        self.hooks.event(unit.label, "compute")
         try:
             return fn()
         finally:
             with self._cond:
                 self._turns.done(unit.key)
+                self.hooks.event(unit.label, "computed")
                 self._cond.notify_all()
-            self.hooks.event(unit.label, "computed")
 
     def enter_store(self, unit: _UnitPhases) -> None:
         pass  # an actor is never stopped half-way: it finishes its units or dies with them
