@@ -1,4 +1,4 @@
-"""Overlap (the default) against `--no-overlap`: same pair, same executor, alternating, one sitting.
+"""`--overlap` against `--no-overlap` (the default): same pair, same executor, alternating, one sitting.
 
 With overlap a worker reads the next unit and writes the previous one while a unit computes
 (engine/run/pipeline.py). Two inputs:
@@ -71,7 +71,7 @@ def series(label: str, inputs: tuple[str, str], env: dict[str, str], executors: 
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "dgrepair", "repair", "--base", inputs[0], "--ft", inputs[1], "--out",
                    str(out), "--no-progress", *(["--in-process"] if executor == "in-process" else []),
-                   *(["--no-overlap"] if mode == "off" else [])]
+                   "--overlap" if mode == "on" else "--no-overlap"]
             what = f"{label} {executor} overlap {mode}"
             if executor == "in-process":  # one process: its peak RSS is the worker's
                 wall, peak = measure(cmd)

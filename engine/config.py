@@ -185,9 +185,10 @@ class ExecutionOptions(Section):
     batch_mb: int = _opt(256, "memory budget (MiB) per worker for batching same-shape matrices into one kernel "
                          "call; with overlap each of the two units in flight gets half, and a unit above the whole "
                          "budget (one large tensor) runs alone", (lambda v: v >= 1, ">= 1"))
-    overlap: bool = _opt(True, "run each worker's units one after another: by default a worker (and the in-process "
-                         "engine) reads the next unit and writes the previous one while a unit computes (two units "
-                         "in flight, one in the kernels at a time; output bytes are the same either way)")
+    overlap: bool = _opt(False, "read the next unit and write the previous one while a unit computes: each worker "
+                         "(and the in-process engine) runs two units at once, one in the kernels (output bytes are "
+                         "the same); for slow reads such as object-store inputs; off by default, since on warm local "
+                         "files it measured no gain (docs/benchmarks.md)")
     in_process: bool = _opt(False, "run in this process without Ray (small models, debugging)")
     commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
     progress: bool = _opt(True, "no progress on stderr; by default a bar on a terminal, otherwise (job logs, "

@@ -6,8 +6,8 @@ per device and backend to the rows of engine/analysis/cost_table.py, which bench
 rows are measured (one worker = one core); GPU rows are projections from the devices' published
 throughput until bench/gpu_check.sh has measured them, and every estimate says which it used. The
 backend per matrix is the precision policy's (kernels.spectral.precision_policy). I/O is bytes read
-(both checkpoints) plus bytes written over the given aggregate rate; with overlap (the default) reads
-and writes run beside compute (two units in flight per worker, run/pipeline.py), so the wall time is
+(both checkpoints) plus bytes written over the given aggregate rate; with --overlap reads and writes
+run beside compute (two units in flight per worker, run/pipeline.py), so the wall time is
 start-up + max(compute / N, I/O), without it start-up + compute / N + I/O, never less than the longest
 single unit. Peak host memory per worker is the larger of the largest tensor's working set (a unit
 above --batch-mb runs alone, plan/units.py) and the units in flight within the budget (two with
@@ -87,7 +87,7 @@ def matrix_seconds(device: str, backend: str, rows: int, cols: int) -> float:
 
 
 def estimate(work: list[MatrixWork], bytes_io: int, largest_f32_bytes: int, cluster: Cluster,
-             io_gbps: float, kernel: str = "auto", overlap: bool = True,
+             io_gbps: float, kernel: str = "auto", overlap: bool = False,
              batch_bytes: int = DEFAULT_BATCH_BYTES) -> dict:
     """Projected seconds and peak memory; `measured` False when any GPU row used is a projection."""
     spec = DEVICES[cluster.device]
@@ -140,7 +140,7 @@ def format_estimate(est: dict) -> list[str]:
              f"compute {est['compute_s_total'] / 3600:.2f} h total, {est['compute_s_per_worker'] / 60:.1f} min "
              f"per worker",
              f"  I/O {est['io_s'] / 60:.1f} min at {est['io_gbps']:g} GB/s aggregate, "
-             f"{'beside compute (overlap)' if est['overlap'] else 'after compute (--no-overlap)'}; "
+             f"{'beside compute (overlap)' if est['overlap'] else 'after compute (no --overlap)'}; "
              f"{est['bound']}-bound",
              f"  wall ~{est['wall_s'] / 60:.1f} min (Ray start-up included); peak host memory "
              f"~{est['peak_host_gib_per_worker']:.1f} GiB per worker"]

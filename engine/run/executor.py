@@ -15,7 +15,7 @@ from .pipeline import SLOTS, Hooks, run_overlapped
 from .session import Phase, RunSession
 
 
-def run_phase(phase: Phase, overlap: bool = True, hooks: Hooks | None = None) -> None:
+def run_phase(phase: Phase, overlap: bool = False, hooks: Hooks | None = None) -> None:
     """Run a phase's units and commit them in order; `overlap` runs the next unit's reads and the
     previous unit's writes beside the current unit's kernels."""
     run_overlapped(phase.units, lambda unit, phases: phase.step(phase.jobs(unit), phase.settings, phases),

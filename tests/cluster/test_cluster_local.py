@@ -196,7 +196,7 @@ def test_an_actor_lost_with_two_units_in_flight_has_both_redone(pair, tmp_path, 
     monkeypatch.setenv("DGREPAIR_FAULT_SLOW_LOAD", "1.5")
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(summary=run_distributed(
-        cfg(pair, tmp_path / "out", workers=1))))
+        cfg(pair, tmp_path / "out", workers=1, overlap=True))))
     driver.start()
     deadline, lost, pid = time.monotonic() + 120, set(), None
     while time.monotonic() < deadline and len(lost) < 2:

@@ -27,7 +27,7 @@ def repair(pair, out: Path, *extra: str) -> int:
 def test_reads_overlap_the_kernels_and_the_bytes_are_the_same_without_overlap(pair, tmp_path, monkeypatch):
     monkeypatch.setenv("DGREPAIR_FAULT_SLOW_LOAD", "0.4")  # a slow read: each unit's load takes 0.4 s longer
     traces = {}
-    for mode, flags in (("on", ()), ("off", ("--no-overlap",))):
+    for mode, flags in (("on", ("--overlap",)), ("off", ("--no-overlap",))):
         traces[mode] = tmp_path / f"trace-{mode}"
         monkeypatch.setenv("DGREPAIR_TRACE_UNITS", str(traces[mode]))
         assert repair(pair, tmp_path / mode, *flags) == 0
@@ -49,7 +49,7 @@ def test_a_slow_write_is_off_the_critical_path(pair, tmp_path, monkeypatch):
     monkeypatch.setenv("DGREPAIR_FAULT_SLOW_STORE", "0.4")
     trace = tmp_path / "trace"
     monkeypatch.setenv("DGREPAIR_TRACE_UNITS", str(trace))
-    assert repair(pair, tmp_path / "out") == 0
+    assert repair(pair, tmp_path / "out", "--overlap") == 0
     events = read_trace(trace)
     assert overlapped(events, before="compute", until="stored"), events
 
