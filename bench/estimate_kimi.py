@@ -44,7 +44,7 @@ def main() -> None:
           "peak host / worker | peak device |")
     print("|---|---|---|---|---|---|---|---|")
     for c in CLUSTERS:
-        e = estimate(work, io, largest, parse_cluster(c), args.io_gbps)
+        e = estimate(work, io, largest, parse_cluster(c), args.io_gbps, overlap=True)  # reads from a bucket
         dev = f"{e['peak_device_gib']:.1f} GiB of {e['device_gib']}" if e["peak_device_gib"] is not None else "-"
         print(f"| {c} | {'CPU, measured' if e['measured'] else 'projection'} | "
               f"{', '.join(f'{k} {v}' for k, v in sorted(e['backends'].items()))} | "

@@ -51,6 +51,20 @@ def digests(out: Path) -> dict[str, str]:
             for p in sorted(out.rglob("*")) if p.is_file() and p.relative_to(out).parts[0] != "dgrepair"}
 
 
+def timed_repair(cmd: list[str], env: dict[str, str], out: Path, reference: dict[str, str] | None,
+                 what: str) -> tuple[float, dict[str, str]]:
+    """Run one `dgrepair repair` command; (wall seconds, output digests), which must equal `reference`."""
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    got = digests(out)
+    if reference is not None and got != reference:
+        sys.exit(f"{what}: output bytes differ from the first run's")
+    return wall, got
+
+
 def upload(url: str, folder: Path, prefix: str) -> None:
     import boto3
 
@@ -97,15 +111,8 @@ def main() -> None:
                 flags = ["--in-process"] if executor == "in-process" else ["--workers", "2"]
                 cmd = [sys.executable, "-m", "dgrepair", "repair", "--base", b, "--ft", f, "--out", str(out),
                        "--no-progress", "--method", args.method, *flags]
-                t0 = time.perf_counter()
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                wall = time.perf_counter() - t0
-                if done.returncode != 0:
-                    sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
-                got = digests(out)
+                wall, got = timed_repair(cmd, env, out, reference, f"{source} {executor}")
                 reference = reference or got
-                if got != reference:
-                    sys.exit(f"{source} {executor}: output bytes differ from the first run's")
                 summary = json.loads((out / "dgrepair" / "summary.json").read_text())
                 nodes = summary["executor"].get("per_node", {})
                 rate = (sum(n["bytes_read"] for n in nodes.values()) / sum(n["seconds"] for n in nodes.values())

@@ -1,17 +1,22 @@
 """The Ray driver: plan with the engine, dispatch work units to worker actors, commit, resume.
 
 - Units are sent largest-first (LPT) with at most `inflight_per_worker` per actor, in a bounded
-  `ray.wait` loop; only paths, byte ranges and small records travel through Ray.
+  `ray.wait` loop; only paths, byte ranges and small records travel through Ray. With overlap an actor
+  runs two of them at once, one in the kernels at a time (cluster/worker.py).
 - Retries belong to the driver: an actor death requeues its units; a unit that kills actors
   `max_attempts` times is marked failed, the rest completes, and the run ends non-zero with a
   report naming it (no index or summary is written then, so the output never looks complete).
+- A unit above a worker's whole --batch-mb (one large tensor) runs alone on its actor, as an isolated
+  unit does (below), so two large units never share a worker's memory (engine/plan/units.py).
 - Blame is only assigned when it is unambiguous. A unit that dies while other units were in flight
   on the same actor is requeued without charge and *isolated*: it then runs only on an idle actor
   with nothing else submitted beside it. A death while alone (or past the unit's own deadline)
   costs an attempt; a multi-tensor unit is then split into isolated single-tensor units, so one
   poison tensor can fail neither its batch-mates nor the units that shared its actor.
 - A unit running longer than its deadline (proportional to its cost) gets its actor killed and is
-  requeued (actor tasks cannot be cancelled by force).
+  requeued (actor tasks cannot be cancelled by force). A unit's allowance starts when the units sent
+  before it to the same actor are due (`_chain`): it may wait for their kernels, and that wait is not
+  held against it.
 - The manifest is written by the driver only; resume is the engine's (RunSession).
 """
 
@@ -21,7 +26,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +44,7 @@ from ..engine.output.paths import failures_file
 from ..engine.plan.units import WorkUnit
 from ..engine.run import interrupt
 from ..engine.run.jobs import StepSettings, for_workers
+from ..engine.run.pipeline import SLOTS
 from ..engine.run.session import CalibrationPhase, Phase, RunSession
 from ..kernels.threads import available_cores, threads_per_worker
 from .affinity import ShardOwners
@@ -53,7 +59,8 @@ RECOVERY_WAIT_S = 120.0  # how long a restarting actor is waited for before it i
 class _Flight:
     unit_id: int
     actor: int
-    deadline: float
+    allowance: float  # seconds the unit may take once its turn has come (deadline_seconds)
+    deadline: float = float("inf")  # set by _chain
     shared: bool = False  # another unit was in flight on the same actor at some point
     solo: bool = False  # an isolated unit: nothing else may be submitted to its actor meanwhile
     expired: bool = False  # killed by the driver for passing its own deadline
@@ -92,17 +99,31 @@ class _Book:
                 return unit_id
         return None
 
-    def add(self, units: list[WorkUnit]) -> None:
-        """Queue new units first (a shard's redone entries)."""
+    def add(self, units: list[WorkUnit], alone: Callable[[WorkUnit], bool]) -> None:
+        """Queue new units first (a shard's redone entries); those `alone` accepts run isolated."""
         for unit in reversed(units):
             self.next_id += 1
             self.units[self.next_id] = unit
             self.queue.appendleft(self.next_id)
+            if alone(unit):
+                self.isolated.add(self.next_id)
 
 
 def deadline_seconds(unit: WorkUnit, floor: float) -> float:
     """Generous: `floor` plus 20x the time at a pessimistic 0.5 GFLOP/s (costs are flop proxies)."""
     return floor + 20.0 * (4.0 * unit.cost / 0.5e9)
+
+
+def _chain(flights: Iterable[_Flight], actor: int, now: float) -> None:
+    """(Re)set the deadlines of an actor's units in flight, in the order they were sent: each unit's
+    allowance starts at the latest when the units sent before it are due, since it may wait for them
+    (for their kernels with overlap, for all of them without). Called when a unit is sent and when one
+    ends; a deadline only ever moves earlier. Units already killed past their deadline are skipped."""
+    due = now
+    for f in flights:
+        if f.actor == actor and not f.expired:
+            f.deadline = min(f.deadline, max(now, due) + f.allowance)
+            due = max(due, f.deadline)
 
 
 def run_distributed(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
@@ -142,7 +163,8 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
             for actor in actors:
                 ray.kill(actor)
     executor = {"kind": "ray", "address": info["address"], "workers": len(actors), "device": settings.device,
-                "threads_per_worker": settings.threads, "requeued_units": book.requeues,
+                "threads_per_worker": settings.threads, "overlap": cfg.execution.overlap,
+                "requeued_units": book.requeues,
                 "per_node": book.nodes}
     if book.failed:
         report = {"failed": [{"tensors": [e.name for e in book.units[u].entries], "shards":
@@ -209,27 +231,29 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
         settings = for_workers(session.settings, device="cpu", threads=threads)
     if env:
         options["runtime_env"] = {"env_vars": env}
+    options["max_concurrency"] = SLOTS if cfg.execution.overlap else 1  # for `run`; control has its own threads
     actors.extend(RepairWorker.options(scheduling_strategy="SPREAD", name=actor_name(settings.plan_id, i),
                                        namespace=NAMESPACE, **options).remote(session.step, settings, i,
                                                                               session.writes_output)
                   for i in range(n_workers))
     order = sorted(range(len(session.units)), key=lambda i: -session.units[i].cost)
-    book = _Book(units=dict(enumerate(session.units)), queue=deque(order), next_id=len(session.units))
+    book = _Book(units=dict(enumerate(session.units)), queue=deque(order), next_id=len(session.units),
+                 isolated={i for i, unit in enumerate(session.units) if session.runs_alone(unit)})
     flights: dict[ray.ObjectRef, _Flight] = {}
     load = Counter()
     assembly = _Assembly.of(session, actors)
 
     def submit(unit_id: int, actor: int) -> None:
         unit = book.units[unit_id]
-        if assembly is not None:
-            assembly.claim(actor, unit)
-        ref = actors[actor].run.remote(unit_id, session.jobs(unit))
+        opened = assembly.claim(actor, unit) if assembly is not None else []
+        ref = actors[actor].run.remote(unit_id, session.jobs(unit), *opened)
         shared = load[actor] > 0
         for other in flights.values():
             if other.actor == actor:
                 other.shared = True
-        flights[ref] = _Flight(unit_id, actor, time.monotonic() + deadline_seconds(unit, cfg.cluster.unit_timeout_s),
-                               shared=shared, solo=unit_id in book.isolated)
+        flights[ref] = _Flight(unit_id, actor, deadline_seconds(unit, cfg.cluster.unit_timeout_s), shared=shared,
+                               solo=unit_id in book.isolated)
+        _chain(flights.values(), actor, time.monotonic())
         load[actor] += 1
 
     # An actor that died (or was killed past a deadline) restarts; until its ping answers it gets no
@@ -260,7 +284,7 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
         for ref in ready:
             if assembly is not None and ref in assembly.publishing:
                 redo, lost = assembly.collect(ref)
-                book.add(redo)
+                book.add(redo, session.runs_alone)
                 if lost is not None and lost not in recovering.values():
                     recovering[actors[lost].ping.remote()] = lost
                 continue
@@ -282,6 +306,7 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
                 continue
             flight = flights.pop(ref)
             load[flight.actor] -= 1
+            _chain(flights.values(), flight.actor, time.monotonic())  # the next unit's turn has come
             if not _collect(session, book, ref, flight, cfg) and flight.actor not in recovering.values():
                 recovering[actors[flight.actor].ping.remote()] = flight.actor
         now = time.monotonic()
@@ -305,7 +330,7 @@ class _Assembly:
     session: RunSession
     actors: list[Any]
     owners: ShardOwners
-    opened: set[tuple[int, str]] = field(default_factory=set)
+    opened: dict[tuple[int, str], ray.ObjectRef] = field(default_factory=dict)  # (worker, shard) -> its open
     publishing: dict[ray.ObjectRef, tuple[str, int]] = field(default_factory=dict)
     waiting: dict[int, list[str]] = field(default_factory=dict)  # publishes for a worker that is restarting
 
@@ -322,19 +347,24 @@ class _Assembly:
     def accepts(self, actor: int, new_groups: bool) -> Callable[[WorkUnit], bool]:
         return lambda unit: self.owners.allows(actor, unit, new_groups)
 
-    def claim(self, actor: int, unit: WorkUnit) -> None:
+    def claim(self, actor: int, unit: WorkUnit) -> list[ray.ObjectRef]:
+        """Own the unit's shards; returns the opens of its shards on `actor`, which the unit's call
+        takes as arguments, so Ray runs it only after them (an actor runs calls concurrently)."""
         self.owners.claim(actor, unit)
         out_shards = self.session.inp.plan.out_shards
+        refs = []
         for shard in sorted({e.shard for e in unit.entries if e.shard in out_shards}):
-            if (actor, shard) not in self.opened:  # ordered before the unit: same caller, same actor
+            if (actor, shard) not in self.opened:
                 prefix, size = out_shards[shard]
-                self.actors[actor].open_shard.remote(str(self.session.inp.out), shard, prefix, size)
-                self.opened.add((actor, shard))
+                self.opened[(actor, shard)] = self.actors[actor].open_shard.remote(str(self.session.inp.out), shard,
+                                                                                   prefix, size)
+            refs.append(self.opened[(actor, shard)])
+        return refs
 
     def restarted(self, actor: int) -> None:
         """A restarted worker may be on another node: its shards are opened again before its next unit
         (opening is idempotent; what the old process wrote is verified at publish time)."""
-        self.opened = {(a, s) for a, s in self.opened if a != actor}
+        self.opened = {(a, s): ref for (a, s), ref in self.opened.items() if a != actor}
         self.session.ready.extend(self.waiting.pop(actor, []))
 
     def publish_ready(self) -> None:
@@ -364,7 +394,7 @@ class _Assembly:
             self.session.say(f"shard {shard}: {len(result.bad)} committed range(s) did not verify on worker {actor}'s "
                              "scratch (it restarted elsewhere?); redoing them")
             units = self.session.redo(shard, list(result.bad))
-            self.opened.discard((actor, shard))
+            self.opened.pop((actor, shard), None)
             return units, None
         self.session.target.record(result)
         self.owners.published.add(shard)

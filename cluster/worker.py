@@ -10,6 +10,12 @@ Fault-injection hooks for tests (environment variables, forwarded to actors by t
   the marker file and sleeps, so a test can kill the actor or its node mid-unit.
 - `DGREPAIR_FAULT_UNIT_DELAY=<seconds>`: every unit sleeps that long first (slows a run down so a
   test can kill the driver part-way).
+- The pipeline's trace and slow-phase hooks (engine/run/pipeline.py, `HOOK_ENV`).
+
+With overlap an actor runs two units at once (`max_concurrency=2` for `run`), one in the kernels at a
+time (the pipeline's ComputeGate), so the next unit's reads and the previous unit's writes happen while a
+unit computes. Shard staging, publishing and the restart ping have their own threads ("control"), so
+they never wait behind two running units.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +34,11 @@ import ray
 from ..engine.output.bucket import PublishResult, publish_shard
 from ..engine.output.shards import open_partial
 from ..engine.run.jobs import EntryJob, StepSettings
+from ..engine.run.pipeline import HOOK_ENV, ComputeGate, Hooks, Phases
 from ..kernels.threads import cpu_thread_policy
 
-FAULT_ENV = ("DGREPAIR_FAULT_CRASH_ON", "DGREPAIR_FAULT_SLEEP_ON", "DGREPAIR_FAULT_UNIT_DELAY")
+FAULT_ENV = ("DGREPAIR_FAULT_CRASH_ON", "DGREPAIR_FAULT_SLEEP_ON", "DGREPAIR_FAULT_UNIT_DELAY", *HOOK_ENV)
+CONTROL = "control"  # the concurrency group of everything but `run`
 
 
 def actor_name(plan_id: str, index: int) -> str:
@@ -48,41 +57,49 @@ class UnitResult:
     bytes_written: int
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
+@ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={CONTROL: 2})
 class RepairWorker:
     """One per GPU (num_gpus=1) or one per CPU slot, for one phase; retries belong to the driver."""
 
-    def __init__(self, step: Callable[[list[EntryJob], StepSettings], list[Any]], settings: StepSettings,
+    def __init__(self, step: Callable[[list[EntryJob], StepSettings, Phases], list[Any]], settings: StepSettings,
                  index: int, writes_output: bool) -> None:
         self.step = step
         self.settings = settings
         self.index = index
         self.writes_output = writes_output
         self.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+        self.gate = ComputeGate(Hooks.from_env())
+        # Thread limits are process-wide: set once for the actor's life, not per unit (two units overlap).
+        self._policy = ExitStack()
+        if settings.device == "cpu":
+            self._policy.enter_context(cpu_thread_policy(settings.threads))
 
+    @ray.method(concurrency_group=CONTROL)
     def ping(self) -> bool:
         """Answers once the actor is up again after a restart: the driver sends it no unit before then."""
         return True
 
+    @ray.method(concurrency_group=CONTROL)
     def open_shard(self, staging: str, shard: str, prefix: bytes, size: int) -> None:
-        """Object-store output: preallocate this worker's staged copy of a shard it owns."""
+        """Object-store output: preallocate this worker's staged copy of a shard it owns (the driver passes
+        this call's result to the shard's units, so Ray runs them only after it)."""
         open_partial(Path(staging), shard, prefix, size)
 
+    @ray.method(concurrency_group=CONTROL)
     def publish(self, staging: str, out_uri: str, shard: str, checks: list[tuple[int, int, str]],
                 plan_id: str) -> PublishResult:
         """Object-store output: verify the staged shard, upload it whole, free the scratch."""
         return publish_shard(staging, out_uri, shard, checks, plan_id)
 
-    def run(self, unit_id: int, jobs: list[EntryJob]) -> UnitResult:
+    def run(self, unit_id: int, jobs: list[EntryJob], *after: None) -> UnitResult:  # noqa: ARG002
+        """Execute one unit. `after`: results of the `open_shard` calls its shards need (Ray resolves
+        them before the call starts); seconds exclude the wait for the kernels' turn."""
         names = {j.entry.name for j in jobs}
         self._faults(names)
         start = time.perf_counter()
-        if self.settings.device == "cpu":
-            with cpu_thread_policy(self.settings.threads):
-                rows = self.step(jobs, self.settings)
-        else:
-            rows = self.step(jobs, self.settings)
-        return UnitResult(unit_id, rows, self.node, time.perf_counter() - start,
+        with self.gate.unit(unit_id) as phases:
+            rows = self.step(jobs, self.settings, phases)
+        return UnitResult(unit_id, rows, self.node, time.perf_counter() - start - phases.waited,
                           bytes_read=sum(j.entry.ft.nbytes + (j.entry.base.nbytes if j.entry.base else 0)
                                          for j in jobs),
                           bytes_written=sum(j.entry.out_nbytes for j in jobs) if self.writes_output else 0)

@@ -36,7 +36,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
                "target_rho", "median", "kernel", "fp64_rate"),
     "scope": ("min_numel", "mask", "include", "exclude", "treat_as"),
     "formats": ("fused_layout", "out_dtype", "packed_int4"),
-    "execution": ("in_process", "device", "threads", "batch_mb", "commit_interval_s", "progress",
+    "execution": ("in_process", "device", "threads", "batch_mb", "overlap", "commit_interval_s", "progress",
                   "progress_interval_s"),
     "cluster": ("address", "workers", "max_attempts", "inflight_per_worker", "unit_timeout_s"),
     "output": ("out", "force", "emit_adapter", "scratch", "lock_ttl_s"),
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(plan, only=("base", "ft", "method", "scale", "alpha", "keep_ratio", "ties_lambda",
                                     "drop_prob", "dare_rescale", "seed", "rank", "min_numel", "mask", "include",
                                     "exclude", "median", "kernel", "fused_layout", "out_dtype", "packed_int4",
-                                    "treat_as", "fp64_rate", "device"))
+                                    "treat_as", "fp64_rate", "device", "batch_mb", "overlap"))
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--estimate", metavar="NxTYPE", help="project wall time and peak memory on a cluster: N "
                       "GPUs (a100, h100, h200, b200, l4, a10, l40s) or N CPU workers (cpu), e.g. 8xh100, 32xcpu")
@@ -171,7 +171,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         work, io, largest = plan_work(inp.plan.entries)
         summary["estimate"] = estimate(work, io, largest, parse_cluster(args.estimate), args.io_gbps,
-                                       cfg.execution.kernel)
+                                       cfg.execution.kernel, cfg.execution.overlap, cfg.execution.batch_mb << 20)
     entries = [{"tensor": e.name, "kind": e.kind, "reason": e.reason, "shape": list(e.ft.shape),
                 "dtype": e.ft.dtype, "shard": e.shard, "written": _written(e)} for e in inp.plan.entries]
     if args.json:

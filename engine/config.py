@@ -182,8 +182,13 @@ class ExecutionOptions(Section):
                        (_valid_device, "auto, cpu, cuda or cuda:N"))
     threads: int = _opt(0, "BLAS threads per CPU worker (0 = all cores in-process; cores / workers on Ray)",
                         (lambda v: v >= 0, ">= 0"))
-    batch_mb: int = _opt(256, "memory budget (MiB) for batching same-shape matrices into one kernel call",
-                         (lambda v: v >= 1, ">= 1"))
+    batch_mb: int = _opt(256, "memory budget (MiB) per worker for batching same-shape matrices into one kernel "
+                         "call; with overlap each of the two units in flight gets half, and a unit above the whole "
+                         "budget (one large tensor) runs alone", (lambda v: v >= 1, ">= 1"))
+    overlap: bool = _opt(False, "read the next unit and write the previous one while a unit computes: each worker "
+                         "(and the in-process engine) runs two units at once, one in the kernels (output bytes are "
+                         "the same); for slow reads such as object-store inputs; off by default, since on warm local "
+                         "files it measured no gain (docs/benchmarks.md)")
     in_process: bool = _opt(False, "run in this process without Ray (small models, debugging)")
     commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
     progress: bool = _opt(True, "no progress on stderr; by default a bar on a terminal, otherwise (job logs, "
@@ -232,9 +237,9 @@ METHOD_KEYS = ("method", "target_rho", *METHOD_PARAMS)
 FLAT_ORDER = ("base", "ft", "out", "method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob",
               "dare_rescale", "seed", "rank", "target_rho", "emit_adapter", "min_numel", "mask", "include", "exclude",
               "median", "kernel", "fp64_rate", "fused_layout", "out_dtype", "packed_int4", "treat_as", "device",
-              "threads", "batch_mb", "address", "workers", "in_process", "max_attempts", "inflight_per_worker",
-              "unit_timeout_s", "commit_interval_s", "force", "scratch", "lock_ttl_s", "progress",
-              "progress_interval_s")
+              "threads", "batch_mb", "overlap", "address", "workers", "in_process", "max_attempts",
+              "inflight_per_worker", "unit_timeout_s", "commit_interval_s", "force", "scratch", "lock_ttl_s",
+              "progress", "progress_interval_s")
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ per device and backend to the rows of engine/analysis/cost_table.py, which bench
 rows are measured (one worker = one core); GPU rows are projections from the devices' published
 throughput until bench/gpu_check.sh has measured them, and every estimate says which it used. The
 backend per matrix is the precision policy's (kernels.spectral.precision_policy). I/O is bytes read
-(both checkpoints) plus bytes written over the given aggregate rate; reads and writes overlap compute
-(two units in flight per worker), so the wall time is start-up + max(compute / N, I/O), never less
-than the longest single unit.
+(both checkpoints) plus bytes written over the given aggregate rate; with --overlap reads and writes
+run beside compute (two units in flight per worker, run/pipeline.py), so the wall time is
+start-up + max(compute / N, I/O), without it start-up + compute / N + I/O, never less than the longest
+single unit. Peak host memory per worker is the larger of the largest tensor's working set (a unit
+above --batch-mb runs alone, plan/units.py) and the units in flight within the budget (two with
+overlap, one without).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import numpy as np
 from ...kernels.spectral import AUTO_EXACT_MAX_P, matrix_device_bytes, precision_policy
 from ..errors import InputError
 from ..plan.kinds import REPAIR_KINDS
+from ..plan.units import DEFAULT_BATCH_BYTES
 from ..run.jobs import policy_out_dtype
+from ..run.pipeline import SLOTS
 from .cost_table import COST_ROWS, DEVICES
 
 RAY_STARTUP_S = 6.0  # embedded Ray start-up and shutdown, measured (docs/benchmarks.md)
@@ -82,7 +87,8 @@ def matrix_seconds(device: str, backend: str, rows: int, cols: int) -> float:
 
 
 def estimate(work: list[MatrixWork], bytes_io: int, largest_f32_bytes: int, cluster: Cluster,
-             io_gbps: float, kernel: str = "auto") -> dict:
+             io_gbps: float, kernel: str = "auto", overlap: bool = False,
+             batch_bytes: int = DEFAULT_BATCH_BYTES) -> dict:
     """Projected seconds and peak memory; `measured` False when any GPU row used is a projection."""
     spec = DEVICES[cluster.device]
     compute, longest, device_peak = 0.0, 0.0, 0
@@ -101,12 +107,14 @@ def estimate(work: list[MatrixWork], bytes_io: int, largest_f32_bytes: int, clus
             device_peak = max(device_peak, matrix_device_bytes(w.rows, w.cols, backend, True))
     io_s = bytes_io / (io_gbps * 1e9)
     per_worker = compute / cluster.count
-    wall = RAY_STARTUP_S + max(per_worker, io_s, longest)
+    wall = RAY_STARTUP_S + max(max(per_worker, io_s) if overlap else per_worker + io_s, longest)
     return {
         "cluster": f"{cluster.count}x{cluster.device}", "measured": measured, "matrices": sum(backends.values()),
         "backends": backends, "compute_s_total": compute, "compute_s_per_worker": per_worker, "io_s": io_s,
         "io_gbps": io_gbps, "wall_s": wall, "bound": "I/O" if io_s > per_worker else "compute",
-        "peak_host_gib_per_worker": HOST_BASE_GIB + HOST_PER_F32_COPY * largest_f32_bytes / 2 ** 30,
+        "overlap": overlap,
+        "peak_host_gib_per_worker": HOST_BASE_GIB + HOST_PER_F32_COPY * max(
+            largest_f32_bytes, (SLOTS if overlap else 1) * batch_bytes / 4) / 2 ** 30,
         "peak_device_gib": device_peak / 2 ** 30 if cluster.gpu else None,
         "device_gib": spec.get("memory_gib"),
     }
@@ -131,7 +139,9 @@ def format_estimate(est: dict) -> list[str]:
              f"  {est['matrices']} matrices ({', '.join(f'{k} {v}' for k, v in sorted(est['backends'].items()))}); "
              f"compute {est['compute_s_total'] / 3600:.2f} h total, {est['compute_s_per_worker'] / 60:.1f} min "
              f"per worker",
-             f"  I/O {est['io_s'] / 60:.1f} min at {est['io_gbps']:g} GB/s aggregate; {est['bound']}-bound",
+             f"  I/O {est['io_s'] / 60:.1f} min at {est['io_gbps']:g} GB/s aggregate, "
+             f"{'beside compute (overlap)' if est['overlap'] else 'after compute (no --overlap)'}; "
+             f"{est['bound']}-bound",
              f"  wall ~{est['wall_s'] / 60:.1f} min (Ray start-up included); peak host memory "
              f"~{est['peak_host_gib_per_worker']:.1f} GiB per worker"]
     if est["peak_device_gib"] is not None:

@@ -5,6 +5,11 @@ batched into one kernel call up to a memory budget; every other repair entry (a 
 tensor, a convolution, a large matrix) is a unit of its own; passthrough copies are grouped by
 shard up to the same budget. Batching never changes results: the kernel treats each matrix of a
 batch independently (tested).
+
+With overlap a worker holds two units at once (run/pipeline.py), so each is sized to half the
+worker's budget (`unit_budget`), and a unit whose working set exceeds the whole budget (one large
+tensor: an embedding, an expert stack) runs alone (`runs_alone`): the peak is that of one large unit,
+or of two units within the budget, never of two large units.
 """
 
 from __future__ import annotations
@@ -13,10 +18,31 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .kinds import ALONE_KINDS, SCALE_KINDS, Kind
+from .kinds import ALONE_KINDS, REPAIR_KINDS, SCALE_KINDS, Kind
 from .model import PlanEntry
 
 DEFAULT_BATCH_BYTES = 256 << 20
+
+
+def unit_budget(batch_bytes: int, in_flight: int) -> int:
+    """One unit's share of a worker's budget when `in_flight` units are in memory on it at once (with
+    overlap, one computing and one reading or writing: run/pipeline.py)."""
+    return max(1, batch_bytes // max(1, in_flight))
+
+
+def working_bytes(e: PlanEntry) -> int:
+    """float32 working copies of a repair entry's matrices: about 4 (Δ, W0, Δ*, output) of 4 bytes per
+    element; 0 for copies (read and written in chunks) and scales."""
+    if e.kind == Kind.SVD:
+        return 16 * e.ft.numel  # a resized vocabulary's new rows too: they travel with the matrix
+    if e.kind not in REPAIR_KINDS or e.matrix_shape is None:
+        return 0
+    return 16 * e.n_matrices * math.prod(e.matrix_shape)
+
+
+def runs_alone(unit: WorkUnit, batch_bytes: int) -> bool:
+    """With overlap: a unit above the worker's whole budget has the worker to itself."""
+    return unit.working_bytes > batch_bytes
 
 
 @dataclass(frozen=True)
@@ -33,6 +59,10 @@ class WorkUnit:
     @property
     def nbytes(self) -> int:
         return sum(e.ft.nbytes for e in self.entries)
+
+    @property
+    def working_bytes(self) -> int:
+        return sum(working_bytes(e) for e in self.entries)
 
 
 def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -62,9 +92,7 @@ def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES,
         if key[0] == "alone":  # never split (an FP8 weight travels with its scales)
             units.append(WorkUnit(tuple(groups[key]), splittable=False))
             continue
-        # float32 working copies per matrix: about 4 (delta, base, Δ*, output) of 4 bytes per element
-        weight = {"svd": lambda e: 16 * e.ft.numel, "packed": lambda e: 16 * e.n_matrices * math.prod(
-            e.matrix_shape or (0, 0)), "copy": lambda e: e.ft.nbytes}[key[0]]
+        weight = working_bytes if key[0] != "copy" else (lambda e: e.ft.nbytes)
         members = groups[key]
         if key[0] == "packed":  # each weight followed by its companions, so a batch never separates them
             aux: dict[str, list[PlanEntry]] = defaultdict(list)

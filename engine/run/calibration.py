@@ -24,7 +24,9 @@ from ..output import parts
 from ..output.paths import calibration_dir
 from ..plan.kinds import REPAIR_KINDS
 from ..plan.layouts import row_identity
+from ..plan.model import PlanEntry
 from .jobs import EntryJob, StepSettings, companions, matrix_key
+from .pipeline import SEQUENTIAL, Phases
 from .repair_step import delta_matrices
 
 BISECTION_STEPS = 200
@@ -58,17 +60,27 @@ def read_rows(out: Path, plan_id: str) -> dict[tuple[str, int | None, str | None
                                 if r.plan_id == plan_id])
 
 
-def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[CalibrationRow]:
-    """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method)."""
-    method = settings.method
+def calibrate_unit(jobs: list[EntryJob], settings: StepSettings, phases: Phases = SEQUENTIAL
+                   ) -> list[CalibrationRow]:
+    """Per matrix: Σ Δ² and the method's calibration curve (the spectrum for a spectral method). Every
+    Δ of the unit is read first, then the curves are computed in one compute phase."""
     scales = companions(jobs)
-    out: list[CalibrationRow] = []
+    loaded = []
     for job in jobs:
-        e = job.entry
-        if e.kind not in REPAIR_KINDS:  # passthrough, scales, and `dequant` (converted, never repaired)
+        if job.entry.kind not in REPAIR_KINDS:  # passthrough, scales, and `dequant` (converted, never repaired)
             continue
         start = time.perf_counter()
-        mats, kind = delta_matrices(job, scales.get(e.name))
+        mats, kind = delta_matrices(job, scales.get(job.entry.name))
+        loaded.append((job.entry, mats, kind, time.perf_counter() - start))
+    return phases.compute(_curves, loaded, settings)
+
+
+def _curves(loaded: list[tuple[PlanEntry, torch.Tensor, str, float]], settings: StepSettings
+            ) -> list[CalibrationRow]:
+    method = settings.method
+    out: list[CalibrationRow] = []
+    for e, mats, kind, read_s in loaded:
+        start = time.perf_counter()
         mine = []
         for i in range(mats.shape[0]):
             d = mats[i]
@@ -81,10 +93,9 @@ def calibrate_unit(jobs: list[EntryJob], settings: StepSettings) -> list[Calibra
             mine.append(CalibrationRow(tensor=e.name, expert=expert, part=part, rows=int(d.shape[0]),
                                        cols=int(d.shape[1]), energy=float(torch.sum(d.double() ** 2)),
                                        curve=[float(x) for x in curve], plan_id=settings.plan_id, seconds=0.0))
-        per = (time.perf_counter() - start) / len(mine)  # the entry's time, shared by its matrices
+        per = (read_s + time.perf_counter() - start) / len(mine)  # the entry's time, shared by its matrices
         out.extend(replace(r, seconds=per) for r in mine)
     return out
-
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The in-process executor: every phase's units run one after the other in this process."""
+"""The in-process executor: every phase's units run in this process, two at a time with overlap
+(run/pipeline.py: this thread computes, unit threads read and write beside it), one at a time without."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from ...kernels.threads import cpu_thread_policy
 from ..config import RepairConfig
 from ..output import shards
 from . import interrupt
+from .pipeline import SLOTS, Hooks, run_overlapped
 from .session import Phase, RunSession
 
 
-def run_phase(phase: Phase) -> None:
-    for unit in phase.units:
-        phase.commit(unit, phase.step(phase.jobs(unit), phase.settings))
+def run_phase(phase: Phase, overlap: bool = False, hooks: Hooks | None = None) -> None:
+    """Run a phase's units and commit them in order; `overlap` runs the next unit's reads and the
+    previous unit's writes beside the current unit's kernels."""
+    run_overlapped(phase.units, lambda unit, phases: phase.step(phase.jobs(unit), phase.settings, phases),
+                   phase.commit, slots=SLOTS if overlap else 1, hooks=hooks or Hooks.from_env(),
+                   alone=phase.runs_alone)
 
 
 def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any]:
@@ -29,9 +34,10 @@ def run_repair(cfg: RepairConfig, stream: TextIO | None = None) -> dict[str, Any
         with policy:
             if session.calibration is not None:
                 try:
-                    run_phase(session.calibration)
+                    run_phase(session.calibration, cfg.execution.overlap)
                 finally:
                     session.calibration.close()
                 session.resolve_target()
-            run_phase(session)
-        return session.finish({"executor": {"kind": "in-process", "device": session.settings.device}})
+            run_phase(session, cfg.execution.overlap)
+        return session.finish({"executor": {"kind": "in-process", "device": session.settings.device,
+                                            "overlap": cfg.execution.overlap}})

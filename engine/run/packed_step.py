@@ -25,6 +25,7 @@ from ..plan.model import PackedModule
 from .jobs import EntryJob, StepSettings, matrix_key, relative_error
 from .jobs import check_finite as _check_finite
 from .jobs import manifest_row as _row
+from .pipeline import SEQUENTIAL, Phases
 
 
 def module_values(mod: PackedModule, packed_file: ByteSource, scale_file: ByteSource,
@@ -67,7 +68,8 @@ def packed_matrices(job: EntryJob, aux: list[EntryJob]) -> torch.Tensor:
     return (ft_values(job, aux) - base_values(job))[None]
 
 
-def repair_packed(jobs: list[EntryJob], aux: dict[str, list[EntryJob]], settings: StepSettings) -> list[ManifestRow]:
+def repair_packed(jobs: list[EntryJob], aux: dict[str, list[EntryJob]], settings: StepSettings,
+                  phases: Phases = SEQUENTIAL) -> list[ManifestRow]:
     """Repair (or, for `dequant` entries, only convert) the unit's packed weights; returns manifest rows."""
     start = time.perf_counter()
     w1s = [ft_values(j, aux[j.entry.name]) for j in jobs]
@@ -78,14 +80,15 @@ def repair_packed(jobs: list[EntryJob], aux: dict[str, list[EntryJob]], settings
         w0s = {i: base_values(jobs[i]) for i in todo}
         deltas = torch.stack([w1s[i] - w0s[i] for i in todo])
         keys = [matrix_key(jobs[i].entry.name, "svd", 0) for i in todo]
-        d_star, got = apply_method(settings.method, deltas, keys, settings.kernel, device=settings.device,
-                                   threads=settings.threads)
+        d_star, got = phases.compute(apply_method, settings.method, deltas, keys, settings.kernel,
+                                     device=settings.device, threads=settings.threads)
         del deltas
         for k, i in enumerate(todo):
             stats[i] = got[k]
             if not got[k].degenerate:  # Δ = 0 or Δ* = Δ keeps the fine-tune's values
                 w_star[i] = d_star[k].add_(w0s[i])
-    seconds = (time.perf_counter() - start) / len(jobs)
+    phases.store()  # (`dequant` entries only: nothing was computed)
+    seconds = (time.perf_counter() - start - phases.waited) / len(jobs)
     rows: list[ManifestRow] = []
     for job, w, st in zip(jobs, w_star, stats, strict=True):
         rows.extend(_write(job, aux[job.entry.name], w, st, settings, seconds))

@@ -20,9 +20,11 @@ from ..plan.kinds import STACK_KINDS, Kind
 from ..plan.layouts import from_matrices, row_identity, to_matrices
 from .jobs import EntryJob, StepSettings, check_finite, dequantize, matrix_key, policy_out_dtype, relative_error
 from .jobs import manifest_row as _row
+from .pipeline import SEQUENTIAL, Phases
 
 
-def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
+def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings,
+                     phases: Phases = SEQUENTIAL) -> list[ManifestRow]:
     """Block-FP8 / MXFP4: dequantise both checkpoints with their own scales, repair in float32 per matrix,
     then re-quantise to the fine-tune's layout and scale convention, or write BF16 (`dequant` entries
     are only converted). A matrix with Δ = 0 or Δ* = Δ keeps the fine-tune's values; when every matrix
@@ -34,14 +36,15 @@ def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings)
     w_star = w1
     if mats1 is not None and mats0 is not None:
         keys = [matrix_key(e.name, e.batch_kind, i) for i in range(mats1.shape[0])]
-        d_star, stats = apply_method(settings.method, mats1 - mats0, keys, settings.kernel,
-                                     device=settings.device, threads=settings.threads, out_dtype=policy_out_dtype(e),
-                                     fp64_rate=settings.fp64_rate)
+        d_star, stats = phases.compute(apply_method, settings.method, mats1 - mats0, keys, settings.kernel,
+                                       device=settings.device, threads=settings.threads,
+                                       out_dtype=policy_out_dtype(e), fp64_rate=settings.fp64_rate)
         mats = d_star.add_(mats0)
         for i, st in enumerate(stats):
             if st.degenerate:
                 mats[i] = mats1[i]
         w_star = from_matrices(mats, e.batch_kind, tuple(w1.shape), e.layout)
+    phases.store()  # (a `dequant` entry: nothing was computed)
     unchanged = e.kind != Kind.DEQUANT and all(st is not None and st.degenerate for st in stats)
     if e.out_dtype is None and unchanged:  # the fine-tune's bytes, weight and scales
         copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin, tensor=e.name)
@@ -65,7 +68,7 @@ def repair_quantized(job: EntryJob, scale_job: EntryJob, settings: StepSettings)
         error = relative_error(out, want)
         w_bytes, s_bytes = out.reshape(-1).view(torch.uint8).numpy(), None
         pwrite(job.out_file, e.out_begin, w_bytes)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - phases.waited
     rows = []
     slabs = e.ft.shape[0] if e.batch_kind in STACK_KINDS else 1
     per = e.out_nbytes // slabs

@@ -25,29 +25,32 @@ from ..plan.layouts import from_matrices, row_identity, to_matrices
 from .jobs import EntryJob, StepSettings, batch_out_dtype, check_finite, companions, dequantize, matrix_key
 from .jobs import manifest_row as _row
 from .packed_step import base_values, packed_matrices, repair_packed
+from .pipeline import SEQUENTIAL, Phases
 from .quantized_step import quantized_matrices, repair_quantized
 
 
-def repair_unit(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRow]:
-    """Execute a work unit: copies for passthrough entries, one kernel batch for repair entries."""
+def repair_unit(jobs: list[EntryJob], settings: StepSettings, phases: Phases = SEQUENTIAL) -> list[ManifestRow]:
+    """Execute a work unit: copies for passthrough entries, one kernel batch for repair entries.
+    `phases` admits the kernels and the writes (run/pipeline.py: overlap with the worker's other unit)."""
     rows: list[ManifestRow] = []
     scales = companions(jobs)
     packed = [j for j in jobs if j.entry.packed is not None and j.entry.kind in (Kind.PACKED_INT, Kind.DEQUANT)]
     if packed:
-        rows.extend(repair_packed(packed, scales, settings))
+        rows.extend(repair_packed(packed, scales, settings, phases))
     for job in jobs:
         if job.entry.kind in QUANTIZED_KINDS and job.entry.packed is None:
-            rows.extend(repair_quantized(job, scales[job.entry.name][0], settings))
+            rows.extend(repair_quantized(job, scales[job.entry.name][0], settings, phases))
         elif job.entry.kind not in REPAIR_KINDS and job.entry.kind not in SCALE_KINDS + QUANTIZED_KINDS:
-            rows.extend(_copy_entry(job, settings))
+            rows.extend(_copy_entry(job, settings, phases))
     repairs = [j for j in jobs if j.entry.kind in REPAIR_KINDS and j.entry.kind not in QUANTIZED_KINDS
                and j.entry.kind != Kind.PACKED_INT]
     if repairs:
-        rows.extend(_repair_entries(repairs, settings))
+        rows.extend(_repair_entries(repairs, settings, phases))
     return rows
 
 
-def _copy_entry(job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
+def _copy_entry(job: EntryJob, settings: StepSettings, phases: Phases) -> list[ManifestRow]:
+    phases.store()  # a copy reads and writes in chunks: all of it is the store phase
     start = time.perf_counter()
     e = job.entry
     digest = copy_range(job.ft_file, e.ft.begin, e.ft.end, job.out_file, e.out_begin, tensor=e.name)
@@ -55,7 +58,7 @@ def _copy_entry(job: EntryJob, settings: StepSettings) -> list[ManifestRow]:
                  seconds=time.perf_counter() - start, plan_id=settings.plan_id)]
 
 
-def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[ManifestRow]:
+def _repair_entries(jobs: list[EntryJob], settings: StepSettings, phases: Phases) -> list[ManifestRow]:
     """Repair entries that share one matrix shape in one kernel batch (B = all their matrices)."""
     start = time.perf_counter()
     if len({j.entry.matrix_shape for j in jobs}) != 1 or (len(jobs) > 1 and any(j.entry.n_matrices != 1
@@ -71,13 +74,13 @@ def _repair_entries(jobs: list[EntryJob], settings: StepSettings) -> list[Manife
     del deltas
     keys = [matrix_key(j.entry.name, j.entry.kind, i) for j in jobs for i in range(j.entry.n_matrices)]
     factors: Factors | None = [] if settings.adapter_parts and isinstance(settings.method, SpectralMethod) else None
-    d_star, stats = apply_method(settings.method, stacked, keys, settings.kernel, device=settings.device,
-                                 threads=settings.threads, factors=factors, out_dtype=batch_out_dtype(jobs),
-                                 fp64_rate=settings.fp64_rate)
+    d_star, stats = phases.compute(apply_method, settings.method, stacked, keys, settings.kernel,
+                                   device=settings.device, threads=settings.threads, factors=factors,
+                                   out_dtype=batch_out_dtype(jobs), fp64_rate=settings.fp64_rate)
     del stacked
     if factors is not None:
         _save_factors(jobs, factors, Path(settings.adapter_parts))
-    seconds = (time.perf_counter() - start) / len(stats)
+    seconds = (time.perf_counter() - start - phases.waited) / len(stats)
     rows: list[ManifestRow] = []
     first = 0
     for job, base32, extra in zip(jobs, bases, extras, strict=True):

@@ -7,8 +7,9 @@ settings, run in this process or on a Ray actor) and where its rows go. A run ha
 (`RunSession`, rows are manifest rows). Executors (run/executor.py, dgrepair.cluster) differ only in
 who calls `step`; committing rows, finalising shards, progress and the summary happen here.
 
-Memory is bounded by one work unit at a time (a few float32 copies of its matrices). Rows are
-committed to the manifest in batches; before a batch is committed the shards it touched are
+Memory is bounded by the units in flight: one at a time, or two with overlap (run/pipeline.py),
+each sized to its share of --batch-mb (a few float32 copies of its matrices). Rows are committed
+to the manifest in batches; before a batch is committed the shards it touched are
 fsynced, so a committed row always describes bytes on disk.
 """
 
@@ -32,11 +33,12 @@ from ..output.lock import LockHolder, OutputLock
 from ..output.manifest import ManifestRow
 from ..output.target import LocalOutput, OutputTarget
 from ..plan.kinds import REPAIR_KINDS, SCALE_KINDS
-from ..plan.units import WorkUnit, make_units
+from ..plan.units import WorkUnit, make_units, runs_alone, unit_budget
 from . import calibration
 from .calibration import CalibrationRow, calibrate_unit
 from .inputs import adapter_parts, entry_job, expected_keys, load_inputs
 from .jobs import EntryJob, StepSettings
+from .pipeline import SLOTS, Phases
 from .progress import Progress
 from .repair_step import repair_unit
 from .resume import verified_done
@@ -57,9 +59,11 @@ class Phase(Protocol[R]):
     writes_output: ClassVar[bool]  # whether the step writes output bytes (progress and per-node totals)
 
     @property
-    def step(self) -> Callable[[list[EntryJob], StepSettings], list[R]]: ...
+    def step(self) -> Callable[[list[EntryJob], StepSettings, Phases], list[R]]: ...
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]: ...
+
+    def runs_alone(self, unit: WorkUnit) -> bool: ...  # with overlap: nothing else in flight on its worker
 
     def commit(self, unit: WorkUnit, rows: list[R], note: str = "", node: str | None = None) -> None: ...
 
@@ -137,6 +141,8 @@ class RunSession:
         self.settings = StepSettings(cfg.repair_method(), cfg.execution.kernel, self.inp.plan.plan_id, device=device,
                                      threads=cfg.execution.threads or None, adapter_parts=str(parts) if parts else None,
                                      fp64_rate=cfg.execution.fp64_rate)
+        # with overlap a worker holds two units at once: each gets half the budget (plan/units.py)
+        self.unit_bytes = unit_budget(cfg.execution.batch_mb << 20, SLOTS if cfg.execution.overlap else 1)
         self.solution: calibration.Solution | None = None
         self.calibration = CalibrationPhase(self, stream) if cfg.method.target_rho is not None else None
         todo = [e for e in self.inp.plan.entries if e.name not in self.done]
@@ -151,7 +157,7 @@ class RunSession:
                 elif self.remaining[shard] > 0 and self.target.is_final(shard):
                     # a finalised shard that no longer verifies
                     self.target.reopen(shard, *self.inp.plan.out_shards[shard])
-        self.units = make_units(todo, cfg.execution.batch_mb << 20, per_shard=self.target.per_shard_units)
+        self.units = make_units(todo, self.unit_bytes, per_shard=self.target.per_shard_units)
         self.committer = Committer(self.inp.out, interval_s=cfg.execution.commit_interval_s,
                                    fsync_shards=self.target.fsync_partials, on_part=self.target.mirror)
         self.finished = len(self.done)
@@ -188,6 +194,9 @@ class RunSession:
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         return [entry_job(self.inp, e) for e in unit.entries]
+
+    def runs_alone(self, unit: WorkUnit) -> bool:
+        return self.cfg.execution.overlap and runs_alone(unit, self.cfg.execution.batch_mb << 20)
 
     def commit(self, unit: WorkUnit, rows: list[ManifestRow], note: str = "", node: str | None = None) -> None:
         """Record a finished unit; finalise every shard whose last tensor this was."""
@@ -228,7 +237,7 @@ class RunSession:
             self.checks[shard].pop(k, None)
         self.remaining[shard] += len(entries)
         self.finished -= len(entries)
-        return make_units(entries, self.cfg.execution.batch_mb << 20, per_shard=True)
+        return make_units(entries, self.unit_bytes, per_shard=True)
 
     def _done_checks(self, latest: dict[tuple[str, int | None, str | None], ManifestRow]
                      ) -> dict[str, dict[tuple[str, int | None, str | None], tuple[int, int, str]]]:
@@ -284,8 +293,7 @@ class CalibrationPhase:
         todo = {e.name for e in entries if any(k not in have for k in expected_keys(e))}
         todo |= {e.companion for e in entries if e.companion and e.name in todo}  # quantized scales travel along
         todo |= {e.name for e in session.inp.plan.entries if e.kind in SCALE_KINDS and e.companion in todo}
-        budget = session.cfg.execution.batch_mb << 20
-        self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], budget)
+        self.units = make_units([e for e in session.inp.plan.entries if e.name in todo], session.unit_bytes)
         self.pending: list[CalibrationRow] = []
         self.say = session.say
         self.bar = Progress("calibrate", sum(u.nbytes for u in self.units), len(todo), 0,
@@ -294,6 +302,9 @@ class CalibrationPhase:
 
     def jobs(self, unit: WorkUnit) -> list[EntryJob]:
         return self.session.jobs(unit)
+
+    def runs_alone(self, unit: WorkUnit) -> bool:
+        return self.session.runs_alone(unit)
 
     def commit(self, unit: WorkUnit, rows: list[CalibrationRow], note: str = "",  # noqa: ARG002
                node: str | None = None) -> None:  # noqa: ARG002

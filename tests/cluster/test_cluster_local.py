@@ -160,3 +160,61 @@ def test_methods_target_rho_and_adapter_on_ray_match_the_in_process_engine(pair,
     if "emit_adapter" in kw:
         assert ((tmp_path / "ad-engine" / "adapter_model.safetensors").read_bytes()
                 == (tmp_path / "ad-ray" / "adapter_model.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_actor_reads_the_next_unit_while_one_computes_and_writes_the_same_bytes(pair, tmp_path, monkeypatch,
+                                                                                   overlap):
+    from traces import never_two_computing, one_after_another, overlapped, read_trace
+
+    run_repair(cfg(pair, tmp_path / "clean", in_process=True))
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("DGREPAIR_TRACE_UNITS", str(trace))
+    monkeypatch.setenv("DGREPAIR_FAULT_SLOW_LOAD", "0.4")  # a slow read on every unit
+    run_distributed(cfg(pair, tmp_path / "out", workers=1, overlap=overlap))
+    events = read_trace(trace)
+    assert len({pid for pid, _, _ in events}) == 1  # one actor ran them all
+    assert never_two_computing(events)
+    if overlap:
+        assert len(overlapped(events)) >= 2, events
+    else:
+        assert one_after_another(events) and overlapped(events) == []
+    same_bytes(tmp_path / "clean", tmp_path / "out")
+
+
+def test_an_actor_lost_with_two_units_in_flight_has_both_redone(pair, tmp_path, monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+
+    from traces import read_trace
+
+    run_repair(cfg(pair, tmp_path / "clean", in_process=True))
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("DGREPAIR_TRACE_UNITS", str(trace))
+    monkeypatch.setenv("DGREPAIR_FAULT_SLOW_LOAD", "1.5")
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(summary=run_distributed(
+        cfg(pair, tmp_path / "out", workers=1, overlap=True))))
+    driver.start()
+    deadline, lost, pid = time.monotonic() + 120, set(), None
+    while time.monotonic() < deadline and len(lost) < 2:
+        running: dict[str, set[str]] = {}
+        for p, unit, event in read_trace(trace):
+            if event == "load":
+                running.setdefault(p, set()).add(unit)
+            elif event == "stored":
+                running.get(p, set()).discard(unit)
+        pid, lost = next(((p, units) for p, units in running.items() if len(units) >= 2), (None, set()))
+        time.sleep(0.02)
+    assert pid is not None, "never saw two units in flight on the actor"
+    os.kill(int(pid), signal.SIGKILL)  # the actor process dies with both units half done
+    driver.join(timeout=240)
+    assert not driver.is_alive() and "summary" in result
+    assert result["summary"]["executor"]["requeued_units"] >= 2
+    after = read_trace(trace)
+    for unit in lost:
+        assert not any(p == pid and u == unit and e == "stored" for p, u, e in after)  # the first try died
+        assert any(p != pid and u == unit and e == "stored" for p, u, e in after), unit  # redone elsewhere
+    same_bytes(tmp_path / "clean", tmp_path / "out")

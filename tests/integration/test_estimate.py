@@ -55,3 +55,20 @@ def test_plan_prints_precision_and_estimate(tmp_path, capsys):
     assert "precision, BF16 outputs: gram64: BF16 output, fast-FP64 device (on cpu)" in text
     assert "PROJECTION" in text and "peak device memory" in text
     assert main(["plan", "--base", str(pair.base), "--ft", str(pair.ft), "--estimate", "3xfoo"]) == 2
+
+
+def test_overlap_hides_io_behind_compute_and_two_units_in_flight_bound_the_peak():
+    from dgrepair.engine.analysis.estimate import HOST_BASE_GIB, HOST_PER_F32_COPY, RAY_STARTUP_S
+
+    work = [MatrixWork(2048, 2048, 100, "BF16")]
+    on, off = (estimate(work, 10 ** 10, 1 << 20, parse_cluster("4xcpu"), 1.0, overlap=o) for o in (True, False))
+    assert on["wall_s"] == pytest.approx(RAY_STARTUP_S + max(on["compute_s_per_worker"], on["io_s"]))
+    assert off["wall_s"] == pytest.approx(RAY_STARTUP_S + off["compute_s_per_worker"] + off["io_s"])
+    # small tensors: two units of up to --batch-mb (256 MiB of working set each) set the peak with overlap
+    unit_gib = (256 << 20) / 4 / 2 ** 30  # float32 bytes of a unit at the budget (its working set is 4 copies)
+    assert on["peak_host_gib_per_worker"] == pytest.approx(HOST_BASE_GIB + HOST_PER_F32_COPY * 2 * unit_gib)
+    assert off["peak_host_gib_per_worker"] == pytest.approx(HOST_BASE_GIB + HOST_PER_F32_COPY * unit_gib)
+    # one large tensor runs alone (engine/plan/units.py): the same peak with and without overlap
+    big = [estimate(work, 10 ** 10, 8 << 30, parse_cluster("4xcpu"), 1.0, overlap=o) for o in (True, False)]
+    assert big[0]["peak_host_gib_per_worker"] == big[1]["peak_host_gib_per_worker"] == pytest.approx(
+        HOST_BASE_GIB + HOST_PER_F32_COPY * 8)
