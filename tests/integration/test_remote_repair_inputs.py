@@ -128,9 +128,9 @@ def _at_the_first_unit(monkeypatch, action) -> None:
     """Run `action` just before the first work unit reads its tensors (the output folder is prepared)."""
     step = run_session.RunSession.step
 
-    def act_then_step(jobs, settings):
+    def act_then_step(*args):  # (jobs, settings, phases)
         action()
-        return step(jobs, settings)
+        return step(*args)
 
     monkeypatch.setattr(run_session.RunSession, "step", staticmethod(act_then_step))
 
