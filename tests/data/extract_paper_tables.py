@@ -1,6 +1,6 @@
 """Regenerate paper_tab14_15_scores.csv and paper_tab14_15_combined.csv from the paper text.
 
-Usage: python tests/data/extract_paper_tables.py /work/shared/seeds/000_4dea5f7513d88072.txt
+Usage: python tests/data/extract_paper_tables.py PAPER.txt   (the paper "Spectral Unforgetting" as plain text)
 
 The paper's App. H prints Tab. 14 (Qwen3.5-4B) then Tab. 15 (Llama-3.2-3B-Instruct), each with the
 header `Task | Method | ARC | GSM8K | HSwag | IFEval | Math | MMLU | MNLI | Trivia | TruthQA | Avg. |
