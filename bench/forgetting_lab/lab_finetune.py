@@ -191,6 +191,14 @@ def finetune(
 
 
 def _write_curve(path: Path, curve: list) -> None:
+    """Loss and seconds per step. A trajectory rebuilt to a shorter length than the file records (weights
+    retrained for a ledger cell) keeps the recorded tail, as long as the steps both have agree on the loss."""
+    rows = [f"{s},{loss:.6f},{sec:.4f}\n" for s, loss, sec in curve]
+    if path.is_file():
+        old = path.read_text().splitlines(keepends=True)[1:]
+        same = all(a.split(",")[:2] == b.split(",")[:2] for a, b in zip(old, rows, strict=False))
+        if same and len(old) > len(rows):
+            rows += old[len(rows):]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("step,loss,seconds\n" + "".join(f"{s},{loss:.6f},{sec:.4f}\n" for s, loss, sec in curve))
+    tmp.write_text("step,loss,seconds\n" + "".join(rows))
     os.replace(tmp, path)

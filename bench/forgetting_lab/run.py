@@ -96,23 +96,25 @@ def cell_dir(work: Path, task: str, lr: float, seed: int, steps: int) -> Path:
     return work / "cells" / f"{task}-lr{lr:g}-s{seed}-n{steps}"
 
 
+def _variant_cached(cdir: Path, name: str, suite: Suite, repair_only: bool) -> bool:
+    """A variant's results are all on disk: the repair's summary, its lab record and, unless the cell is
+    repair-only, its evaluation (weights are not needed: they are deleted once evaluated)."""
+    return ((cdir / "repairs" / name / "dgrepair" / "summary.json").is_file()
+            and (cdir / "repairs" / f"{name}.lab.json").is_file()
+            and (repair_only or has_eval(suite, cdir / "evals" / f"{name}.json")))
+
+
 def _pending(work: Path, args: argparse.Namespace, suite: Suite, seed: int, steps: int, offered: set) -> bool:
     """Whether the cell needs its fine-tune's weights: its checkpoint record, the fine-tune's evaluation, or
-    a selected variant's repair, record or evaluation is not cached (a cell restored from the ledger,
-    lab_ledger.py, is complete without its weights)."""
+    a selected variant's results are not cached (a cell restored from the ledger, lab_ledger.py, is complete
+    without its weights)."""
     cdir = cell_dir(work, args.task, args.lr, seed, steps)
     if not (trajectory_dir(work, args.task, args.lr, seed) / f"steps{steps}" / "lab_ft.json").is_file():
         return True
     if not args.repair_only and not has_eval(suite, cdir / "evals" / "ft.json"):
         return True
-    for v in variants(seed, args.methods):
-        if (args.variants and v.name not in args.variants) or v.method not in offered:
-            continue
-        done = (cdir / "repairs" / v.name / "dgrepair" / "summary.json").is_file()
-        recorded = (cdir / "repairs" / f"{v.name}.lab.json").is_file()
-        if not (done and recorded and (args.repair_only or has_eval(suite, cdir / "evals" / f"{v.name}.json"))):
-            return True
-    return False
+    return not all(_variant_cached(cdir, v.name, suite, args.repair_only) for v in variants(seed, args.methods)
+                   if not (args.variants and v.name not in args.variants) and v.method in offered)
 
 
 def make_suite(args: argparse.Namespace) -> Suite:
@@ -174,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                 out = cdir / "repairs" / v.name
                 done = (out / "dgrepair" / "summary.json").is_file()
                 evaluated_v = has_eval(suite, cdir / "evals" / f"{v.name}.json")
-                cached = done and (repair_only or evaluated_v)
-                if v.method not in offered or (args.cached_only and not cached):
+                if v.method not in offered or (args.cached_only and not _variant_cached(cdir, v.name, suite,
+                                                                                          repair_only)):
                     info["skipped"].append(v.name)
                     continue
                 evals_needed = not repair_only and not evaluated_v

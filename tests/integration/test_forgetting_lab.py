@@ -224,6 +224,29 @@ def test_resumed_trajectory_equals_uninterrupted(tmp_path):
         finetune(base, tmp_path / "parts", 0, [2, 3], batch=2, seq_len=16, task="date")
 
 
+def test_rebuilt_shorter_trajectory_keeps_the_recorded_curve(tmp_path):
+    """A ledger trajectory rebuilt only up to a shorter checkpoint keeps the losses recorded beyond it;
+    a curve whose common steps disagree is another trajectory's and is replaced, not extended."""
+    import shutil
+
+    from lab_base import build_base
+    from lab_finetune import STATE_DIR, _write_curve, finetune
+
+    base = build_base(tmp_path / "base", 2)
+    root = tmp_path / "traj"
+    finetune(base, root, 0, [1, 3], batch=2, seq_len=16, task="date")
+    recorded = (root / "curve.csv").read_text().splitlines()
+    assert len(recorded) == 4  # header + 3 steps
+    shutil.rmtree(root / STATE_DIR)  # what the ledger restores: records and the curve, no weights or state
+    for n in (1, 3):
+        (root / f"steps{n}" / "model.safetensors").unlink()
+    finetune(base, root, 0, [1], batch=2, seq_len=16, task="date")
+    rebuilt = (root / "curve.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rebuilt] == [r.split(",")[:2] for r in recorded]
+    _write_curve(root / "curve.csv", [[1, 99.0, 0.1]])
+    assert (root / "curve.csv").read_text().splitlines() == ["step,loss,seconds", "1,99.000000,0.1000"]
+
+
 @pytest.mark.lab
 def test_round2_plan_smoke(tmp_path):
     """The round-2 driver on a shrunken plan: the sweep's choice follows its stated criterion, the chosen
