@@ -140,3 +140,51 @@ def test_exported_factors_rebuild_delta_star_including_a_median_zero_matrix(lapa
             target = want if m is d else want.T
             err = np.linalg.norm((left @ right).double().numpy() - target) / np.linalg.norm(target)
             assert err < 1e-5, (st.degenerate, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_and_finite_checks_agree_with_elementwise_masks(dtype):
+    """The one-pass min/max checks give exactly what the element-wise masks give, NaN and ±Inf and
+    signed zeros and subnormals included, wherever the odd value sits."""
+    from dgrepair.engine.errors import RepairFailure
+    from dgrepair.engine.run.jobs import check_finite
+    from dgrepair.kernels.spectral import is_zero
+
+    tiny = torch.finfo(dtype).tiny / 4  # a subnormal: not zero
+    for odd in (0.0, -0.0, tiny, -tiny, 1.0, float("nan"), float("inf"), float("-inf")):
+        for pos in (0, 37, 299):
+            t = torch.zeros(300, dtype=dtype)
+            t[pos] = odd
+            assert is_zero(t) == (not bool(torch.any(t != 0))), (odd, pos)
+            if bool(torch.isfinite(t).all()):
+                check_finite(t, "w", "f.safetensors")
+            else:
+                with pytest.raises(RepairFailure, match=r"f\.safetensors: tensor 'w' holds 1 NaN/Inf"):
+                    check_finite(t, "w", "f.safetensors")
+    check_finite(torch.empty(0, dtype=dtype), "w", "f.safetensors")
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (64, 64), (1000, 37), (37, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1 << 24, 5000])
+def test_lapack_gram_and_projection_match_float64_in_every_layout(shape, dtype, chunk):
+    """The CPU Gram and projection read tall row blocks and a wide matrix's transposed view without
+    copying, and gemm writes the projection straight into the output (beta = 0 over NaN garbage): all
+    four layouts, one block or many, agree with a float64 numpy reference."""
+    from dgrepair.kernels import linalg
+
+    rng = np.random.default_rng(sum(shape))
+    d = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    tall = shape[0] >= shape[1]
+    work = d if tall else d.T
+    w64 = work.numpy().astype(np.float64)
+    g = linalg.gram(work, dtype, torch.device("cpu"), chunk).numpy()
+    ref = w64.T @ w64
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert np.abs(np.tril(g) - np.tril(ref)).max() <= tol * np.abs(ref).max()
+    v = torch.from_numpy(np.linalg.qr(rng.standard_normal((work.shape[1], 5)))[0]).to(dtype)
+    out = torch.full(shape, float("nan"))
+    dst = out if tall else out.T
+    linalg.project(work, v, dst, chunk)
+    pref = w64 @ v.numpy().astype(np.float64) @ v.numpy().astype(np.float64).T
+    assert np.abs(dst.numpy() - pref).max() <= 1e-5 * np.abs(pref).max()
