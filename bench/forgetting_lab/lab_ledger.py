@@ -30,6 +30,7 @@ PATTERNS = (
     "results-*.json",
     "scores-*.csv",
     "report.md",
+    "report_figures/*.png",  # the report's figures (lab_plots.py), drawn from the results above
     "ft/*/curve.csv",
     "ft/*/steps*/lab_ft.json",
     "cells/*/evals/*.json",

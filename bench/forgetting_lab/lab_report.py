@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab_evaluate import BENCHMARKS
@@ -114,11 +115,30 @@ def write_report(results: dict, path: Path) -> None:
             out.append("| " + " | ".join(row) + " |")
         out.append("")
     out += _aggregate(cells, methods, scores)
+    out += _figures(all_cells, path)
     out += _ranks(all_cells)
     out += _population(results)
     out += _wins(cells, methods, scores)
     out += ["", NOTES_MARKER + notes.rstrip("\n") if notes else NOTES_MARKER, ""]
     path.write_text("\n".join(out) + ("\n" if not notes else ""))
+
+
+def _figures(cells: list[dict], report: Path) -> list[str]:
+    """Draw the figures (lab_plots.py) beside the report, in `<report stem>_figures/`, and link them."""
+    from lab_plots import write_plots
+
+    drawn = write_plots(cells, report.parent / f"{report.stem}_figures")
+    if not drawn:
+        return []
+    captions = {"score_vs_rho": "Damaged held-out skill (geography) against each variant's global ρ, one point per "
+                                "seed, as the change from that seed's fine-tune; dotted: the straight line from "
+                                "base (ρ 0) to the fine-tune (ρ 1, change 0).",
+                "noise_residual": "DG-Hard@1's discarded energy ‖Δ‖² − ‖Δ*‖² and its share 1 − ρ² against the "
+                                  "fine-tune length (mean over seeds, min–max bars)."}
+    out = ["## Figures", ""]
+    for name, fig in drawn.items():
+        out += [f"![{name}]({os.path.relpath(fig, report.parent)})", "", captions[name], ""]
+    return out
 
 
 def _by_length(cells: list[dict]) -> dict[str, list[dict]]:
@@ -213,27 +233,50 @@ def _ranks(cells) -> list[str]:
                        f"{r['rank_kept_mean']:.1f} ({r['rank_kept_min']}–{r['rank_kept_max']}) / {r['rank_total']} | "
                        f"{_f(r['rho_mean'])} | {_f(r['noise_energy_fraction_mean'])} |")
     out.append("")
-    by_len = _by_length(cells)
-    if by_len:
+    rows = noise_residual(cells)
+    if rows:
         out += ["Noise residual per length: ‖Δ‖²_F summed over repaired matrices, the part DG-Hard@1 discards "
                 "(‖Δ‖² − ‖Δ*‖², absolute and as a share 1 − ρ²), and the mean noise level σ̂ of the MLP and "
                 "attention matrices (manifest `sigma_hat`). Mean over seeds (min–max):", ""]
         out += ["| task, steps | seeds | global ρ | ‖Δ‖² | discarded ‖Δ‖²−‖Δ*‖² | share 1−ρ² | mean σ̂ (q…down) |",
                 "|---|---|---|---|---|---|---|"]
-        for steps, group in by_len.items():
-            recs = [c["repairs"]["dg_hard@1"] for c in group if "dg_hard@1" in c["repairs"]]
-            if not recs:
-                continue
-            tot = [sum(r.get("delta_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
-            kept = [sum(r.get("kept_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
-            sig = [statistics.mean(r.get("sigma_hat_mean", float("nan")) for k, r in rec["ranks"].items()
-                                   if k not in ("embed_tokens", "lm_head", "other")) for rec in recs]
-            rhos = [rec["global_rho"] for rec in recs]
-            out.append(f"| {steps} | {len(recs)} | {_mean_range(rhos)} | {_mean_range(tot)} | "
-                       f"{_mean_range([t - k for t, k in zip(tot, kept, strict=True)])} | "
-                       f"{_mean_range([1 - r * r for r in rhos])} | {_mean_range([x * 1e4 for x in sig])} ×1e-4 |")
+        for r in rows:
+            out.append(f"| {r.task}, {r.steps} | {len(r.rhos)} | {_mean_range(r.rhos)} | {_mean_range(r.total)} | "
+                       f"{_mean_range(r.discarded)} | {_mean_range(r.share)} | "
+                       f"{_mean_range([x * 1e4 for x in r.sigma])} ×1e-4 |")
         out.append("")
     return out
+
+
+@dataclass(frozen=True)
+class NoiseRow:
+    """DG-Hard@1's noise residual at one (task, length), one value per seed: the table's and the plot's."""
+
+    task: str
+    steps: int
+    rhos: list[float]
+    total: list[float]  # ‖Δ‖² summed over repaired matrices
+    discarded: list[float]  # ‖Δ‖² − ‖Δ*‖²
+    share: list[float]  # 1 − ρ²
+    sigma: list[float]  # mean σ̂ of the attention and MLP matrices
+
+
+def noise_residual(cells: list[dict]) -> list[NoiseRow]:
+    """Per (task, steps), in order, the cells' DG-Hard@1 records summed over matrix classes."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        if "dg_hard@1" in c["repairs"]:
+            groups.setdefault((c.get("task", "add"), c["steps"]), []).append(c["repairs"]["dg_hard@1"])
+    rows = []
+    for (task, steps), recs in sorted(groups.items()):
+        tot = [sum(r.get("delta_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
+        kept = [sum(r.get("kept_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
+        sig = [statistics.mean(r.get("sigma_hat_mean", float("nan")) for k, r in rec["ranks"].items()
+                               if k not in ("embed_tokens", "lm_head", "other")) for rec in recs]
+        rhos = [rec["global_rho"] for rec in recs]
+        rows.append(NoiseRow(task, steps, rhos, tot, [t - k for t, k in zip(tot, kept, strict=True)],
+                             [1 - r * r for r in rhos], sig))
+    return rows
 
 
 def _population(results) -> list[str]:

@@ -337,3 +337,40 @@ def test_ledger_continues_in_a_new_workdir(tmp_path, monkeypatch):
 def _timeless(evals: dict) -> dict:
     """Evaluation results without their wall seconds (the only field that may differ between two runs)."""
     return {m: {b: {k: v for k, v in r.items() if k != "seconds"} for b, r in e.items()} for m, e in evals.items()}
+
+
+def _plot_cell(seed: int, steps: int, ft_geo: float, dg_geo: float, rho: float, delta_sq: list[float],
+               kept_sq: list[float]) -> dict:
+    classes = ("q_proj", "down_proj")
+    ranks = {cls: {"delta_sq": d, "kept_sq": k, "sigma_hat_mean": 1e-4 * (i + 1)}
+             for i, (cls, d, k) in enumerate(zip(classes, delta_sq, kept_sq, strict=True))}
+    geo = {"base": 0.35, "ft": ft_geo, "dg_hard@1": dg_geo}
+    return {"cell": f"add-s{seed}-n{steps}", "task": "add", "seed": seed, "steps": steps,
+            "repairs": {"dg_hard@1": {"global_rho": rho, "ranks": ranks}},
+            "evals": {m: {"geography": {"score": g}} for m, g in geo.items()}}
+
+
+def test_lab_figures_plot_the_tables_numbers(tmp_path):
+    """The figures' series are the results' numbers worked by hand: geography minus the seed's own
+    fine-tune at each variant's ρ, and DG-Hard@1's summed discarded energy and share per length."""
+    import matplotlib.image
+    from lab_plots import plot_noise_residual, plot_score_vs_rho, rho_points
+    from lab_report import noise_residual
+
+    cells = [_plot_cell(0, 120, 0.25, 0.26, 0.9, [4.0, 6.0], [3.0, 5.0]),
+             _plot_cell(1, 120, 0.27, 0.27, 0.8, [2.0, 2.0], [1.0, 1.5]),
+             _plot_cell(0, 300, 0.20, 0.22, 0.95, [8.0, 8.0], [7.0, 7.0])]
+    pts = rho_points(cells)
+    assert pts[("add", 120)]["dg_hard@1"] == [(0.9, pytest.approx(0.01), 0), (0.8, 0.0, 1)]
+    assert pts[("add", 120)]["base"] == [(0.0, pytest.approx(0.10), 0), (0.0, pytest.approx(0.08), 1)]
+    assert pts[("add", 120)]["ft"] == [(1.0, 0.0, 0), (1.0, 0.0, 1)]
+    rows = noise_residual(cells)
+    assert [(r.steps, r.total, r.discarded) for r in rows] == [(120, [10.0, 4.0], [2.0, 1.5]),
+                                                                (300, [16.0], [2.0])]
+    assert rows[0].share == [pytest.approx(1 - 0.81), pytest.approx(1 - 0.64)]
+    assert rows[0].sigma == [pytest.approx(1.5e-4), pytest.approx(1.5e-4)]
+    for plot, name in ((plot_score_vs_rho, "rho.png"), (plot_noise_residual, "noise.png")):
+        width, height = plot(cells, tmp_path / name)
+        pixels = matplotlib.image.imread(tmp_path / name)
+        assert pixels.shape[:2] == (height, width) and float(pixels[..., :3].std()) > 0.01
+    assert plot_score_vs_rho([dict(cells[0], repair_only=True)], tmp_path / "none.png") is None
