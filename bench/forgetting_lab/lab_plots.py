@@ -1,11 +1,6 @@
-"""The lab report's two figures, drawn from the same results as its tables (nothing typed by hand).
-
-- `score_vs_rho.png`: per (task, length), the damaged held-out skill's score against each variant's
-  global ρ, one point per seed, as the change from that seed's own fine-tune (the seeds' fine-tunes
-  differ by more than the methods do); base sits at ρ = 0 and the fine-tune at (1, 0), so a method
-  above the dotted base–fine-tune line heals more than plain interpolation at its ρ.
-- `noise_residual.png`: DG-Hard@1's discarded energy ‖Δ‖² − ‖Δ*‖² and its share 1 − ρ² against the
-  fine-tune length (mean over seeds, min–max bars), per task.
+"""The lab report's two figures, drawn from the same results as its tables (nothing typed by hand);
+what each shows is its caption in CAPTIONS. The damaged skill is plotted as the change from each seed's
+own fine-tune because the seeds' fine-tunes differ by more than the methods do.
 
 matplotlib's object API on the Agg canvas (as `dgrepair report`): no display, no pyplot state.
 """
@@ -15,27 +10,34 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from lab_report import noise_residual
+from lab_report import by_task_length, noise_residual
 
 DAMAGED = "geography"  # the held-out skill both tasks damage (lab README)
 DPI = 100
 PANEL = (3.6, 3.0)
 MARKERS = "osD^v<>Px*"
+CAPTIONS = {
+    "score_vs_rho": "Damaged held-out skill (geography) against each variant's global ρ, one point per seed, as "
+                    "the change from that seed's fine-tune; dotted: the straight line from base (ρ 0) to the "
+                    "fine-tune (ρ 1, change 0).",
+    "noise_residual": "DG-Hard@1's discarded energy ‖Δ‖² − ‖Δ*‖² and its share 1 − ρ² against the fine-tune "
+                      "length (mean over seeds, min–max bars).",
+}
 
 
 def rho_points(cells: list[dict], benchmark: str = DAMAGED) -> dict[tuple[str, int], dict[str, list[tuple]]]:
     """Per (task, steps): method -> [(ρ, score − the seed's ft score, seed)] for every evaluated variant;
     base at ρ 0, ft at ρ 1 (and 0 by construction)."""
+    scored = sorted((c for c in cells if not c.get("repair_only") and "evals" in c), key=lambda c: c["seed"])
     out: dict[tuple[str, int], dict[str, list[tuple]]] = {}
-    for c in sorted(cells, key=lambda c: (c.get("task", "add"), c["steps"], c["seed"])):
-        if c.get("repair_only") or "evals" not in c:
-            continue
-        panel = out.setdefault((c.get("task", "add"), c["steps"]), {})
-        ft = c["evals"]["ft"][benchmark]["score"]
-        for method, ev in c["evals"].items():
-            rho = {"base": 0.0, "ft": 1.0}.get(method, c["repairs"].get(method, {}).get("global_rho"))
-            if rho is not None:
-                panel.setdefault(method, []).append((rho, ev[benchmark]["score"] - ft, c["seed"]))
+    for key, group in by_task_length(scored).items():
+        panel = out[key] = {}
+        for c in group:
+            ft = c["evals"]["ft"][benchmark]["score"]
+            for method, ev in c["evals"].items():
+                rho = {"base": 0.0, "ft": 1.0}.get(method, c["repairs"].get(method, {}).get("global_rho"))
+                if rho is not None:
+                    panel.setdefault(method, []).append((rho, ev[benchmark]["score"] - ft, c["seed"]))
     return out
 
 

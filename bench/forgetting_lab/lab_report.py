@@ -130,23 +130,25 @@ def _figures(cells: list[dict], report: Path) -> list[str]:
     drawn = write_plots(cells, report.parent / f"{report.stem}_figures")
     if not drawn:
         return []
-    captions = {"score_vs_rho": "Damaged held-out skill (geography) against each variant's global ρ, one point per "
-                                "seed, as the change from that seed's fine-tune; dotted: the straight line from "
-                                "base (ρ 0) to the fine-tune (ρ 1, change 0).",
-                "noise_residual": "DG-Hard@1's discarded energy ‖Δ‖² − ‖Δ*‖² and its share 1 − ρ² against the "
-                                  "fine-tune length (mean over seeds, min–max bars)."}
+    from lab_plots import CAPTIONS
+
     out = ["## Figures", ""]
     for name, fig in drawn.items():
-        out += [f"![{name}]({os.path.relpath(fig, report.parent)})", "", captions[name], ""]
+        out += [f"![{name}]({os.path.relpath(fig, report.parent)})", "", CAPTIONS[name], ""]
     return out
+
+
+def by_task_length(cells: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Cells grouped by (task, steps), in that order; each group keeps the cells' order."""
+    res: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        res.setdefault((c.get("task", "add"), c["steps"]), []).append(c)
+    return dict(sorted(res.items()))
 
 
 def _by_length(cells: list[dict]) -> dict[str, list[dict]]:
     """Cells grouped by (task, steps), labelled "task, N"."""
-    res: dict[tuple, list[dict]] = {}
-    for c in cells:
-        res.setdefault((c.get("task", "add"), c["steps"]), []).append(c)
-    return {f"{t}, {n}": g for (t, n), g in sorted(res.items())}
+    return {f"{t}, {n}": g for (t, n), g in by_task_length(cells).items()}
 
 
 def _command(results: dict) -> str:
@@ -263,12 +265,9 @@ class NoiseRow:
 
 def noise_residual(cells: list[dict]) -> list[NoiseRow]:
     """Per (task, steps), in order, the cells' DG-Hard@1 records summed over matrix classes."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for c in cells:
-        if "dg_hard@1" in c["repairs"]:
-            groups.setdefault((c.get("task", "add"), c["steps"]), []).append(c["repairs"]["dg_hard@1"])
     rows = []
-    for (task, steps), recs in sorted(groups.items()):
+    for (task, steps), group in by_task_length([c for c in cells if "dg_hard@1" in c["repairs"]]).items():
+        recs = [c["repairs"]["dg_hard@1"] for c in group]
         tot = [sum(r.get("delta_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
         kept = [sum(r.get("kept_sq", float("nan")) for r in rec["ranks"].values()) for rec in recs]
         sig = [statistics.mean(r.get("sigma_hat_mean", float("nan")) for k, r in rec["ranks"].items()
