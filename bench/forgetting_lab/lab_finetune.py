@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import time
 from pathlib import Path
@@ -118,6 +119,18 @@ def checkpoint_complete(path: Path) -> bool:
     return (path / "lab_ft.json").is_file() and (path / "model.safetensors").is_file()
 
 
+def cpu_model() -> str:
+    """The CPU's model name: a trajectory repeats bit for bit only on the same kind of CPU (the BLAS kernels
+    differ between instruction sets), so the record says which one it was trained on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _check_recorded(path: Path, meta: dict) -> None:
     """A rebuilt checkpoint must be the one the ledger's results were measured on: same losses, step by step."""
     rec = path / "lab_ft.json"
@@ -127,10 +140,12 @@ def _check_recorded(path: Path, meta: dict) -> None:
     if old["losses"] != meta["losses"] or old.get("torch_threads") != meta["torch_threads"]:
         diff = next((i for i, (a, b) in enumerate(zip(old["losses"], meta["losses"], strict=False)) if a != b), None)
         raise SystemExit(f"{path}: the retrained trajectory differs from the recorded one (threads "
-                         f"{old.get('torch_threads')} recorded, {meta['torch_threads']} now; first different loss "
+                         f"{old.get('torch_threads')} recorded, {meta['torch_threads']} now; CPU "
+                         f"{old.get('cpu', 'not recorded')!r} recorded, {meta['cpu']!r} now; first different loss "
                          f"at step {None if diff is None else diff + 1}); the ledger's results for it were measured "
-                         "on another model: run with the recorded thread count, or delete this trajectory's and "
-                         "its cells' entries from the ledger and the workdir to measure it anew")
+                         "on another model: run with the recorded thread count on the same kind of CPU, or delete "
+                         "this trajectory's and its cells' entries from the ledger and the workdir to measure it "
+                         "anew")
 
 
 def finetune(
@@ -180,7 +195,7 @@ def finetune(
             log(f"{task} seed {seed} lr {lr:g} step {step} loss {curve[-1][1]:.4f} ({curve[-1][2]:.2f} s/step)")
         if step in targets:
             meta = {"task": task, "seed": seed, "steps": step, "lr": lr, "batch": batch, "seq_len": seq_len,
-                    "torch_threads": torch.get_num_threads(), "losses": [c[1] for c in curve],
+                    "torch_threads": torch.get_num_threads(), "cpu": cpu_model(), "losses": [c[1] for c in curve],
                     "step_seconds": [c[2] for c in curve]}
             _check_recorded(targets[step], meta)
             _save_checkpoint(targets[step], model, tok, meta)

@@ -6,7 +6,8 @@ and summaries, fine-tune metadata and loss curves, sweep results, the merged res
 into an empty workdir, it lets the same round-2 command continue in a new session on a new machine: a cell
 whose repairs and evaluations are all in the ledger is not computed again, and a fine-tune checkpoint that
 is needed again (for a repair or evaluation the ledger lacks) is retrained from step 0, which is
-deterministic at one thread; lab_finetune.py checks the retrained losses against the recorded ones.
+deterministic at one thread on the same kind of CPU (another CPU's BLAS rounds differently);
+lab_finetune.py checks the retrained losses against the recorded ones and names both CPUs when they differ.
 
     python bench/forgetting_lab/lab_ledger.py save --workdir /work/lab2_work     # workdir -> ledger
     python bench/forgetting_lab/lab_ledger.py restore --workdir /work/lab2_work  # ledger -> workdir

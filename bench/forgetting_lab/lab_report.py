@@ -77,6 +77,7 @@ def write_report(results: dict, path: Path) -> None:
     ]
     out += _sweeps(results)
     out += _training(all_cells)
+    out += _machine_time(results)
     out += ["What ran: variants listed as not run were not offered by the CLI or not computed before this "
             "report was assembled (`--cached-only`); repair-only cells have kept ranks and ρ but no evaluations.", ""]
     for c in all_cells:
@@ -115,6 +116,7 @@ def write_report(results: dict, path: Path) -> None:
             out.append("| " + " | ".join(row) + " |")
         out.append("")
     out += _aggregate(cells, methods, scores)
+    out += _paired(results)
     out += _figures(all_cells, path)
     out += _ranks(all_cells)
     out += _population(results)
@@ -188,6 +190,46 @@ def _training(cells: list[dict]) -> list[str]:
                    f"{statistics.median(m['step_seconds']):.2f} | {m.get('torch_threads', '–')} |")
     out.append("")
     return out
+
+
+def _paired(results: dict) -> list[str]:
+    """DG-Hard@1 minus each other variant, paired per item (lab_stats.py), with the interval."""
+    rows = results.get("paired")
+    if not rows:
+        return []
+    out = ["## DG-Hard@1 against each variant, paired", "",
+           "Mean over seeds of DG-Hard@1's score minus the other variant's on the same items; 95 % interval from "
+           "a bootstrap over seeds and items (lab_stats.py). Negative: DG-Hard@1 is lower.", "",
+           "| task, steps | seeds | benchmark (n) | DG-Hard@1 minus | mean | 95 % interval | per seed |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['task']}, {r['steps']} | {len(r['seeds'])} | {r['benchmark']} ({r['n']}) | {r['b']} | "
+                   f"{r['mean']:+.3f} | {r['lo']:+.3f} to {r['hi']:+.3f} | "
+                   + " ".join(f"{x:+.3f}" for x in r["per_seed"]) + " |")
+    return out + [""]
+
+
+def _machine_time(results: dict) -> list[str]:
+    """The machine time the recorded results cost (lab_cost.py), in one-core hours."""
+    m = results.get("machine_time")
+    if not m:
+        return []
+    from lab_cost import PAUSE_FACTOR
+
+    def h(seconds: float) -> str:
+        return f"{seconds / 3600:.2f} h"
+
+    return ["Machine time these results cost, summed from the durations each part recorded (lab_cost.py; every "
+            "step ran on one torch thread, so these are one-core hours):", "",
+            "| part | count | time |", "|---|---|---|",
+            f"| fine-tuning | {m['train_steps']} optimiser steps in {m['trajectories']} trajectories | "
+            f"{h(m['train_s'])} |",
+            f"| evaluation | {m['evals']} (model, benchmark) evaluations | {h(m['eval_s'])} |",
+            f"| repairs | {m['repairs']} | {h(m['repair_s'])} |",
+            f"| **total** | | **{h(m['total_s'])}** |", "",
+            f"Left out: {m['paused_steps']} steps that took {h(m['paused_s'])} because the process was stopped "
+            f"by hand during a benchmark (steps over {PAUSE_FACTOR:g}x their trajectory's median), and "
+            "checkpoints retrained on a new machine (the first curve is kept).", ""]
 
 
 def _mean_range(vals: list[float]) -> str:
@@ -285,7 +327,13 @@ def _population(results) -> list[str]:
     out = ["## Population scores (`dgrepair score`, cohorts = fine-tune length)", ""]
     keys = ("pct_healed", "non_damage", "pct_preserved", "on_task_retention", "clean_up", "retention", "combined")
     out += ["| method | cohort | cells | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
-    for r in recs:
+    def row(r: dict) -> tuple:
+        return (r["method"], r.get("n_cells"), *(_f(r.get(k)) for k in keys))
+
+    cohorts = {row(r) for r in recs if r.get("cohort") != "overall"}
+    for r in recs:  # a scoring call over one cohort repeats it as "overall": show it once
+        if r.get("cohort") == "overall" and row(r) in cohorts:
+            continue
         out.append(f"| {r['method']} | {r.get('cohort')} | {r.get('n_cells')} | "
                    + " | ".join(_f(r.get(k)) for k in keys) + " |")
     out.append("")

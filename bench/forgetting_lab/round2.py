@@ -29,9 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab_ledger  # noqa: E402
 import run as lab  # noqa: E402
 from lab_base import build_base  # noqa: E402
+from lab_cost import machine_time  # noqa: E402
 from lab_finetune import STATE_DIR, finetune  # noqa: E402
+from lab_stats import paired_difference  # noqa: E402
 
 CORE = ["dg_hard@1", "wise_ft@rho", "ties@rho", "dare@rho", "fixed_rank@rho"]
+PAIRED_METHOD = "dg_hard@1"
+PAIRED_AGAINST = ["ft", "wise_ft@rho", "ties@rho", "dare@rho", "fixed_rank@rho", "dg_hard@0.5", "dg_hard@2",
+                  "wise_ft@0.5"]
+PAIRED_BENCHMARKS = ("geography", "task")  # the damaged skill and the fine-tuned one (binary items)
 KNOBS = ["dg_hard@1", "dg_hard@0.5", "dg_hard@2", "wise_ft@0.5"]
 TASKS = ("add", "date")
 SWEEP_CRITERION = ("highest held-out task accuracy at the sweep length among learning rates whose loss fell "
@@ -102,6 +108,40 @@ def _cells(common, task, lr, seeds, steps, save, variants, repair_only=False):
     return lab.main(argv + (["--repair-only"] if repair_only else []))
 
 
+def _items(path: Path, bench: str) -> list | None:
+    """One benchmark's per-item results from an evaluation cache (keys are `<benchmark>:<suite hash>`)."""
+    if not path.is_file():
+        return None
+    hits = [v["items"] for k, v in json.loads(path.read_text()).items() if k.split(":", 1)[0] == bench]
+    if len(hits) > 1:
+        raise SystemExit(f"{path}: {len(hits)} cached suites for {bench}; expected one")
+    return hits[0] if hits else None
+
+
+def paired_rows(work: Path, cells: list[dict]) -> list[dict]:
+    """DG-Hard@1 against the fine-tune and each matched baseline, per (task, length) and binary benchmark:
+    the paired difference with its interval over seeds and items (lab_stats.py)."""
+    from lab_report import by_task_length
+
+    rows = []
+    for (task, steps), group in by_task_length(cells).items():
+        for other in PAIRED_AGAINST:
+            for bench in PAIRED_BENCHMARKS:
+                pairs, seeds = [], []
+                for c in group:
+                    ev = lab.cell_dir(work, task, float(c["lr"]), int(c["seed"]), int(steps)) / "evals"
+                    a, b = _items(ev / f"{PAIRED_METHOD}.json", bench), _items(ev / f"{other}.json", bench)
+                    if a is not None and b is not None:
+                        pairs.append((a, b))
+                        seeds.append(int(c["seed"]))
+                if pairs:
+                    d = paired_difference(pairs)
+                    rows.append({"task": task, "steps": int(steps), "seeds": seeds, "benchmark": bench,
+                                 "a": PAIRED_METHOD, "b": other, "n": len(pairs[0][0]), "mean": d.mean,
+                                 "lo": d.lo, "hi": d.hi, "per_seed": list(d.per_seed)})
+    return rows
+
+
 def report(common: list[str], work: Path, lrs: dict[str, float], out: Path, plan: Plan) -> None:
     """Merge both tasks' cached results (nothing new is computed) into one report."""
     from lab_report import write_report
@@ -126,6 +166,8 @@ def report(common: list[str], work: Path, lrs: dict[str, float], out: Path, plan
             merged["sweeps"].append(json.loads(sw.read_text()))
     if "args" not in merged:
         return  # nothing trained yet
+    merged["machine_time"] = machine_time(work).to_dict()
+    merged["paired"] = paired_rows(work, [c for c in merged["cells"] if not c.get("repair_only")])
     (work / "results-round2.json").write_text(json.dumps(merged, indent=1))
     write_report(merged, out)
 

@@ -329,8 +329,12 @@ def test_ledger_continues_in_a_new_workdir(tmp_path, monkeypatch):
     (other / cell / "evals" / "ft.json").unlink()
     rec = other / "ft/add-lr0.0001-s0/steps1/lab_ft.json"
     meta = json.loads(rec.read_text())
-    rec.write_text(json.dumps({**meta, "losses": [meta["losses"][0] + 1e-3]}))
-    with pytest.raises(SystemExit, match="differs from the recorded one"):
+    from lab_finetune import cpu_model
+
+    assert meta["cpu"] == cpu_model() and meta["cpu"]  # the record names the CPU it was trained on
+    # trained elsewhere: another CPU's BLAS rounds the first loss differently (seen: 1.8530166 against 1.853006)
+    rec.write_text(json.dumps({**meta, "losses": [meta["losses"][0] + 1e-3], "cpu": "Other CPU"}))
+    with pytest.raises(SystemExit, match=r"differs from the recorded one .*CPU 'Other CPU' recorded"):
         lab_run.main(argv + ["--workdir", str(other)])
 
 
@@ -374,3 +378,70 @@ def test_lab_figures_plot_the_tables_numbers(tmp_path):
         pixels = matplotlib.image.imread(tmp_path / name)
         assert pixels.shape[:2] == (height, width) and float(pixels[..., :3].std()) > 0.01
     assert plot_score_vs_rho([dict(cells[0], repair_only=True)], tmp_path / "none.png") is None
+
+
+def test_lab_machine_time_sums_the_recorded_durations(tmp_path):
+    """Hand-worked: two trajectories (one with a stopped process's step), three evaluations, two repairs."""
+    from lab_cost import machine_time
+    from lab_report import _machine_time
+
+    def curve(name: str, secs: list[float]) -> None:
+        d = tmp_path / "ft" / name
+        d.mkdir(parents=True)
+        (d / "curve.csv").write_text("step,loss,seconds\n" + "".join(f"{i},0.5,{s}\n" for i, s in enumerate(secs, 1)))
+
+    curve("add-lr0.0001-s0", [4.0, 5.0, 4.5, 600.0])  # median 4.75: 600 > 47.5 is a pause
+    curve("date-lr0.0003-s0", [3.0, 3.0])
+    (tmp_path / "base_eval.json").write_text(json.dumps({"task:ab": {"score": 0.1, "seconds": 10.0}}))
+    cell = tmp_path / "cells" / "add-lr0.0001-s0-n120"
+    (cell / "evals").mkdir(parents=True)
+    (cell / "evals" / "ft.json").write_text(json.dumps({"task:ab": {"seconds": 20.0}, "geo:cd": {"seconds": 30.5}}))
+    (cell / "repairs").mkdir()
+    (cell / "repairs" / "dg_hard@1.lab.json").write_text(json.dumps({"global_rho": 0.9, "repair_seconds": 12.0}))
+    (cell / "repairs" / "ties@rho.lab.json").write_text(json.dumps({"global_rho": 0.9, "repair_seconds": 8.0}))
+    m = machine_time(tmp_path)
+    assert (m.train_s, m.train_steps, m.trajectories) == (19.5, 5, 2)
+    assert (m.paused_s, m.paused_steps) == (600.0, 1)
+    assert (m.eval_s, m.evals, m.repair_s, m.repairs) == (60.5, 3, 20.0, 2)
+    assert m.total_s == 100.0
+    text = "\n".join(_machine_time({"machine_time": m.to_dict()}))
+    assert "| **total** | | **0.03 h** |" in text and "Left out: 1 steps that took 0.17 h" in text
+
+
+def test_paired_difference_against_hand_worked_intervals():
+    """lab_stats: exact per-seed means, the item bootstrap's interval against its binomial/normal values,
+    seed resampling widening it, and unpaired input refused."""
+    from lab_stats import paired_difference
+
+    same = paired_difference([([1] * 50, [0] * 50)] * 3)
+    assert (same.mean, same.lo, same.hi, same.per_seed) == (1.0, 1.0, 1.0, (1.0, 1.0, 1.0))
+    # one seed, 4 items, difference 1 on two of them: the bootstrap mean is Binomial(4, 1/2) / 4, whose
+    # 2.5 % and 97.5 % points are 0 and 1 (P(0) = P(4) = 1/16 > 2.5 %)
+    tiny = paired_difference([([1, 0, 1, 0], [0, 0, 0, 0])])
+    assert (tiny.mean, tiny.lo, tiny.hi) == (0.5, 0.0, 1.0)
+    # n = 500, 10 % of items differ by -1: normal approximation -0.1 +- 1.96 * 0.3 / sqrt(500) = +-0.0263
+    a, b = [0] * 500, [0] * 450 + [1] * 50
+    one = paired_difference([(a, b)])
+    assert one.mean == pytest.approx(-0.1)
+    assert one.lo == pytest.approx(-0.1 - 0.0263, abs=0.004) and one.hi == pytest.approx(-0.1 + 0.0263, abs=0.004)
+    # seeds that disagree (per-seed -0.1 and -0.3): the mean is -0.2 and the interval covers both
+    b2 = [0] * 350 + [1] * 150
+    two = paired_difference([(a, b), (a, b2)])
+    assert two.per_seed == (pytest.approx(-0.1), pytest.approx(-0.3)) and two.mean == pytest.approx(-0.2)
+    assert two.lo < -0.29 and two.hi > -0.11
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_difference([([1, 0], [1])])
+
+
+def test_population_table_shows_a_one_cohort_call_once():
+    """A scoring call over one cohort repeats it as "overall" (round 2 scores each task and length apart):
+    the table keeps one row; an "overall" over several cohorts (round 1) differs and stays."""
+    from lab_report import _population
+
+    rec = {"level": "population", "method": "dg_hard@1", "n_cells": 3, "combined": 0.099, "pct_healed": 0.027}
+    one = [dict(rec, cohort="overall"), dict(rec, cohort="length=add-n120")]
+    rows = [line for line in _population({"scores": one}) if line.startswith("| dg_hard@1")]
+    assert rows == ["| dg_hard@1 | length=add-n120 | 3 | 0.027 | – | – | – | – | – | 0.099 |"]
+    two = [dict(rec, cohort="overall", n_cells=6, combined=0.08), dict(rec, cohort="length=add-n120"),
+           dict(rec, cohort="length=add-n300", combined=0.061)]
+    assert len([line for line in _population({"scores": two}) if line.startswith("| dg_hard@1")]) == 3
