@@ -3,6 +3,13 @@
 `python tests/tools/output_digests.py` repairs each case below in-process and writes
 tests/data/output_digests.json; tests/test_output_digests.py repairs them again and compares. Record
 only when an output change is intended, and say so in the commit.
+
+The bytes also depend on the BLAS kernels the machine gets: OpenBLAS picks them by CPU (Haswell kernels
+on an AVX2 machine, SkylakeX ones with AVX-512), and their float32 sums round differently. So the record
+holds one variant per kernel family, named by OpenBLAS's architecture, and the test accepts the output
+of any recorded variant. `--add` records this machine's variant beside the others (do it only when the
+other variants still pass where they were recorded, i.e. nothing but the kernels differs); without it
+the record is replaced by this machine's variant alone (an intended output change).
 """
 
 from __future__ import annotations
@@ -104,14 +111,32 @@ def run_case(name: str, root: Path) -> dict[str, str]:
     return digest_output(out)
 
 
-def main() -> int:
+def kernel_family() -> str:
+    """The BLAS kernels this process computes with: OpenBLAS's architecture (numpy's and scipy's copies)."""
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, which the CPU path uses)
+    from threadpoolctl import threadpool_info
+
+    archs = sorted({i.get("architecture") or "unknown" for i in threadpool_info()
+                    if i.get("internal_api") == "openblas"})
+    return "openblas-" + "+".join(archs or ["none"])
+
+
+def variants() -> dict[str, dict[str, dict[str, str]]]:
+    """The recorded digests: {kernel family: {case: {file: sha256}}}."""
+    return json.loads(RECORD.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    add = "--add" in (sys.argv[1:] if argv is None else argv)
     record = {}
     for name in CASES:
         with tempfile.TemporaryDirectory() as tmp:
             record[name] = run_case(name, Path(tmp))
         print(f"{name}: {len(record[name])} files")
-    RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {RECORD}")
+    family = kernel_family()
+    kept = {k: v for k, v in variants().items() if k != family} if add and RECORD.is_file() else {}
+    RECORD.write_text(json.dumps({**kept, family: record}, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {RECORD}: variant {family}" + (f" beside {sorted(kept)}" if kept else ""))
     return 0
 
 
