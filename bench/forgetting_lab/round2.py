@@ -108,14 +108,19 @@ def _cells(common, task, lr, seeds, steps, save, variants, repair_only=False):
     return lab.main(argv + (["--repair-only"] if repair_only else []))
 
 
-def _items(path: Path, bench: str) -> list | None:
-    """One benchmark's per-item results from an evaluation cache (keys are `<benchmark>:<suite hash>`)."""
+def _items(path: Path) -> dict[str, list]:
+    """Per-item results of PAIRED_BENCHMARKS from one evaluation cache (keys are `<benchmark>:<suite hash>`)."""
     if not path.is_file():
-        return None
-    hits = [v["items"] for k, v in json.loads(path.read_text()).items() if k.split(":", 1)[0] == bench]
-    if len(hits) > 1:
-        raise SystemExit(f"{path}: {len(hits)} cached suites for {bench}; expected one")
-    return hits[0] if hits else None
+        return {}
+    found: dict[str, list] = {}
+    for key, res in json.loads(path.read_text()).items():
+        bench = key.split(":", 1)[0]
+        if bench not in PAIRED_BENCHMARKS:
+            continue
+        if bench in found:
+            raise SystemExit(f"{path}: more than one cached suite for {bench}; expected one")
+        found[bench] = res["items"]
+    return found
 
 
 def paired_rows(work: Path, cells: list[dict]) -> list[dict]:
@@ -125,15 +130,18 @@ def paired_rows(work: Path, cells: list[dict]) -> list[dict]:
 
     rows = []
     for (task, steps), group in by_task_length(cells).items():
+        evals = []  # per cell: {variant: {benchmark: items}}, each cache file read once
+        for c in group:
+            ev = lab.cell_dir(work, task, float(c["lr"]), int(c["seed"]), int(steps)) / "evals"
+            evals.append((int(c["seed"]), {v: _items(ev / f"{v}.json") for v in (PAIRED_METHOD, *PAIRED_AGAINST)}))
         for other in PAIRED_AGAINST:
             for bench in PAIRED_BENCHMARKS:
                 pairs, seeds = [], []
-                for c in group:
-                    ev = lab.cell_dir(work, task, float(c["lr"]), int(c["seed"]), int(steps)) / "evals"
-                    a, b = _items(ev / f"{PAIRED_METHOD}.json", bench), _items(ev / f"{other}.json", bench)
+                for seed, items in evals:
+                    a, b = items[PAIRED_METHOD].get(bench), items[other].get(bench)
                     if a is not None and b is not None:
                         pairs.append((a, b))
-                        seeds.append(int(c["seed"]))
+                        seeds.append(seed)
                 if pairs:
                     d = paired_difference(pairs)
                     rows.append({"task": task, "steps": int(steps), "seeds": seeds, "benchmark": bench,
