@@ -180,7 +180,8 @@ class ExecutionOptions(Section):
                                "output, slow = guarded float32 for low-precision outputs")
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N",
                        (_valid_device, "auto, cpu, cuda or cuda:N"))
-    threads: int = _opt(0, "BLAS threads per CPU worker (0 = all cores in-process; cores / workers on Ray)",
+    threads: int = _opt(0, "compute threads per CPU worker; the output bytes do not depend on it (0 = all "
+                           "cores in-process; cores / workers on Ray)",
                         (lambda v: v >= 0, ">= 0"))
     batch_mb: int = _opt(256, "memory budget (MiB) per worker for batching same-shape matrices into one kernel "
                          "call; with overlap each of the two units in flight gets half, and a unit above the whole "

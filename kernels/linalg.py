@@ -1,25 +1,41 @@
-"""Gram, eigenvalues and top eigenvectors on the CPU (LAPACK through scipy) and on CUDA (torch).
+"""Gram, eigenvalues and top eigenvectors on the CPU (LAPACK through scipy, BLAS through numpy) and on
+CUDA (torch).
 
-Measured on the 2-core CPU at 7168×2048 (docs/benchmarks.md): BLAS `syrk` forms the Gram in about
-half the time of a general matmul, and one tridiagonalisation serves both the eigenvalues and the
-top-r eigenvectors, about a tenth of a full `eigh` with all vectors. The LAPACK eigen calls run on
-one BLAS thread: on an idle 2-core machine two threads make `sytrd` about 1.8x faster at p = 2048,
-but with another process on the cores it collapsed (0.48 s -> 5.1 s observed), because the
-tridiagonalisation synchronises its threads once per column. Cores are used instead by one
-single-threaded worker per core (the Ray default). On CUDA (the torch path) one `eigh` call gives
+One tridiagonalisation serves both the eigenvalues and the top-r eigenvectors, about a tenth of a
+full `eigh` with all vectors. The LAPACK eigen calls run on one BLAS thread: on an idle 2-core
+machine two threads make `sytrd` about 1.8x faster at p = 2048, but with another process on the
+cores it collapsed (0.48 s -> 5.1 s observed), because the tridiagonalisation synchronises its
+threads once per column. The Gram and the projection use the cores by pieces whose shapes depend
+only on the matrix (Gram tiles of `gram_tile(p)`, projection blocks of `PROJECT_ROWS` rows), each
+one single-threaded BLAS call, up to `threads` at once (threads.py says why: a threaded BLAS call's
+float32 sums change with its thread count). Measured on 2 AVX2 cores at 7168x2048 and 8192x4096:
+the tiled Gram on 2 threads as fast as a 2-thread `ssyrk` (0.26-0.27 s vs 0.30 s; 1.1 s vs 1.2 s),
+on 1 thread 0-25 % slower than a 1-thread `ssyrk`. On CUDA (the torch path) one `eigh` call gives
 the eigenvalues and the vectors together: one tridiagonalisation per matrix, and the only transfer
 to the host inside a matrix is its p eigenvalues, which the threshold needs. No I/O here.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import scipy.linalg
 import torch
-from scipy.linalg import blas
 from threadpoolctl import threadpool_limits
 
+from .threads import run_pieces
+
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32}
+
+# Rows of Δ per projection piece (a fixed shape: see the module docstring).
+PROJECT_ROWS = 512
+
+
+def gram_tile(p: int) -> int:
+    """Side of the Gram's square tiles for a p x p Gram: a function of p alone, never of the thread
+    count. 512 measured fastest at p = 2048 and 4096 on 2 cores (384 and 1024 were slower or equal)."""
+    return max(64, min(512, (p // 4 + 15) // 16 * 16))
 
 
 def uses_lapack(device: torch.device) -> bool:
@@ -29,19 +45,21 @@ def uses_lapack(device: torch.device) -> bool:
 
 
 def gram(work: torch.Tensor, dtype: torch.dtype, device: torch.device, chunk_elems: int,
-         lapack: bool | None = None) -> torch.Tensor:
+         lapack: bool | None = None, threads: int = 1) -> torch.Tensor:
     """WᵀW for an (N, p) view W, accumulated over row blocks so W is never converted in full.
 
-    LAPACK path: the lower triangle is filled (what LAPACK reads). torch path: the full product.
+    LAPACK path: the lower triangle is filled (what LAPACK reads), tile by tile, up to `threads`
+    tiles at once. torch path: the full product.
     """
     big, small = work.shape
     step = max(1, chunk_elems // max(small, 1))
     if uses_lapack(device) if lapack is None else lapack:
-        syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
         acc = np.zeros((small, small), dtype=_NUMPY[dtype], order="F")
+        side = gram_tile(small)
+        tiles = [(i, j) for j in range(0, small, side) for i in range(j, small, side)]
         for lo in range(0, big, step):
-            a, transposed = _fortran(work[lo:lo + step].to(dtype))
-            acc = syrk(1.0, a, beta=1.0, c=acc, trans=int(transposed), lower=1, overwrite_c=1)
+            rows = _numpy_rows(work[lo:lo + step].to(dtype))
+            run_pieces([partial(_add_gram_tile, acc, rows, i, j, side) for i, j in tiles], threads)
         return torch.from_numpy(acc)
     acc_t = torch.zeros(small, small, dtype=dtype, device=device)
     with _ieee_fp32_matmul():
@@ -49,6 +67,12 @@ def gram(work: torch.Tensor, dtype: torch.dtype, device: torch.device, chunk_ele
             block = work[lo:lo + step].to(device=device, dtype=dtype)
             acc_t.addmm_(block.T, block)
     return acc_t
+
+
+def _add_gram_tile(acc: np.ndarray, rows: np.ndarray, i: int, j: int, side: int) -> None:
+    """acc[I, J] += rows[:, I]ᵀ rows[:, J] for the tile at (i, j), i ≥ j (a diagonal tile is a syrk)."""
+    right = rows[:, j:j + side]
+    acc[i:i + side, j:j + side] += right.T @ right if i == j else rows[:, i:i + side].T @ right
 
 
 class GramEigen:
@@ -113,23 +137,23 @@ class GramEigen:
 
 def project(work: torch.Tensor, v_r: torch.Tensor, out: torch.Tensor, chunk_elems: int,
             lapack: bool | None = None, right: torch.Tensor | None = None,
-            coeff_out: torch.Tensor | None = None) -> None:
+            coeff_out: torch.Tensor | None = None, threads: int = 1) -> None:
     """out[block] = (W[block] V_r) Rᵀ for every row block of the (N, p) view W; R = V_r unless given
     (a shrinker passes R = V_r diag(w)). `coeff_out` (N, r), when given, receives W V_r on the way
-    (the left factor of an exported adapter), so it is never computed twice."""
+    (the left factor of an exported adapter), so it is never computed twice. LAPACK path: pieces of
+    `PROJECT_ROWS` rows, up to `threads` at once."""
     right = v_r if right is None else right
     big, small = work.shape
     step = max(1, chunk_elems // max(small, 1))
-    if uses_lapack(v_r.device) if lapack is None else lapack:  # stay in the BLAS pool (see threads.py)
-        gemm = blas.dgemm if v_r.dtype == torch.float64 else blas.sgemm
-        v = np.asfortranarray(v_r.numpy())
-        r_mat = v if right is v_r else np.asfortranarray(right.numpy())
+    if uses_lapack(v_r.device) if lapack is None else lapack:
+        v = np.ascontiguousarray(v_r.numpy())
+        r_mat = v if right is v_r else np.ascontiguousarray(right.numpy())
         for lo in range(0, big, step):
-            a, transposed = _fortran(work[lo:lo + step].to(v_r.dtype))
-            coeff = gemm(1.0, v, a, trans_a=1, trans_b=int(transposed))  # V_rᵀ Wᵀ: (r, rows)
-            _store_projection(gemm, r_mat, coeff, out[lo:lo + step])
-            if coeff_out is not None:
-                coeff_out[lo:lo + step] = torch.from_numpy(coeff.T)
+            rows = _numpy_rows(work[lo:lo + step].to(v_r.dtype))
+            dest = out[lo:lo + step]
+            coeff_dest = None if coeff_out is None else coeff_out[lo:lo + step]
+            run_pieces([partial(_project_rows, rows, v, r_mat, dest, coeff_dest, s, s + PROJECT_ROWS)
+                        for s in range(0, rows.shape[0], PROJECT_ROWS)], threads)
         return
     with _ieee_fp32_matmul():
         for lo in range(0, big, step):
@@ -139,30 +163,31 @@ def project(work: torch.Tensor, v_r: torch.Tensor, out: torch.Tensor, chunk_elem
                 coeff_out[lo:lo + step] = block_v
 
 
-def _fortran(block: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """A (rows, p) CPU block as the Fortran-ordered array BLAS reads, without a copy where its memory
-    allows: (Wᵀ, False) for a row-major block (the tall orientation), (W, True) for a transposed one (a
-    wide matrix's Δᵀ in one block), so the caller flips BLAS's trans flag instead of transposing the
-    data. Measured at 2048 x 5632 on one thread: the transposing copies cost a projection 4-5x its gemms
-    (docs/benchmarks.md, "Where dgrepair's time goes")."""
-    if not block.is_contiguous() and block.T.is_contiguous():
-        return block.T.numpy().T, True
-    return block.contiguous().numpy().T, False
+def _numpy_rows(block: torch.Tensor) -> np.ndarray:
+    """A (rows, p) CPU block as numpy without a copy when it is row- or column-major (a wide matrix's
+    Δᵀ is column-major): numpy hands either layout to BLAS with a transpose flag. Measured at 2048 x
+    5632 on one thread: transposing copies cost a projection 4-5x its gemms (docs/benchmarks.md,
+    "Where dgrepair's time goes")."""
+    if block.is_contiguous() or block.T.is_contiguous():
+        return block.numpy()
+    return block.contiguous().numpy()
 
 
-def _store_projection(gemm, r_mat: np.ndarray, coeff: np.ndarray, dest: torch.Tensor) -> None:
-    """dest (rows, p) = (R coeff)ᵀ, written by gemm straight into dest's memory when it is laid out as
-    one of the two products (R coeff, or coeffᵀ Rᵀ) and has gemm's dtype; else computed, then copied."""
-    layouts = [(dest, False), (dest.T, True)] if _NUMPY.get(dest.dtype) == coeff.dtype else []
-    for view, transposed in layouts:
-        if view.is_contiguous():
-            c = view.numpy().T  # F-ordered: R coeff (p, rows), or coeffᵀ Rᵀ (rows, p) for the transposed view
-            got = (gemm(1.0, coeff, r_mat, trans_a=1, trans_b=1, beta=0.0, c=c, overwrite_c=1) if transposed
-                   else gemm(1.0, r_mat, coeff, beta=0.0, c=c, overwrite_c=1))
-            if not np.shares_memory(got, c):  # f2py copied after all: write the result back
-                c[...] = got
-            return
-    dest.copy_(torch.from_numpy(gemm(1.0, r_mat, coeff).T))
+def _project_rows(rows: np.ndarray, v: np.ndarray, r_mat: np.ndarray, dest: torch.Tensor,
+                  coeff_dest: torch.Tensor | None, lo: int, hi: int) -> None:
+    """dest[lo:hi] = (rows[lo:hi] V) Rᵀ, written by BLAS straight into dest's memory when dest has the
+    product's dtype and either layout; else computed, then copied (and cast)."""
+    coeff = rows[lo:hi] @ v
+    target = dest[lo:hi]
+    view = target.numpy() if _NUMPY.get(target.dtype) == coeff.dtype else None
+    if view is not None and view.strides[1] == view.itemsize:
+        np.matmul(coeff, r_mat.T, out=view)
+    elif view is not None and view.strides[0] == view.itemsize:
+        np.matmul(r_mat, coeff.T, out=view.T)
+    else:
+        target.copy_(torch.from_numpy(coeff @ r_mat.T))
+    if coeff_dest is not None:
+        coeff_dest[lo:hi] = torch.from_numpy(coeff)
 
 
 class _ieee_fp32_matmul:

@@ -144,7 +144,8 @@ def repair_batch(
     memory (the next one is copied on a side stream while this one computes), else streamed in
     blocks; an out-of-memory error retries the matrix with smaller blocks, then on the CPU.
     `chunk_elems` bounds the host working set. On the CPU the work runs under
-    `cpu_thread_policy(threads)` (BLAS threads; default every usable core).
+    `cpu_thread_policy(threads)`: up to `threads` pieces of a matrix at once (default every usable
+    core), with output bytes that do not depend on `threads`.
     """
     if delta.ndim != 3:
         raise ValueError(f"repair_batch takes (B, m, n); got shape {tuple(delta.shape)}")
@@ -156,9 +157,9 @@ def repair_batch(
     _, why = precision_policy(backend, out_dtype, dev, fp64_rate)
     if chosen == "exact" and backend == "auto":
         why = f"min(m, n) <= {AUTO_EXACT_MAX_P}"
-    policy = cpu_thread_policy(threads) if dev.type == "cpu" else nullcontext()
-    with policy:
-        return _repair_all(delta, params, chosen, chunk_elems, dev, factors, f"{chosen}: {why}")
+    policy = cpu_thread_policy(threads) if dev.type == "cpu" else nullcontext(1)
+    with policy as pieces:
+        return _repair_all(delta, params, chosen, chunk_elems, dev, factors, f"{chosen}: {why}", pieces)
 
 
 # Smallest row block an out-of-memory retry goes down to before the matrix moves to the CPU.
@@ -235,7 +236,7 @@ def _oom_error() -> tuple[type[BaseException], ...]:
 
 
 def _repair_all(delta: torch.Tensor, params: SpectralRule, chosen: str, chunk_elems: int,
-                dev: torch.device, factors: Factors | None, precision: str
+                dev: torch.device, factors: Factors | None, precision: str, threads: int
                 ) -> tuple[torch.Tensor, list[SpectralStats]]:
     _, rows, cols = delta.shape
     out = torch.empty_like(delta)
@@ -255,7 +256,7 @@ def _repair_all(delta: torch.Tensor, params: SpectralRule, chosen: str, chunk_el
             while True:
                 try:
                     d = feed.get(i) if where == dev else host
-                    st = _one(d, params, chosen, out[i], chunk, where, pair)
+                    st = _one(d, params, chosen, out[i], chunk, where, pair, threads)
                     break
                 except _oom_error():
                     # Out of device memory: free what this batch holds, stream smaller blocks, and
@@ -281,11 +282,11 @@ def _repair_all(delta: torch.Tensor, params: SpectralRule, chosen: str, chunk_el
 
 
 def _one(d: torch.Tensor, params: SpectralRule, chosen: str, dst: torch.Tensor, chunk_elems: int,
-         dev: torch.device, pair: list) -> SpectralStats:
+         dev: torch.device, pair: list, threads: int) -> SpectralStats:
     if chosen == "exact":
         return _exact(d, params, dst, dev, pair)
     dtype = torch.float32 if chosen == "gram32" else torch.float64
-    return _gram(d, params, dst, chunk_elems, dev, dtype, pair=pair)
+    return _gram(d, params, dst, chunk_elems, dev, dtype, pair=pair, threads=threads)
 
 
 def _balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,22 +316,24 @@ def _exact(d: torch.Tensor, params: SpectralRule, dst: torch.Tensor, dev: torch.
 
 
 def _gram(d: torch.Tensor, params: SpectralRule, dst: torch.Tensor, chunk_elems: int, dev: torch.device,
-          dtype: torch.dtype, lapack: bool | None = None, pair: list | None = None) -> SpectralStats:
+          dtype: torch.dtype, lapack: bool | None = None, pair: list | None = None, threads: int = 1
+          ) -> SpectralStats:
     """Tall (m ≥ n): G = ΔᵀΔ over row blocks, Δ* = (ΔV_r)V_rᵀ. Wide: the same on Δᵀ.
 
     `lapack` None picks by device (linalg.uses_lapack); False forces the torch path (what CUDA runs).
+    `threads`: how many pieces of the Gram and the projection run at once (the bytes do not depend on it).
     """
     rows, cols = d.shape
     tall = rows >= cols
     work = d if tall else d.T  # (N, p)
     name = "gram64" if dtype == torch.float64 else "gram32"
-    eig = linalg.GramEigen(linalg.gram(work, dtype, dev, chunk_elems, lapack), lapack)
+    eig = linalg.GramEigen(linalg.gram(work, dtype, dev, chunk_elems, lapack, threads), lapack)
     s = eig.singular_values()
     st = threshold_spectrum(s, rows, cols, params).with_backend(name)
     if dtype == torch.float32:
         reason = _float32_unsafe(s, st)
         if reason:
-            st = _gram(d, params, dst, chunk_elems, dev, torch.float64, lapack, pair)
+            st = _gram(d, params, dst, chunk_elems, dev, torch.float64, lapack, pair, threads)
             return st.with_backend("gram64", fallback=reason)
     if st.degenerate == "zero_delta" or (st.degenerate and pair is None):
         return st
@@ -342,7 +345,8 @@ def _gram(d: torch.Tensor, params: SpectralRule, dst: torch.Tensor, chunk_elems:
     right = v_r if w is None else v_r * w
     # A median_zero matrix only gets here for its factors; the caller then writes Δ* = Δ over dst.
     work_v = None if pair is None else torch.empty(work.shape[0], st.rank_kept, dtype=dtype, device=dev)
-    linalg.project(work, v_r, dst if tall else dst.T, chunk_elems, lapack, right=right, coeff_out=work_v)
+    linalg.project(work, v_r, dst if tall else dst.T, chunk_elems, lapack, right=right, coeff_out=work_v,
+                   threads=threads)
     if pair is not None:
         pair.append((work_v, right.T) if tall else (right, work_v.T))
     return st
@@ -360,7 +364,7 @@ def _float32_unsafe(s: np.ndarray, st: SpectralStats) -> str | None:
 
 
 def singular_values(d: torch.Tensor, backend: str = "auto", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-                    device: torch.device | str | None = None) -> np.ndarray:
+                    device: torch.device | str | None = None, threads: int | None = None) -> np.ndarray:
     """All singular values of one float32 delta (m, n), descending, float64: the calibration pass of
     --target-rho caches these so bisecting a spectral method's knob never repeats the decomposition, and
     `dgrepair report` plots them (the repair itself goes through `repair_batch`)."""
@@ -375,4 +379,6 @@ def singular_values(d: torch.Tensor, backend: str = "auto", chunk_elems: int = D
         return torch.linalg.svdvals(d.to(device=dev, dtype=torch.float64)).cpu().numpy()
     work = d if rows >= cols else d.T
     # Calibration only needs ranks and energies; float64 Gram eigenvalues serve both Gram backends.
-    return linalg.GramEigen(linalg.gram(work, torch.float64, dev, chunk_elems, None), None).singular_values()
+    with cpu_thread_policy(threads) if dev.type == "cpu" else nullcontext(1) as pieces:
+        return linalg.GramEigen(linalg.gram(work, torch.float64, dev, chunk_elems, None, pieces),
+                                None).singular_values()

@@ -72,7 +72,9 @@ latest_by_key = parts.latest_by_key
 
 
 def global_rho(rows: list[ManifestRow]) -> float:
-    """sqrt(Σ ‖Δ*‖² / Σ ‖Δ‖²) over the given matrices' rows (1 when there is no Δ at all)."""
-    energy = sum((r.frob_delta or 0.0) ** 2 for r in rows)
-    kept = sum((r.frob_kept or 0.0) ** 2 for r in rows)
+    """sqrt(Σ ‖Δ*‖² / Σ ‖Δ‖²) over the given matrices' rows (1 when there is no Δ at all). The sums are
+    exactly rounded (`math.fsum`), so the value does not depend on the order the rows were committed in
+    (an object-store run commits its units in another order than a local one)."""
+    energy = math.fsum((r.frob_delta or 0.0) ** 2 for r in rows)
+    kept = math.fsum((r.frob_kept or 0.0) ** 2 for r in rows)
     return math.sqrt(kept / energy) if energy > 0 else 1.0

@@ -86,7 +86,8 @@ def _curves(loaded: list[tuple[PlanEntry, torch.Tensor, str, float]], settings: 
             d = mats[i]
             key = matrix_key(e.name, kind, i)
             if isinstance(method, SpectralMethod):
-                curve = singular_values(d.contiguous(), settings.kernel, device=settings.device)
+                curve = singular_values(d.contiguous(), settings.kernel, device=settings.device,
+                                        threads=settings.threads)
             else:
                 curve = method.curve(d, key)
             expert, part = row_identity(kind, i)
@@ -112,10 +113,11 @@ class Solution:
 
 def global_rho(method: Method, rows: list[CalibrationRow]) -> float:
     """sqrt(Σ kept energy / Σ energy) over every matrix, from the calibration curves alone."""
-    total = sum(r.energy for r in rows)
+    total = math.fsum(r.energy for r in rows)  # exactly rounded: independent of the rows' order
     if total <= 0:
         return 1.0
-    kept = sum(method.kept_energy(np.asarray(r.curve), r.energy, r.rows, r.cols) for r in rows if r.energy > 0)
+    kept = math.fsum(method.kept_energy(np.asarray(r.curve), r.energy, r.rows, r.cols)
+                     for r in rows if r.energy > 0)
     return math.sqrt(kept / total)
 
 

@@ -7,9 +7,10 @@ step marks them on the `Phases` it is given: `phases.compute(fn, ...)` runs its 
 the unit is storing. A step called on its own gets `SEQUENTIAL`, which only calls `fn`.
 
 A worker runs up to `SLOTS` units at once, each in its own thread, and admits one of them at a time
-into its kernels, in the order the units began (`Turns`): the kernels keep every BLAS thread of the
+into its kernels, in the order the units began (`Turns`): the kernels keep every compute thread of the
 worker while the other unit reads or writes beside them, and each unit's kernels run alone with the
-same threads as without overlap, so the output bytes are the same. Two ways to admit:
+same threads as without overlap (the thread count never changes the bytes anyway: kernels/threads.py).
+Two ways to admit:
 - `run_overlapped` (the in-process executor): the calling thread runs every unit's kernels itself and
   commits rows in unit order. The main thread keeps computing, so SIGTERM/SIGINT still interrupt the
   run at the next kernel call; a stopped run lets no unit start writing and waits only for the units

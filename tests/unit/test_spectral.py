@@ -167,7 +167,8 @@ def test_zero_and_finite_checks_agree_with_elementwise_masks(dtype):
 @pytest.mark.parametrize("shape", [(300, 120), (120, 300), (64, 64), (1000, 37), (37, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk", [1 << 24, 5000])
-def test_lapack_gram_and_projection_match_float64_in_every_layout(shape, dtype, chunk):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_lapack_gram_and_projection_match_float64_in_every_layout(shape, dtype, chunk, threads):
     """The CPU Gram and projection read tall row blocks and a wide matrix's transposed view without
     copying, and gemm writes the projection straight into the output (beta = 0 over NaN garbage): all
     four layouts, one block or many, agree with a float64 numpy reference."""
@@ -178,13 +179,36 @@ def test_lapack_gram_and_projection_match_float64_in_every_layout(shape, dtype, 
     tall = shape[0] >= shape[1]
     work = d if tall else d.T
     w64 = work.numpy().astype(np.float64)
-    g = linalg.gram(work, dtype, torch.device("cpu"), chunk).numpy()
+    g = linalg.gram(work, dtype, torch.device("cpu"), chunk, threads=threads).numpy()
     ref = w64.T @ w64
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert np.abs(np.tril(g) - np.tril(ref)).max() <= tol * np.abs(ref).max()
     v = torch.from_numpy(np.linalg.qr(rng.standard_normal((work.shape[1], 5)))[0]).to(dtype)
     out = torch.full(shape, float("nan"))
     dst = out if tall else out.T
-    linalg.project(work, v, dst, chunk)
+    linalg.project(work, v, dst, chunk, threads=threads)
     pref = w64 @ v.numpy().astype(np.float64) @ v.numpy().astype(np.float64).T
     assert np.abs(dst.numpy() - pref).max() <= 1e-5 * np.abs(pref).max()
+
+
+@pytest.mark.parametrize("shape", [(1500, 700), (700, 1500)])
+@pytest.mark.parametrize("backend", ["gram32", "gram64"])
+def test_output_bytes_do_not_depend_on_the_thread_count(shape, backend):
+    """A threaded BLAS call splits its sums by its thread count (on OpenBLAS's AVX2 kernels a 2-thread
+    ssyrk differs from a 1-thread one in the last bits), so Ray workers on 1 thread and an in-process run
+    on every core would write other bytes. The kernels split the work into pieces whose shapes depend
+    only on the matrix: Δ*, the kept ranks and the adapter factors are bit-identical on 1, 2 and 3 threads."""
+    from dgrepair.kernels.threads import cpu_thread_policy
+
+    rng = np.random.default_rng(11)
+    delta = torch.from_numpy(reference.spiked(*shape, rank=9, rng=rng).astype(np.float32))[None]
+    runs = []
+    for threads in (1, 2, 3):
+        factors: list = []
+        with cpu_thread_policy(threads):  # what a Ray worker holds for its life; repair_batch nests it
+            got, stats = repair_batch(delta, ThresholdParams(), backend, chunk_elems=200_000, threads=threads,
+                                      factors=factors)
+        runs.append((got.numpy().tobytes(), [s.rank_kept for s in stats],
+                     [t.numpy().tobytes() for t in factors[0]]))
+    assert runs[0][1] == [9]
+    assert runs[1] == runs[0] and runs[2] == runs[0]
