@@ -5,6 +5,9 @@
 2. LAPACK eigenvalues (`syev`) and the tridiagonalisation (`sytrd`) with 1 versus 2 BLAS threads.
 3. The float64 Gram (`syrk`) of a 7168x2048 expert matrix with 1 and 2 threads, and its GFLOP/s:
    the floor under any float64 Gram-based kernel at that shape.
+4. The float32 Gram as the kernels build it (fixed-shape tiles, one BLAS thread per tile, up to
+   `threads` tiles at once: docs/adr/0016) against one threaded `ssyrk`, on 1 and 2 threads, and
+   whether each gives the same bits on 1 and 2 threads.
 
     python bench/blas_threads.py
 """
@@ -20,6 +23,7 @@ import torch
 from scipy.linalg import blas, lapack
 from threadpoolctl import threadpool_limits
 
+from dgrepair.kernels import linalg
 from dgrepair.kernels.threads import cpu_thread_policy
 
 
@@ -65,6 +69,23 @@ def main() -> None:
         with threadpool_limits(threads, user_api="blas"):
             t = best(lambda x=expert: blas.dsyrk(1.0, x, lower=1))
         print(f"float64 syrk of a 7168x2048 delta, {threads} thread(s): {t:.3f} s ({flops / t / 1e9:.0f} GFLOP/s)")
+    for rows, p in ((7168, 2048), (8192, 4096), (5632, 2048)):
+        w = torch.from_numpy(rng.standard_normal((rows, p)).astype(np.float32))
+        times, bits = [], {}
+        for threads in (1, 2):
+            with threadpool_limits(threads, user_api="blas"):
+                x = w.numpy().T  # Fortran-ordered (p, rows): what ssyrk reads without a copy
+                syrk = best(lambda x=x: blas.ssyrk(1.0, x, lower=1), repeats=2)
+                bits[("ssyrk", threads)] = np.tril(blas.ssyrk(1.0, x, lower=1)).tobytes()
+            with cpu_thread_policy(threads) as n:
+                tiles = best(lambda n=n, w=w: linalg.gram(w, torch.float32, torch.device("cpu"), 1 << 24, threads=n),
+                             repeats=2)
+                bits[("tiles", threads)] = np.tril(linalg.gram(w, torch.float32, torch.device("cpu"), 1 << 24,
+                                                               threads=n).numpy()).tobytes()
+            times.append(f"{threads} thread(s): ssyrk {syrk:.3f} s, tiles {tiles:.3f} s")
+        same = {k: bits[(k, 1)] == bits[(k, 2)] for k in ("ssyrk", "tiles")}
+        print(f"float32 Gram {rows}x{p}: " + "; ".join(times)
+              + f"; same bits on 1 and 2 threads: ssyrk {same['ssyrk']}, tiles {same['tiles']}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def gram(work: torch.Tensor, dtype: torch.dtype, device: torch.device, chunk_ele
         tiles = [(i, j) for j in range(0, small, side) for i in range(j, small, side)]
         for lo in range(0, big, step):
             rows = _numpy_rows(work[lo:lo + step].to(dtype))
-            run_pieces([partial(_add_gram_tile, acc, rows, i, j, side) for i, j in tiles], threads)
+            run_pieces([partial(_add_gram_tile, acc, rows, i, j, side, lo == 0) for i, j in tiles], threads)
         return torch.from_numpy(acc)
     acc_t = torch.zeros(small, small, dtype=dtype, device=device)
     with _ieee_fp32_matmul():
@@ -69,10 +69,20 @@ def gram(work: torch.Tensor, dtype: torch.dtype, device: torch.device, chunk_ele
     return acc_t
 
 
-def _add_gram_tile(acc: np.ndarray, rows: np.ndarray, i: int, j: int, side: int) -> None:
-    """acc[I, J] += rows[:, I]ᵀ rows[:, J] for the tile at (i, j), i ≥ j (a diagonal tile is a syrk)."""
-    right = rows[:, j:j + side]
-    acc[i:i + side, j:j + side] += right.T @ right if i == j else rows[:, i:i + side].T @ right
+def _add_gram_tile(acc: np.ndarray, rows: np.ndarray, i: int, j: int, side: int, first: bool) -> None:
+    """acc[I, J] += rows[:, I]ᵀ rows[:, J] for the tile at (i, j), i ≥ j (a diagonal tile is a syrk).
+
+    Computed as its transpose rows[:, J]ᵀ rows[:, I], whose layout in the Fortran-ordered acc is row-major,
+    so BLAS writes the first row block's tile straight into acc and later blocks add in matching order
+    (measured at 8192 x 4096 on one thread: 2.27 s against 2.45-2.64 s through a temporary and a
+    transposing add; one `ssyrk` 2.16-2.24 s)."""
+    left = rows[:, j:j + side]
+    right = left if i == j else rows[:, i:i + side]
+    view = acc[i:i + side, j:j + side].T
+    if first:
+        np.matmul(left.T, right, out=view)
+    else:
+        view += left.T @ right
 
 
 class GramEigen:

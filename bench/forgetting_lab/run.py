@@ -60,19 +60,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _items_id(suite: Suite, benchmark: str) -> str:
+def cache_key(suite: Suite, benchmark: str) -> str:
+    """An evaluation cache's key for one benchmark: `<benchmark>:<hash of its exact items>` (the task's
+    items with the task's name and answer length), so a changed item set is never read as cached."""
     items = items_of(suite, benchmark)
     if benchmark == "task":
         items = [suite.task_name, suite.task_new_tokens, items]
     data = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in items]
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{benchmark}:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def eval_cached(model_dir: Path, tok_dir: Path, suite: Suite, path: Path, benchmarks=BENCHMARKS) -> dict:
     """Results per benchmark, cached in `path` under `benchmark:items-hash`: only benchmarks whose exact
     items were never scored on this model are evaluated (the base file serves both tasks)."""
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    keys = {b: f"{b}:{_items_id(suite, b)}" for b in benchmarks}
+    keys = {b: cache_key(suite, b) for b in benchmarks}
     missing = [b for b in benchmarks if keys[b] not in cache]
     if missing:
         cache.update({keys[b]: r for b, r in evaluate(model_dir, tok_dir, suite, missing).items()})
@@ -85,7 +87,7 @@ def eval_cached(model_dir: Path, tok_dir: Path, suite: Suite, path: Path, benchm
 
 def has_eval(suite: Suite, path: Path, benchmarks=BENCHMARKS) -> bool:
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    return all(f"{b}:{_items_id(suite, b)}" in cache for b in benchmarks)
+    return all(cache_key(suite, b) in cache for b in benchmarks)
 
 
 def trajectory_dir(work: Path, task: str, lr: float, seed: int) -> Path:

@@ -122,11 +122,11 @@ def test_out_of_memory_retries_with_smaller_blocks_and_never_fails(monkeypatch):
     real = linalg.gram
     seen = []
 
-    def flaky(work, dtype, device, chunk_elems, lapack=None):
+    def flaky(work, dtype, device, chunk_elems, lapack=None, threads=1):
         seen.append(chunk_elems)
         if len(seen) in (2, 3):  # the second matrix hits it twice
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(work, dtype, device, chunk_elems, lapack)
+        return real(work, dtype, device, chunk_elems, lapack, threads)
     monkeypatch.setattr(linalg, "gram", flaky)
     got, stats = repair_batch(delta, ThresholdParams(), "gram64", chunk_elems=1 << 22)
     assert seen == [1 << 22, 1 << 22, 1 << 20, 1 << 18, 1 << 22]  # each matrix fits one block: same sums
@@ -163,11 +163,11 @@ def test_cuda_out_of_memory_finishes_the_matrix(monkeypatch):
     real = linalg.gram
     calls = []
 
-    def flaky(work, dtype, device, chunk_elems, lapack=None):
+    def flaky(work, dtype, device, chunk_elems, lapack=None, threads=1):
         calls.append(torch.device(device).type)
         if torch.device(device).type == "cuda":
             raise torch.OutOfMemoryError("injected")
-        return real(work, dtype, device, chunk_elems, lapack)
+        return real(work, dtype, device, chunk_elems, lapack, threads)
     monkeypatch.setattr(linalg, "gram", flaky)
     rng = np.random.default_rng(7)
     delta = reference.spiked(300, 200, rank=4, rng=rng).astype(np.float32)
