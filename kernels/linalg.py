@@ -8,9 +8,9 @@ cores it collapsed (0.48 s -> 5.1 s observed), because the tridiagonalisation sy
 threads once per column. The Gram and the projection use the cores by pieces whose shapes depend
 only on the matrix (Gram tiles of `gram_tile(p)`, projection blocks of `PROJECT_ROWS` rows), each
 one single-threaded BLAS call, up to `threads` at once (threads.py says why: a threaded BLAS call's
-float32 sums change with its thread count). Measured on 2 AVX2 cores at 7168x2048 and 8192x4096:
-the tiled Gram on 2 threads as fast as a 2-thread `ssyrk` (0.26-0.27 s vs 0.30 s; 1.1 s vs 1.2 s),
-on 1 thread 0-25 % slower than a 1-thread `ssyrk`. On CUDA (the torch path) one `eigh` call gives
+float32 sums change with its thread count). Measured on 2 AVX2 cores (bench/blas_threads.py, figures
+in docs/adr/0016-thread-count-independent-bytes.md): the tiled Gram costs -2 % to +8 % of a threaded
+`ssyrk` on 2 threads, -6 % to +22 % on 1 thread. On CUDA (the torch path) one `eigh` call gives
 the eigenvalues and the vectors together: one tridiagonalisation per matrix, and the only transfer
 to the host inside a matrix is its p eigenvalues, which the threshold needs. No I/O here.
 """
