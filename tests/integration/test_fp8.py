@@ -15,6 +15,7 @@ import pytest
 import reference
 import torch
 from ckpt import low_rank_plus_noise, write_sharded
+from pairs import fp8_pair
 from safetensors import safe_open
 
 from dgrepair.cli import main
@@ -46,29 +47,6 @@ def test_quantiser_blocks_ragged_edges_and_conventions():
     assert s2.dtype == torch.bfloat16
     logs = torch.log2(s2.float())
     assert torch.equal(logs, torch.round(logs))  # ue8m0: powers of two
-
-
-def fp8_pair(tmp_path, scale_dtype=torch.float32, ue8m0=False):
-    g = torch.Generator().manual_seed(3)
-    base, ft = {}, {}
-    for name, shape in (("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", (320, 200)),
-                        ("model.layers.0.mlp.down_proj.weight", (192, 256))):
-        w0 = 0.02 * torch.randn(shape, generator=g, dtype=torch.float64)
-        w1 = w0 + low_rank_plus_noise(shape, 3, g, noise=2e-3, strength=12.0)
-        for store, w in ((base, w0), (ft, w1)):
-            codes, scale = fp8.quantize(w.float(), scale_dtype, ue8m0)
-            store[name], store[name + "_scale_inv"] = codes, scale
-    norm = {"model.norm.weight": torch.ones(64, dtype=torch.bfloat16)}
-    # the down_proj scale lives in a different shard than its weight
-    shards = lambda t: {"a.safetensors": {k: v for k, v in t.items() if "down_proj.weight_scale" not in k} | norm,  # noqa: E731
-                        "b.safetensors": {k: v for k, v in t.items() if "down_proj.weight_scale" in k}}
-    write_sharded(tmp_path / "base", shards(base))
-    write_sharded(tmp_path / "ft", shards(ft))
-    if ue8m0:
-        for role in ("base", "ft"):
-            (tmp_path / role / "config.json").write_text(json.dumps({"quantization_config": {
-                "quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}}))
-    return base, ft
 
 
 @pytest.mark.parametrize("scale_dtype,ue8m0", [(torch.float32, False), (torch.bfloat16, False),

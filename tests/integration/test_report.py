@@ -221,7 +221,7 @@ def test_spectra_of_fused_gate_up_and_fp8_tensors(tmp_path):
     """The recompute follows the run's own reshape rules: fused gate/up halves (gpt-oss interleaved
     layout) and block-FP8 weights dequantised with each checkpoint's scales."""
     from ckpt import write_single
-    from test_fp8 import fp8_pair
+    from pairs import fp8_pair
     from test_fused_experts import PREFIX, E, fused, halves, split
 
     from dgrepair.kernels import fp8

@@ -47,7 +47,7 @@ def test_kernel_choice_is_recorded_per_matrix(pair, tmp_path):
 
 
 def test_an_fp8_weight_and_its_scales_form_one_unsplittable_unit(tmp_path):
-    from test_fp8 import fp8_pair
+    from pairs import fp8_pair
 
     fp8_pair(tmp_path)
     plan = build_plan(open_checkpoint(tmp_path / "base", "base"), open_checkpoint(tmp_path / "ft", "ft"),
