@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -43,13 +44,15 @@ from ..engine.output import shards as output
 from ..engine.output.paths import failures_file
 from ..engine.plan.units import WorkUnit
 from ..engine.run import interrupt
+from ..engine.run.head_start import HeadStart
 from ..engine.run.jobs import StepSettings, for_workers
 from ..engine.run.pipeline import SLOTS
 from ..engine.run.session import CalibrationPhase, Phase, RunSession
+from ..engine.run.unit_result import UnitResult
 from ..kernels.threads import available_cores, threads_per_worker
 from .affinity import ShardOwners
 from .session import ray_session
-from .worker import FAULT_ENV, RepairWorker, actor_name
+from .worker import FAULT_ENV, RepairWorker, actor_name, node_label
 
 NAMESPACE = "dgrepair"
 RECOVERY_WAIT_S = 120.0  # how long a restarting actor is waited for before it is sent units again
@@ -78,6 +81,7 @@ class _Book:
     nodes: dict[str, dict[str, float]] = field(default_factory=dict)
     next_id: int = 0
     requeues: int = 0
+    head_start_units: int = 0  # units the driver ran itself while the actors started
 
     def split(self, unit_id: int) -> list[int]:
         """Replace a multi-entry unit by single-entry units; returns their ids."""
@@ -148,23 +152,32 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
     env = {**{k: os.environ[k] for k in FAULT_ENV if k in os.environ},
            **endpoint_env(cfg.inputs.base, cfg.inputs.ft, cfg.output.out)}
     actors: list[Any] = []
+    first: Phase = phase if phase is not None and phase.units else session
+    lane = _head_start(first, session, cfg)
     started = time.monotonic()
-    with _ray_started(cfg, session.say) as info:
-        session.say(f"Ray ready after {time.monotonic() - started:.1f} s: {info['address']}, "
-                    f"{info['resources'].get('CPU', 0):g} CPUs, {info['resources'].get('GPU', 0):g} GPUs")
-        try:
-            if phase is not None and phase.units:
-                _calibrate(phase, cfg, info, env)
-            session.resolve_target()
-            session.defer_publication = True  # each staged shard is published by the worker holding it
-            book, settings = _dispatch(session, cfg, info, actors, env)
-        finally:
-            session.close()
-            for actor in actors:
-                ray.kill(actor)
+    try:
+        with _ray_started(cfg, session.say) as info:
+            session.say(f"Ray ready after {time.monotonic() - started:.1f} s: {info['address']}, "
+                        f"{info['resources'].get('CPU', 0):g} CPUs, {info['resources'].get('GPU', 0):g} GPUs")
+            try:
+                if phase is not None and phase.units:
+                    _calibrate(phase, cfg, info, env, lane)
+                    lane = None  # it belonged to the calibration pass
+                session.resolve_target()
+                session.defer_publication = True  # each staged shard is published by the worker holding it
+                book, settings = _dispatch(session, cfg, info, actors, env, lane)
+            finally:
+                if lane is not None:
+                    lane.close()  # before the lock goes: nothing is written after the session closes
+                session.close()
+                for actor in actors:
+                    ray.kill(actor)
+    finally:
+        if lane is not None:
+            lane.close()  # Ray failed to start, or a signal came during its start
     executor = {"kind": "ray", "address": info["address"], "workers": len(actors), "device": settings.device,
                 "threads_per_worker": settings.threads, "overlap": cfg.execution.overlap,
-                "requeued_units": book.requeues,
+                "requeued_units": book.requeues, "head_start_units": book.head_start_units,
                 "per_node": book.nodes}
     if book.failed:
         report = {"failed": [{"tensors": [e.name for e in book.units[u].entries], "shards":
@@ -198,12 +211,15 @@ def _ray_started(cfg: RepairConfig, say: Callable[[str], None]) -> Iterator[dict
         interrupt.install()  # ray.shutdown resets SIGTERM to the default: finalising must stay covered
 
 
-def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], env: dict[str, str]) -> None:
+def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any], env: dict[str, str],
+               lane: HeadStart | None) -> None:
     """The --target-rho calibration pass on its own actors (same dispatch, retries and isolation)."""
     actors: list[Any] = []
     try:
-        book, _ = _dispatch(phase, cfg, info, actors, env)
+        book, _ = _dispatch(phase, cfg, info, actors, env, lane)
     finally:
+        if lane is not None:
+            lane.close()
         phase.close()
         for actor in actors:
             ray.kill(actor)
@@ -213,8 +229,9 @@ def _calibrate(phase: CalibrationPhase, cfg: RepairConfig, info: dict[str, Any],
 
 
 def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: list[Any],
-              env: dict[str, str]) -> tuple[_Book, StepSettings]:
-    """Run a phase's units on fresh actors; returns the bookkeeping and the settings the actors ran with."""
+              env: dict[str, str], lane: HeadStart | None = None) -> tuple[_Book, StepSettings]:
+    """Run a phase's units on fresh actors (and, until the first is ready, on the driver's head start);
+    returns the bookkeeping and the settings the actors ran with."""
     gpus = int(info["resources"].get("GPU", 0))
     use_gpu = session.settings.device != "cpu" and gpus > 0
     if use_gpu:
@@ -223,12 +240,10 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
         settings = session.settings
     else:
         cpus = float(info["resources"].get("CPU", available_cores()))
-        n_workers = cfg.cluster.workers or max(1, int(cpus))
+        n_workers, settings = _cpu_workers(session, cfg, cpus)
         # Reserve at most one CPU (a fraction when oversubscribed) so every actor fits on any node
         # and is always schedulable; how many BLAS threads it uses is set separately.
         options = {"num_cpus": min(1.0, cpus / n_workers)}
-        threads = cfg.execution.threads or threads_per_worker(n_workers, int(cpus))
-        settings = for_workers(session.settings, device="cpu", threads=threads)
     if env:
         options["runtime_env"] = {"env_vars": env}
     options["max_concurrency"] = SLOTS if cfg.execution.overlap else 1  # for `run`; control has its own threads
@@ -236,8 +251,9 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
                                        namespace=NAMESPACE, **options).remote(session.step, settings, i,
                                                                               session.writes_output)
                   for i in range(n_workers))
-    order = sorted(range(len(session.units)), key=lambda i: -session.units[i].cost)
-    book = _Book(units=dict(enumerate(session.units)), queue=deque(order), next_id=len(session.units),
+    taken = _until_an_actor_is_ready(actors, lane) if lane is not None else set()
+    book = _Book(units=dict(enumerate(session.units)),
+                 queue=deque(i for i in _largest_first(session.units) if i not in taken), next_id=len(session.units),
                  isolated={i for i, unit in enumerate(session.units) if session.runs_alone(unit)})
     flights: dict[ray.ObjectRef, _Flight] = {}
     load = Counter()
@@ -261,7 +277,10 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
     recovering: dict[ray.ObjectRef, int] = {}
     down_since: dict[int, float] = {}
 
-    while book.queue or flights or (assembly is not None and assembly.busy):
+    here = node_label()
+    while book.queue or flights or (assembly is not None and assembly.busy) or (lane is not None and lane.busy):
+        if lane is not None:
+            _take_over(session, book, lane, here)
         if assembly is not None:
             assembly.publish_ready()
         down = set(recovering.values())
@@ -279,7 +298,11 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
                     break
                 submit(unit_id, actor)
         pending = [*flights, *recovering, *(assembly.publishing if assembly is not None else ())]
-        ready, _ = ray.wait(pending, num_returns=1, timeout=1.0)
+        if not pending:  # only the head start's last unit is left
+            if lane is not None:
+                lane.wait(1.0)
+            continue
+        ready, _ = ray.wait(pending, num_returns=1, timeout=0.2 if lane is not None and lane.busy else 1.0)
         session.bar.tick()
         for ref in ready:
             if assembly is not None and ref in assembly.publishing:
@@ -429,7 +452,13 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
                    if unit_id in book.units else "split into single tensors and requeued")
         session.say(f"{what} on worker {flight.actor}: {why}; {outcome}")
         return False
-    unit = book.units[unit_id]
+    _commit(session, book, result)
+    return True
+
+
+def _commit(session: Phase, book: _Book, result: UnitResult) -> None:
+    """Account a finished unit to its node and commit its rows."""
+    unit = book.units[result.unit]
     node = book.nodes.setdefault(result.node, {"units": 0, "tensors": 0, "seconds": 0.0, "bytes_read": 0,
                                                "bytes_written": 0})
     node["units"] += 1
@@ -441,7 +470,51 @@ def _collect(session: Phase, book: _Book, ref: ray.ObjectRef, flight: _Flight,
     written_gb = sum(n["bytes_written"] for n in book.nodes.values()) / 1e9
     session.commit(unit, result.rows, note=f", read {read_gb:.2f} GB, wrote {written_gb:.2f} GB, "
                                            f"failed {len(book.failed)}", node=result.node)
-    return True
+
+
+def _cpu_workers(phase: Phase, cfg: RepairConfig, cpus: float) -> tuple[int, StepSettings]:
+    """How many CPU actors, and the settings they run with (threads: the cores split between them)."""
+    n_workers = cfg.cluster.workers or max(1, int(cpus))
+    threads = cfg.execution.threads or threads_per_worker(n_workers, int(cpus))
+    return n_workers, for_workers(phase.settings, device="cpu", threads=threads)
+
+
+def _largest_first(units: list[WorkUnit]) -> list[int]:
+    return sorted(range(len(units)), key=lambda i: -units[i].cost)
+
+
+def _head_start(phase: Phase, session: RunSession, cfg: RepairConfig) -> HeadStart | None:
+    """The driver's head start (engine/run/head_start.py), only where the driver shares the workers'
+    machine: the embedded local Ray this run starts, on CPU, with a local output. Not when joining a
+    cluster (its head may be a small node), and not under the actors' fault-injection hooks."""
+    if (not cfg.cluster.head_start or ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+            or phase.settings.device != "cpu" or session.target.per_shard_units
+            or any(k in os.environ for k in FAULT_ENV)):
+        return None
+    cpus = max(available_cores(), cfg.cluster.workers)  # what start_local gives the embedded Ray
+    _, settings = _cpu_workers(phase, cfg, cpus)  # the actors' settings: the same bytes
+    return HeadStart(phase, settings, _largest_first(phase.units))
+
+
+def _until_an_actor_is_ready(actors: list[Any], lane: HeadStart) -> set[int]:
+    """Wait until the first actor answers (its imports are done) or the head start has taken every unit;
+    then stop it. Returns the units it took."""
+    pings = [actor.ping.remote() for actor in actors]
+    while not lane.idle:
+        ready, _ = ray.wait(pings, num_returns=1, timeout=0.2)
+        if ready:
+            break
+    return lane.stop()
+
+
+def _take_over(session: Phase, book: _Book, lane: HeadStart, node: str) -> None:
+    """Commit what the head start finished; a unit it handed back goes to the actors."""
+    for unit_id, result in lane.collect():
+        if result is None:
+            book.queue.appendleft(unit_id)  # an actor runs it again and reports its error as usual
+            continue
+        book.head_start_units += 1
+        _commit(session, book, dataclasses.replace(result, node=node))
 
 
 def _describe(unit: WorkUnit) -> str:

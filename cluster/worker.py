@@ -23,18 +23,16 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 
 from ..engine.output.bucket import PublishResult, publish_shard
 from ..engine.output.shards import open_partial
 from ..engine.run.jobs import EntryJob, StepSettings
-from ..engine.run.pipeline import HOOK_ENV, ComputeGate, Hooks, Phases
+from ..engine.run.pipeline import HOOK_ENV, ComputeGate, Hooks
+from ..engine.run.unit_result import Step, UnitResult, run_unit
 from ..kernels.threads import cpu_thread_policy
 
 FAULT_ENV = ("DGREPAIR_FAULT_CRASH_ON", "DGREPAIR_FAULT_SLEEP_ON", "DGREPAIR_FAULT_UNIT_DELAY", *HOOK_ENV)
@@ -45,29 +43,22 @@ def actor_name(plan_id: str, index: int) -> str:
     return f"dgrepair-{plan_id}-worker-{index}"
 
 
-@dataclass(frozen=True)
-class UnitResult:
-    """What one unit's execution on an actor returns: the phase's rows and per-node accounting."""
-
-    unit: int
-    rows: list[Any]  # the phase's row type (manifest rows, or calibration rows)
-    node: str
-    seconds: float
-    bytes_read: int
-    bytes_written: int
+def node_label() -> str:
+    """This process's node as the summary's per-node totals name it: host/Ray node id."""
+    return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={CONTROL: 2})
 class RepairWorker:
     """One per GPU (num_gpus=1) or one per CPU slot, for one phase; retries belong to the driver."""
 
-    def __init__(self, step: Callable[[list[EntryJob], StepSettings, Phases], list[Any]], settings: StepSettings,
+    def __init__(self, step: Step, settings: StepSettings,
                  index: int, writes_output: bool) -> None:
         self.step = step
         self.settings = settings
         self.index = index
         self.writes_output = writes_output
-        self.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+        self.node = node_label()
         self.gate = ComputeGate(Hooks.from_env())
         # Thread limits are process-wide: set once for the actor's life, not per unit (two units overlap).
         self._policy = ExitStack()
@@ -94,15 +85,8 @@ class RepairWorker:
     def run(self, unit_id: int, jobs: list[EntryJob], *after: None) -> UnitResult:  # noqa: ARG002
         """Execute one unit. `after`: results of the `open_shard` calls its shards need (Ray resolves
         them before the call starts); seconds exclude the wait for the kernels' turn."""
-        names = {j.entry.name for j in jobs}
-        self._faults(names)
-        start = time.perf_counter()
-        with self.gate.unit(unit_id) as phases:
-            rows = self.step(jobs, self.settings, phases)
-        return UnitResult(unit_id, rows, self.node, time.perf_counter() - start - phases.waited,
-                          bytes_read=sum(j.entry.ft.nbytes + (j.entry.base.nbytes if j.entry.base else 0)
-                                         for j in jobs),
-                          bytes_written=sum(j.entry.out_nbytes for j in jobs) if self.writes_output else 0)
+        self._faults({j.entry.name for j in jobs})
+        return run_unit(self.step, unit_id, jobs, self.settings, self.gate, self.node, self.writes_output)
 
     def _faults(self, names: set[str]) -> None:
         crash = os.environ.get("DGREPAIR_FAULT_CRASH_ON")

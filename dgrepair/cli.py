@@ -38,7 +38,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "formats": ("fused_layout", "out_dtype", "packed_int4"),
     "execution": ("in_process", "device", "threads", "batch_mb", "overlap", "commit_interval_s", "progress",
                   "progress_interval_s"),
-    "cluster": ("address", "workers", "max_attempts", "inflight_per_worker", "unit_timeout_s"),
+    "cluster": ("address", "workers", "max_attempts", "inflight_per_worker", "unit_timeout_s", "head_start"),
     "output": ("out", "force", "emit_adapter", "scratch", "lock_ttl_s"),
 }
 REQUIRED = ("base", "ft", "out")

@@ -211,6 +211,9 @@ class ClusterOptions(Section):
                                     (lambda v: v >= 1, ">= 1"))
     unit_timeout_s: float = _opt(600.0, "base deadline per unit; a cost-proportional allowance is added",
                                  (lambda v: v > 0, "> 0"))
+    head_start: bool = _opt(True, "do not let the driver repair units itself while the embedded "
+                            "local Ray and its workers start; by default it does (on CPU with a local output, never "
+                            "when joining a cluster; the output bytes are the same)")
 
 
 @dataclass(frozen=True)
@@ -239,8 +242,8 @@ FLAT_ORDER = ("base", "ft", "out", "method", "scale", "alpha", "keep_ratio", "ti
               "dare_rescale", "seed", "rank", "target_rho", "emit_adapter", "min_numel", "mask", "include", "exclude",
               "median", "kernel", "fp64_rate", "fused_layout", "out_dtype", "packed_int4", "treat_as", "device",
               "threads", "batch_mb", "overlap", "address", "workers", "in_process", "max_attempts",
-              "inflight_per_worker", "unit_timeout_s", "commit_interval_s", "force", "scratch", "lock_ttl_s",
-              "progress", "progress_interval_s")
+              "inflight_per_worker", "unit_timeout_s", "head_start", "commit_interval_s", "force", "scratch",
+              "lock_ttl_s", "progress", "progress_interval_s")
 
 
 @dataclass(frozen=True)

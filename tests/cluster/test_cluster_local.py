@@ -92,17 +92,11 @@ def test_poison_tensor_fails_alone_and_a_rerun_finishes(pair, tmp_path, monkeypa
 
 
 def test_bad_input_found_by_a_worker_stops_the_run_with_the_engine_error(tmp_path):
-    import torch
-    from ckpt import write_single
+    from ckpt import write_nan_pair
 
-    from dgrepair.engine.errors import RepairFailure as Failure
-
-    bad = torch.ones(64, 32)
-    bad[0, 0] = float("nan")
-    write_single(tmp_path / "b", {"w.weight": torch.zeros(64, 32)})
-    write_single(tmp_path / "f", {"w.weight": bad})
-    c = RepairConfig.of(base=str(tmp_path / "b"), ft=str(tmp_path / "f"), out=str(tmp_path / "o"), progress=False)
-    with pytest.raises(Failure, match="w.weight.*NaN/Inf"):
+    base, ft = write_nan_pair(tmp_path)
+    c = RepairConfig.of(base=str(base), ft=str(ft), out=str(tmp_path / "o"), progress=False)
+    with pytest.raises(RepairFailure, match="w.weight.*NaN/Inf"):
         run_distributed(c)
     assert not (tmp_path / "o" / "dgrepair" / "summary.json").exists()
 
@@ -126,7 +120,7 @@ def test_unit_past_its_deadline_gets_its_worker_restarted_and_is_requeued(pair, 
 
 
 def test_poison_fp8_weight_fails_together_with_its_scales(tmp_path, monkeypatch):
-    from test_fp8 import fp8_pair
+    from pairs import fp8_pair
 
     fp8_pair(tmp_path)
     weight = "model.layers.0.mlp.down_proj.weight"

@@ -334,11 +334,25 @@ RAY_CASES = [("startup", signal.SIGTERM), ("dispatch", signal.SIGTERM), ("finali
 def test_ray_driver_stops_cleanly_on_a_signal_to_its_process_group(pair, tmp_path, clean, phase, sig):
     pytest.importorskip("ray")
     out = tmp_path / "out"
-    proc = run_until(phase, args(pair, out, in_process=False), tmp_path / "marker")
+    # In dispatch, the actors must run units: on this small pair the head start would run them all.
+    extra = ("--no-head-start",) if phase == "dispatch" else ()
+    proc = run_until(phase, args(pair, out, *extra, in_process=False), tmp_path / "marker")
     if phase == "startup":
         time.sleep(1.0)  # inside ray.init
     code, err = stop(proc, sig, group=True)
     check_stopped(pair, out, clean, code, err, sig)
+
+
+def test_a_signal_does_not_wait_for_the_head_start_unit_that_is_still_computing(pair, tmp_path, clean):
+    """ADR 0017: the driver's own unit has not begun to write, so the run stops without finishing it
+    (here it would take 60 s more), writes none of it after the lock is gone, and resumes to the same bytes."""
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    proc = run_until("head-start", args(pair, out, in_process=False), tmp_path / "marker")
+    started = time.monotonic()
+    code, err = stop(proc, signal.SIGTERM, group=True)
+    assert time.monotonic() - started < 45, err  # the unit's 60 s were not waited for
+    check_stopped(pair, out, clean, code, err, signal.SIGTERM)
 
 
 # --- the stress test -----------------------------------------------------------------------------------------
