@@ -23,22 +23,22 @@ DEVICES: dict[str, dict] = {
 }
 
 # BEGIN CPU_ROWS (written by bench/cost_table.py)
-# measured 2026-12-01 on 2 cores, 1-min load 11.7 (one thread per matrix)
+# measured 2026-12-03 on 2 cores, 1-min load 0.5 (one thread per matrix)
 CPU_ROWS: list[dict] = [
-    {'device': 'cpu', 'backend': 'gram32', 'rows': 256, 'cols': 2048, 'seconds': 0.1917, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram64', 'rows': 256, 'cols': 2048, 'seconds': 0.4195, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram32', 'rows': 2048, 'cols': 2048, 'seconds': 2.5926, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram64', 'rows': 2048, 'cols': 2048, 'seconds': 4.4318, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram32', 'rows': 5632, 'cols': 2048, 'seconds': 1.5003, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram64', 'rows': 5632, 'cols': 2048, 'seconds': 3.5566, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram32', 'rows': 2048, 'cols': 5632, 'seconds': 2.3822, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram64', 'rows': 2048, 'cols': 5632, 'seconds': 4.3006, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram32', 'rows': 7168, 'cols': 2048, 'seconds': 1.5033, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram64', 'rows': 7168, 'cols': 2048, 'seconds': 4.6217, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram32', 'rows': 2048, 'cols': 7168, 'seconds': 2.2553, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram64', 'rows': 2048, 'cols': 7168, 'seconds': 4.8862, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram32', 'rows': 32000, 'cols': 2048, 'seconds': 6.177, 'measured': True},
-    {'device': 'cpu', 'backend': 'gram64', 'rows': 32000, 'cols': 2048, 'seconds': 15.3329, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram32', 'rows': 256, 'cols': 2048, 'seconds': 0.0118, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram64', 'rows': 256, 'cols': 2048, 'seconds': 0.0214, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram32', 'rows': 2048, 'cols': 2048, 'seconds': 0.4707, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram64', 'rows': 2048, 'cols': 2048, 'seconds': 0.8506, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram32', 'rows': 5632, 'cols': 2048, 'seconds': 0.6409, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram64', 'rows': 5632, 'cols': 2048, 'seconds': 1.2479, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram32', 'rows': 2048, 'cols': 5632, 'seconds': 0.6325, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram64', 'rows': 2048, 'cols': 5632, 'seconds': 1.4475, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram32', 'rows': 7168, 'cols': 2048, 'seconds': 0.7239, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram64', 'rows': 7168, 'cols': 2048, 'seconds': 1.5681, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram32', 'rows': 2048, 'cols': 7168, 'seconds': 0.6865, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram64', 'rows': 2048, 'cols': 7168, 'seconds': 1.6281, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram32', 'rows': 32000, 'cols': 2048, 'seconds': 2.088, 'measured': True},
+    {'device': 'cpu', 'backend': 'gram64', 'rows': 32000, 'cols': 2048, 'seconds': 4.4772, 'measured': True},
 ]
 # END CPU_ROWS
 
