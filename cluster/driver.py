@@ -51,7 +51,7 @@ from ..engine.run.session import CalibrationPhase, Phase, RunSession
 from ..engine.run.unit_result import UnitResult
 from ..kernels.threads import available_cores, threads_per_worker
 from .affinity import ShardOwners
-from .session import ray_session
+from .session import local_cpus, ray_session
 from .worker import FAULT_ENV, RepairWorker, actor_name, node_label
 
 NAMESPACE = "dgrepair"
@@ -491,8 +491,7 @@ def _head_start(phase: Phase, session: RunSession, cfg: RepairConfig) -> HeadSta
             or phase.settings.device != "cpu" or session.target.per_shard_units
             or any(k in os.environ for k in FAULT_ENV)):
         return None
-    cpus = max(available_cores(), cfg.cluster.workers)  # what start_local gives the embedded Ray
-    _, settings = _cpu_workers(phase, cfg, cpus)  # the actors' settings: the same bytes
+    _, settings = _cpu_workers(phase, cfg, local_cpus(cfg.cluster.workers))  # the actors' settings: the same bytes
     return HeadStart(phase, settings, _largest_first(phase.units))
 
 

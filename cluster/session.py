@@ -100,9 +100,14 @@ def loopback_only() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+def local_cpus(workers: int) -> int:
+    """The CPUs the embedded local Ray offers: every core, or more if more workers were asked for."""
+    return max(available_cores(), workers or 0)
+
+
 def start_local(workers: int) -> None:
     with loopback_only():
-        ray.init(address="local", num_cpus=max(available_cores(), workers or 0), include_dashboard=False,
+        ray.init(address="local", num_cpus=local_cpus(workers), include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address=LOOPBACK,
                  logging_level="ERROR", log_to_driver=True)
 
