@@ -1,5 +1,5 @@
-"""Gram, eigenvalues and top eigenvectors on the CPU (LAPACK through scipy, BLAS through numpy) and on
-CUDA (torch).
+"""Gram, eigenvalues and top eigenvectors on the CPU (scipy's LAPACK, its tridiagonal routines called
+without the GIL through lapack_nogil.py; BLAS through numpy) and on CUDA (torch).
 
 One tridiagonalisation serves both the eigenvalues and the top-r eigenvectors, about a tenth of a
 full `eigh` with all vectors. The LAPACK eigen calls run on one BLAS thread: on an idle 2-core
@@ -24,6 +24,7 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
+from . import lapack_nogil
 from .threads import run_pieces
 
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32}
@@ -102,13 +103,8 @@ class GramEigen:
         if not self.lapack:
             self.w, self.v = torch.linalg.eigh(g)
         elif self.p > 1:
-            a = g.numpy()
-            sytrd, sytrd_lwork = scipy.linalg.lapack.get_lapack_funcs(("sytrd", "sytrd_lwork"), (a,))
             with threadpool_limits(limits=1, user_api="blas"):  # threaded sytrd collapses under contention
-                lwork = int(sytrd_lwork(self.p, lower=1)[0])
-                self.c, self.d, self.e, self.tau, info = sytrd(a, lower=1, lwork=max(lwork, 1))
-            if info != 0:
-                raise np.linalg.LinAlgError(f"LAPACK sytrd failed (info={info})")
+                self.c, self.d, self.e, self.tau = lapack_nogil.sytrd_lower(g.numpy())
 
     def singular_values(self) -> np.ndarray:
         """Descending float64 singular values sqrt(max(eig(G), 0))."""
@@ -117,10 +113,7 @@ class GramEigen:
         elif self.p == 1:
             w = self.g.numpy().reshape(1)
         else:
-            sterf = scipy.linalg.lapack.get_lapack_funcs("sterf", (self.d,))
-            w, info = sterf(self.d, self.e)  # copies: overwrite_d/e default to False
-            if info != 0:
-                raise np.linalg.LinAlgError(f"LAPACK sterf failed (info={info})")
+            w = lapack_nogil.sterf(self.d, self.e)
         return np.sqrt(np.clip(np.sort(w.astype(np.float64))[::-1], 0.0, None))
 
     def top_vectors(self, r: int) -> torch.Tensor:
@@ -130,8 +123,7 @@ class GramEigen:
             return self.v[:, p - r:].flip(1).contiguous()
         if p == 1:
             return torch.ones(1, 1, dtype=self.g.dtype)
-        _, z = scipy.linalg.eigh_tridiagonal(self.d, self.e, select="i", select_range=(p - r, p - 1),
-                                             check_finite=False, lapack_driver="stemr")
+        z = lapack_nogil.stemr_top(self.d, self.e, r)
         z = np.array(z[:, ::-1], dtype=self.c.dtype, order="F")  # a real copy: no negative strides
         # Q = H(1)...H(p-1) from the lower-storage sytrd is a QR-type product on rows 2..p (what
         # LAPACK's ormtr does internally): apply it with ormqr.
