@@ -42,14 +42,14 @@ from ..engine.io.bytes import write_json_atomic
 from ..engine.io.objstore import endpoint_env
 from ..engine.output import shards as output
 from ..engine.output.paths import failures_file
-from ..engine.plan.units import WorkUnit
+from ..engine.plan.units import WorkUnit, largest_first
 from ..engine.run import interrupt
 from ..engine.run.head_start import HeadStart
-from ..engine.run.jobs import StepSettings, for_workers
+from ..engine.run.jobs import StepSettings, cpu_pool
 from ..engine.run.pipeline import SLOTS
 from ..engine.run.session import CalibrationPhase, Phase, RunSession
 from ..engine.run.unit_result import UnitResult
-from ..kernels.threads import available_cores, threads_per_worker
+from ..kernels.threads import available_cores
 from .affinity import ShardOwners
 from .session import local_cpus, ray_session
 from .worker import FAULT_ENV, RepairWorker, actor_name, node_label
@@ -253,7 +253,7 @@ def _dispatch(session: Phase, cfg: RepairConfig, info: dict[str, Any], actors: l
                   for i in range(n_workers))
     taken = _until_an_actor_is_ready(actors, lane) if lane is not None else set()
     book = _Book(units=dict(enumerate(session.units)),
-                 queue=deque(i for i in _largest_first(session.units) if i not in taken), next_id=len(session.units),
+                 queue=deque(i for i in largest_first(session.units) if i not in taken), next_id=len(session.units),
                  isolated={i for i, unit in enumerate(session.units) if session.runs_alone(unit)})
     flights: dict[ray.ObjectRef, _Flight] = {}
     load = Counter()
@@ -474,13 +474,7 @@ def _commit(session: Phase, book: _Book, result: UnitResult) -> None:
 
 def _cpu_workers(phase: Phase, cfg: RepairConfig, cpus: float) -> tuple[int, StepSettings]:
     """How many CPU actors, and the settings they run with (threads: the cores split between them)."""
-    n_workers = cfg.cluster.workers or max(1, int(cpus))
-    threads = cfg.execution.threads or threads_per_worker(n_workers, int(cpus))
-    return n_workers, for_workers(phase.settings, device="cpu", threads=threads)
-
-
-def _largest_first(units: list[WorkUnit]) -> list[int]:
-    return sorted(range(len(units)), key=lambda i: -units[i].cost)
+    return cpu_pool(phase.settings, workers=cfg.cluster.workers, threads=cfg.execution.threads, cpus=int(cpus))
 
 
 def _head_start(phase: Phase, session: RunSession, cfg: RepairConfig) -> HeadStart | None:
@@ -492,7 +486,7 @@ def _head_start(phase: Phase, session: RunSession, cfg: RepairConfig) -> HeadSta
             or any(k in os.environ for k in FAULT_ENV)):
         return None
     _, settings = _cpu_workers(phase, cfg, local_cpus(cfg.cluster.workers))  # the actors' settings: the same bytes
-    return HeadStart(phase, settings, _largest_first(phase.units))
+    return HeadStart(phase, settings, largest_first(phase.units))
 
 
 def _until_an_actor_is_ready(actors: list[Any], lane: HeadStart) -> set[int]:
@@ -509,7 +503,7 @@ def _until_an_actor_is_ready(actors: list[Any], lane: HeadStart) -> set[int]:
 def _take_over(session: Phase, book: _Book, lane: HeadStart, node: str) -> None:
     """Commit what the head start finished; a unit it handed back goes to the actors."""
     for unit_id, result in lane.collect():
-        if result is None:
+        if isinstance(result, BaseException):
             book.queue.appendleft(unit_id)  # an actor runs it again and reports its error as usual
             continue
         book.head_start_units += 1

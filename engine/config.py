@@ -180,8 +180,9 @@ class ExecutionOptions(Section):
                                "output, slow = guarded float32 for low-precision outputs")
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N",
                        (_valid_device, "auto, cpu, cuda or cuda:N"))
-    threads: int = _opt(0, "compute threads per CPU worker; the output bytes do not depend on it (0 = all "
-                           "cores in-process; cores / workers on Ray)",
+    threads: int = _opt(0, "compute threads per CPU worker (a Ray actor, or a lane of --in-process); the output "
+                           "bytes do not depend on it (0 = the cores / workers; all cores for --in-process with "
+                           "--overlap)",
                         (lambda v: v >= 0, ">= 0"))
     batch_mb: int = _opt(256, "memory budget (MiB) per worker for batching same-shape matrices into one kernel "
                          "call; with overlap each of the two units in flight gets half, and a unit above the whole "
@@ -190,7 +191,9 @@ class ExecutionOptions(Section):
                          "(and the in-process engine) runs two units at once, one in the kernels (output bytes are "
                          "the same); for slow reads such as object-store inputs; off by default, since on warm local "
                          "files it measured no gain (docs/benchmarks.md)")
-    in_process: bool = _opt(False, "run in this process without Ray (small models, debugging)")
+    in_process: bool = _opt(False, "run in this process without Ray: on the CPU one lane (thread) per worker, "
+                            "the fastest on one machine (no Ray start-up; no worker isolation: a crash ends the "
+                            "run, which then resumes)")
     commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
     progress: bool = _opt(True, "no progress on stderr; by default a bar on a terminal, otherwise (job logs, "
                           "redirected output) a line every --progress-interval-s seconds")
@@ -203,7 +206,8 @@ class ClusterOptions(Section):
     address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray on "
                                "127.0.0.1); a cluster with token authentication also needs RAY_AUTH_MODE=token and "
                                "RAY_AUTH_TOKEN exported", metavar="HOST:PORT")
-    workers: int = _opt(0, "worker actors (0 = one per GPU, or one per CPU core without GPUs)",
+    workers: int = _opt(0, "worker actors, or lanes with --in-process (0 = one per GPU, or one per CPU core "
+                        "without GPUs)",
                         (lambda v: v >= 0, ">= 0"))
     max_attempts: int = _opt(3, "a unit that kills its worker this many times is marked failed",
                              (lambda v: v >= 1, ">= 1"))

@@ -65,6 +65,12 @@ class WorkUnit:
         return sum(working_bytes(e) for e in self.entries)
 
 
+def largest_first(units: list[WorkUnit]) -> list[int]:
+    """Unit indices by descending cost: the order workers take them in, so the small ones fill the end
+    (longest-processing-time-first scheduling)."""
+    return sorted(range(len(units)), key=lambda i: -units[i].cost)
+
+
 def make_units(entries: list[PlanEntry], batch_bytes: int = DEFAULT_BATCH_BYTES,
                per_shard: bool = False) -> list[WorkUnit]:
     """Group entries into units; order follows the plan (first entry of each group). `per_shard`:

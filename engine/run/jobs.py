@@ -15,6 +15,7 @@ import torch
 from ...kernels import fp8, mxfp4
 from ...kernels.methods import Method
 from ...kernels.spectral import is_finite
+from ...kernels.threads import threads_per_worker
 from ...kernels.threshold import SpectralStats
 from ..errors import RepairFailure
 from ..io.bytes import ByteSource
@@ -41,6 +42,14 @@ class StepSettings:
 def for_workers(settings: StepSettings, *, device: str, threads: int | None) -> StepSettings:
     """The settings a pool of workers runs with (the Ray driver chooses device and threads per actor)."""
     return dataclasses.replace(settings, device=device, threads=threads)
+
+
+def cpu_pool(settings: StepSettings, *, workers: int, threads: int, cpus: int) -> tuple[int, StepSettings]:
+    """How many CPU workers (Ray actors, or the local executor's lanes) and the settings each runs with:
+    `workers` of them (0 = one per CPU), each with `threads` compute threads (0 = the CPUs split
+    between them, at least one), so N workers on N cores never oversubscribe."""
+    n = workers or max(1, cpus)
+    return n, for_workers(settings, device="cpu", threads=threads or threads_per_worker(n, cpus))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Overlap of a worker's units (engine/run/pipeline.py): the next unit reads while one computes, the
 kernels run one unit at a time in unit order, results are committed in unit order, and the output
-bytes are the same with and without it. Proven from recorded phase events, never from wall times."""
+bytes are the same with and without it; and the local executor's lanes (engine/run/lanes.py).
+Proven from recorded phase events, never from wall times."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from dgrepair.engine.io.checkpoint import open_checkpoint
 from dgrepair.engine.plan.build import build_plan
 from dgrepair.engine.plan.units import make_units, runs_alone, unit_budget
 from dgrepair.engine.run.pipeline import Hooks, Turns, run_overlapped
+from dgrepair.kernels.threads import available_cores
 
 
 def repair(pair, out: Path, *extra: str) -> int:
@@ -27,7 +30,7 @@ def repair(pair, out: Path, *extra: str) -> int:
 def test_reads_overlap_the_kernels_and_the_bytes_are_the_same_without_overlap(pair, tmp_path, monkeypatch):
     monkeypatch.setenv("DGREPAIR_FAULT_SLOW_LOAD", "0.4")  # a slow read: each unit's load takes 0.4 s longer
     traces = {}
-    for mode, flags in (("on", ("--overlap",)), ("off", ("--no-overlap",))):
+    for mode, flags in (("on", ("--overlap",)), ("off", ("--no-overlap", "--workers", "1"))):
         traces[mode] = tmp_path / f"trace-{mode}"
         monkeypatch.setenv("DGREPAIR_TRACE_UNITS", str(traces[mode]))
         assert repair(pair, tmp_path / mode, *flags) == 0
@@ -42,6 +45,25 @@ def test_reads_overlap_the_kernels_and_the_bytes_are_the_same_without_overlap(pa
         assert (tmp_path / "on" / shard).read_bytes() == (tmp_path / "off" / shard).read_bytes(), shard
     for name in ("model.safetensors.index.json",):
         assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes()
+
+
+def test_lanes_run_units_side_by_side_with_the_bytes_of_one_lane(pair, tmp_path, monkeypatch):
+    """The local executor's default on the CPU: one lane per worker, each unit in one lane; with two
+    lanes a second unit reads while the first is still in flight, and the bytes equal one lane's."""
+    monkeypatch.setenv("DGREPAIR_FAULT_SLOW_LOAD", "0.4")
+    traces = {}
+    for lanes in ("1", "2"):
+        traces[lanes] = tmp_path / f"trace-{lanes}"
+        monkeypatch.setenv("DGREPAIR_TRACE_UNITS", str(traces[lanes]))
+        assert repair(pair, tmp_path / lanes, "--workers", lanes) == 0
+        executor = json.loads((tmp_path / lanes / "dgrepair" / "summary.json").read_text())["executor"]
+        assert (executor["kind"], executor["lanes"], executor["threads_per_lane"]) == (
+            "in-process", int(lanes), max(1, available_cores() // int(lanes)))  # the cores split between them
+    one, two = read_trace(traces["1"]), read_trace(traces["2"])
+    assert one_after_another(one)
+    assert len(overlapped(two)) >= 2, two
+    for shard in SHARDS:
+        assert (tmp_path / "1" / shard).read_bytes() == (tmp_path / "2" / shard).read_bytes(), shard
 
 
 def test_a_slow_write_is_off_the_critical_path(pair, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 from dgrepair.engine.run.head_start import HeadStart
 from dgrepair.engine.run.jobs import StepSettings
+from dgrepair.engine.run.pipeline import Cancelled
 from dgrepair.kernels.methods import build_method
 
 
@@ -91,7 +92,8 @@ def test_a_unit_that_raises_is_handed_back_and_nothing_starts_after_it():
     while lane.running:
         lane.wait(0.05)
     got = lane.collect()
-    assert [(u, r is None) for u, r in got] == [(0, False), (1, True)]
+    assert [(u, type(r).__name__) for u, r in got] == [(0, "UnitResult"), (1, "ValueError")]
+    assert str(got[1][1]) == "bad tensor b"
     assert phase.ran == ["a"] and lane.stop() == {0, 1}
 
 
@@ -136,7 +138,8 @@ def test_close_abandons_a_unit_that_has_not_begun_to_write():
     while lane.running:
         lane.wait(0.05)
     assert step.events == ["read"]  # no compute, no write after close
-    assert lane.collect() == [(0, None)]
+    ((unit, outcome),) = lane.collect()
+    assert unit == 0 and isinstance(outcome, Cancelled)
 
 
 def test_close_waits_for_a_unit_that_is_writing():
