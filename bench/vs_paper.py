@@ -1,15 +1,16 @@
 """dgrepair against the paper's own tool (`dghard repair`, installed separately) on the same
 synthetic BF16 TinyLlama-shaped pairs, in one sitting.
 
-Each round runs both tools once, alternating which goes first, so a load change on a shared machine
-hits both; the script prints every wall time with the 1-minute load average before and after, the
-median ratio, a kept-rank comparison per matrix (dgrepair's manifest against dghard's --report), and
-where dgrepair's time goes: Ray start-up (a bare `ray.init` + one actor + shutdown, measured
-alone) and, from one in-process run with one thread under timers, reads, Gram, eigen, projection,
-writes and the rest (upcast, subtract, cast, hashing, plan). Asserts nothing.
+Each round runs both tools once (and each `--variant` of dgrepair, e.g. `--in-process`), reversing
+the order every other round, so a load change on a shared machine hits all; the script prints every
+wall time with the 1-minute load average before and after, the median ratio, a kept-rank comparison
+per matrix (dgrepair's manifest against dghard's --report), and where dgrepair's time goes: Ray
+start-up (a bare `ray.init` + one actor + shutdown, measured alone) and, from one in-process run
+with one lane of one thread under timers, reads, Gram, eigen, projection, writes and the rest
+(upcast, subtract, cast, hashing, plan). Asserts nothing.
 
     python bench/vs_paper.py --dghard /path/to/venv/bin/dghard --layers 8 --rounds 3
-    python bench/vs_paper.py --dghard /path/to/venv/bin/dghard --layers 22 --rounds 2
+    python bench/vs_paper.py --dghard /path/to/venv/bin/dghard --layers 22 --rounds 2 --variant local=--in-process
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ timed(linalg.GramEigen, "singular_values", "eigen")
 timed(linalg.GramEigen, "top_vectors", "eigen")
 timed(linalg, "project", "projection")
 base, ft, out = sys.argv[1:4]
-cfg = config.RepairConfig.of(base=base, ft=ft, out=out, in_process=True, progress=False, threads=1)
+cfg = config.RepairConfig.of(base=base, ft=ft, out=out, in_process=True, progress=False, threads=1, workers=1)
 t0 = time.perf_counter()
 executor.run_repair(cfg)
 total = time.perf_counter() - t0
@@ -112,6 +113,9 @@ def main() -> None:
     ap.add_argument("--profile-only", action="store_true", help="only the breakdown (no rounds)")
     ap.add_argument("--run-timeout", type=float, default=3600.0, help="stop a run after this many seconds")
     ap.add_argument("--dgrepair-args", default="", help="extra arguments for dgrepair repair (quoted)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="time dgrepair repair with these extra arguments too, in the same rounds (repeatable; "
+                         "e.g. --variant local=--in-process); the plain run is named dgrepair")
     args = ap.parse_args()
 
     spec = tinyllama_spec(args.layers)
@@ -123,12 +127,14 @@ def main() -> None:
     base, ft = work / "base", work / "ft"
     print(f"pair: {spec.n_params() / 1e9:.3f}B parameters per checkpoint, BF16, {args.layers} layers; "
           f"{os.cpu_count()} cores; load (1 min) at start {load1():.2f}")
-    ours_cmd = [sys.executable, "-m", "dgrepair", "repair", "--base", str(base), "--ft", str(ft),
-                "--out", str(work / "out-dgrepair"), "--no-progress", "--force", *args.dgrepair_args.split()]
+    variants = {"dgrepair": args.dgrepair_args, **dict(v.split("=", 1) for v in args.variant)}
+    ours_cmds = {name: [sys.executable, "-m", "dgrepair", "repair", "--base", str(base), "--ft", str(ft), "--out",
+                        str(work / f"out-{name}"), "--no-progress", "--force", *extra.split()]
+                 for name, extra in variants.items()}
     paper_cmd = [args.dghard, "repair", "--base", str(base), "--ft", str(ft), "--out", str(work / "out-dghard"),
                  "--report", str(work / "dghard-report.json")]
     if not args.profile_only:
-        compare(args, work, ours_cmd, paper_cmd)
+        compare(args, work, ours_cmds, paper_cmd)
     if args.no_profile:
         return
     profile(work, base, ft)
@@ -146,31 +152,36 @@ def warm_page_cache(*folders: Path) -> None:
     print(f"page cache warmed: {total / 1e9:.2f} GB read in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def compare(args: argparse.Namespace, work: Path, ours_cmd: list[str], paper_cmd: list[str]) -> None:
-    """Alternating rounds (after one read of both inputs), the median ratio and the kept-rank comparison."""
+def compare(args: argparse.Namespace, work: Path, ours_cmds: dict[str, list[str]], paper_cmd: list[str]) -> None:
+    """Alternating rounds (after one read of both inputs; the order reversed every other round), each
+    variant's median ratio to the paper's code and its kept-rank comparison."""
     warm_page_cache(work / "base", work / "ft")
-    ours, paper = [], []
+    walls: dict[str, list[float]] = {name: [] for name in [*ours_cmds, "dghard"]}
     for k in range(args.rounds):
-        order = [("dgrepair", ours_cmd, ours), ("dghard", paper_cmd, paper)]
-        for name, cmd, sink in (order if k % 2 == 0 else order[::-1]):
+        order = [*ours_cmds.items(), ("dghard", paper_cmd)]
+        for name, cmd in (order if k % 2 == 0 else order[::-1]):
             shutil.rmtree(work / f"out-{name}", ignore_errors=True)
             wall, before, after = timed_run(cmd, work / f"{name}-{k}.log", args.run_timeout)
-            sink.append(wall)
+            walls[name].append(wall)
             shown = f"{wall:7.1f} s" if wall < float("inf") else f"> {args.run_timeout:.0f} s (stopped)"
             print(f"round {k + 1} {name:<8} {shown}   load {before:.2f} -> {after:.2f}", flush=True)
-    ratios = [p / o for o, p in zip(ours, paper, strict=True)]
-    if any(r == float("inf") for r in ratios):
-        print(f"a run was stopped at {args.run_timeout:.0f} s: the ratio is at least "
-              f"{args.run_timeout / max(ours):.2f}x; no rank comparison")
-        return
-    print(f"median dgrepair {statistics.median(ours):.1f} s, dghard {statistics.median(paper):.1f} s; "
-          f"ratio per round {', '.join(f'{r:.2f}' for r in ratios)}; median ratio {statistics.median(ratios):.2f}x")
-    mine, theirs = dgrepair_ranks(work / "out-dgrepair"), dghard_ranks(work / "dghard-report.json")
-    common = sorted(set(mine) & set(theirs))
-    differ = [n for n in common if mine[n] != theirs[n]]
-    print(f"kept ranks: {len(common)} matrices compared, {len(differ)} differ; total kept "
-          f"dgrepair {sum(mine[n] for n in common)}, dghard {sum(theirs[n] for n in common)}"
-          + (f"; e.g. {differ[0]}: {mine[differ[0]]} vs {theirs[differ[0]]}" if differ else ""))
+    paper = walls["dghard"]
+    theirs = dghard_ranks(work / "dghard-report.json") if all(p < float("inf") for p in paper) else {}
+    for name in ours_cmds:
+        ours = walls[name]
+        ratios = [p / o for o, p in zip(ours, paper, strict=True)]
+        if any(r == float("inf") for r in ratios):
+            print(f"{name}: a run was stopped at {args.run_timeout:.0f} s: the ratio is at least "
+                  f"{args.run_timeout / max(ours):.2f}x; no rank comparison")
+            continue
+        print(f"{name}: median {statistics.median(ours):.1f} s, dghard {statistics.median(paper):.1f} s; ratio per "
+              f"round {', '.join(f'{r:.2f}' for r in ratios)}; median ratio {statistics.median(ratios):.2f}x")
+        mine = dgrepair_ranks(work / f"out-{name}")
+        common = sorted(set(mine) & set(theirs))
+        differ = [n for n in common if mine[n] != theirs[n]]
+        print(f"{name}: kept ranks: {len(common)} matrices compared, {len(differ)} differ; total kept "
+              f"{name} {sum(mine[n] for n in common)}, dghard {sum(theirs[n] for n in common)}"
+              + (f"; e.g. {differ[0]}: {mine[differ[0]]} vs {theirs[differ[0]]}" if differ else ""))
 
 
 def profile(work: Path, base: Path, ft: Path) -> None:
