@@ -6,35 +6,18 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from types import SimpleNamespace
+
+from fake_units import SETTINGS, FakeJob, FakeUnit
 
 from dgrepair.engine.run.head_start import HeadStart
-from dgrepair.engine.run.jobs import StepSettings
 from dgrepair.engine.run.pipeline import Cancelled
-from dgrepair.kernels.methods import build_method
-
-
-@dataclass(frozen=True)
-class _Unit:
-    name: str
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What run_unit reads of a job for its accounting: entry.ft.nbytes, entry.base, entry.out_nbytes."""
-
-    name: str
-
-    @property
-    def entry(self) -> SimpleNamespace:
-        return SimpleNamespace(ft=SimpleNamespace(nbytes=8), base=None, out_nbytes=8)
 
 
 @dataclass
 class _Phase:
     """The part of a Phase the head start uses; the step records what it ran and can block or fail."""
 
-    units: list[_Unit]
+    units: list[FakeUnit]
     fail_on: str | None = None
     gate: threading.Event = field(default_factory=threading.Event)  # the step waits for it
     started: threading.Event = field(default_factory=threading.Event)  # set when a step begins
@@ -53,15 +36,12 @@ class _Phase:
             return [f"row of {name}"]
         return run
 
-    def jobs(self, unit: _Unit) -> list[_Job]:
-        return [_Job(unit.name)]
-
-
-SETTINGS = StepSettings(build_method("dg_hard", {}), "auto", "plan", threads=1)
+    def jobs(self, unit: FakeUnit) -> list[FakeJob]:
+        return [FakeJob(unit.name)]
 
 
 def test_units_run_in_the_given_order_and_are_handed_over_with_their_rows():
-    phase = _Phase([_Unit("a"), _Unit("b"), _Unit("c")])
+    phase = _Phase([FakeUnit("a"), FakeUnit("b"), FakeUnit("c")])
     phase.gate.set()
     lane = HeadStart(phase, SETTINGS, order=[2, 0, 1])
     while lane.running:
@@ -74,7 +54,7 @@ def test_units_run_in_the_given_order_and_are_handed_over_with_their_rows():
 
 
 def test_no_unit_starts_after_stop_and_the_running_one_finishes():
-    phase = _Phase([_Unit("a"), _Unit("b"), _Unit("c")])
+    phase = _Phase([FakeUnit("a"), FakeUnit("b"), FakeUnit("c")])
     lane = HeadStart(phase, SETTINGS, order=[0, 1, 2])
     assert phase.started.wait(10)  # "a" is in its step, held there by the gate
     taken = lane.stop()
@@ -86,7 +66,7 @@ def test_no_unit_starts_after_stop_and_the_running_one_finishes():
 
 
 def test_a_unit_that_raises_is_handed_back_and_nothing_starts_after_it():
-    phase = _Phase([_Unit("a"), _Unit("b"), _Unit("c")], fail_on="b")
+    phase = _Phase([FakeUnit("a"), FakeUnit("b"), FakeUnit("c")], fail_on="b")
     phase.gate.set()
     lane = HeadStart(phase, SETTINGS, order=[0, 1, 2])
     while lane.running:
@@ -119,17 +99,17 @@ class _PhasedStep:
 
 @dataclass
 class _PhasedPhase:
-    units: list[_Unit]
+    units: list[FakeUnit]
     step: _PhasedStep
     writes_output = False
 
-    def jobs(self, unit: _Unit) -> list[_Job]:
-        return [_Job(unit.name)]
+    def jobs(self, unit: FakeUnit) -> list[FakeJob]:
+        return [FakeJob(unit.name)]
 
 
 def test_close_abandons_a_unit_that_has_not_begun_to_write():
     step = _PhasedStep()
-    phase = _PhasedPhase([_Unit("a"), _Unit("b")], step)
+    phase = _PhasedPhase([FakeUnit("a"), FakeUnit("b")], step)
     lane = HeadStart(phase, SETTINGS, order=[0, 1])
     while "read" not in step.events:
         threading.Event().wait(0.01)
@@ -145,7 +125,7 @@ def test_close_abandons_a_unit_that_has_not_begun_to_write():
 def test_close_waits_for_a_unit_that_is_writing():
     step = _PhasedStep()
     step.before_compute.set()
-    phase = _PhasedPhase([_Unit("a"), _Unit("b")], step)
+    phase = _PhasedPhase([FakeUnit("a"), FakeUnit("b")], step)
     lane = HeadStart(phase, SETTINGS, order=[0, 1])
     assert step.writing.wait(10)
     closed = threading.Event()

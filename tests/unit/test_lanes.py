@@ -11,35 +11,18 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
+from fake_units import SETTINGS, FakeJob, FakeUnit
 
 from dgrepair.engine.run import interrupt
 from dgrepair.engine.run.executor import run_lanes
-from dgrepair.engine.run.jobs import StepSettings
 from dgrepair.engine.run.lanes import Lanes
-from dgrepair.kernels.methods import build_method
-
-SETTINGS = StepSettings(build_method("dg_hard", {}), "auto", "plan", threads=1)
-
-
-@dataclass(frozen=True)
-class _Unit:
-    name: str
-
-
-@dataclass(frozen=True)
-class _Job:
-    name: str
-
-    @property
-    def entry(self) -> SimpleNamespace:  # what run_unit reads for its accounting
-        return SimpleNamespace(ft=SimpleNamespace(nbytes=8), base=None, out_nbytes=8)
 
 
 @dataclass
 class _Phase:
     """A phase whose step runs `behaviour[name]` (default: return a row) and records the threads."""
 
-    units: list[_Unit]
+    units: list[FakeUnit]
     behaviour: dict = field(default_factory=dict)
     threads: dict = field(default_factory=dict)  # unit name -> thread name that ran it
     committed: list = field(default_factory=list)
@@ -56,8 +39,8 @@ class _Phase:
             return [f"row of {name}"]
         return run
 
-    def jobs(self, unit: _Unit) -> list[_Job]:
-        return [_Job(unit.name)]
+    def jobs(self, unit: FakeUnit) -> list[FakeJob]:
+        return [FakeJob(unit.name)]
 
     def commit(self, unit, rows, note="", node=None):
         self.committed.append((unit.name, rows))
@@ -66,7 +49,7 @@ class _Phase:
 
 def test_two_lanes_run_units_at_once_and_the_caller_commits_them():
     both = threading.Barrier(2, timeout=10)  # passes only if two units are inside the step together
-    phase = _Phase([_Unit("a"), _Unit("b"), _Unit("c")], behaviour={"a": both.wait, "b": both.wait})
+    phase = _Phase([FakeUnit("a"), FakeUnit("b"), FakeUnit("c")], behaviour={"a": both.wait, "b": both.wait})
     run_lanes(phase, Lanes(phase, SETTINGS, order=[0, 1, 2], count=2))
     assert sorted(phase.committed) == [("a", ["row of a"]), ("b", ["row of b"]), ("c", ["row of c"])]
     assert phase.threads["a"] != phase.threads["b"]
@@ -74,7 +57,7 @@ def test_two_lanes_run_units_at_once_and_the_caller_commits_them():
 
 
 def test_units_are_taken_in_the_given_order():
-    phase = _Phase([_Unit(n) for n in "abcd"])
+    phase = _Phase([FakeUnit(n) for n in "abcd"])
     run_lanes(phase, Lanes(phase, SETTINGS, order=[3, 1, 2, 0], count=1))
     assert [name for name, _ in phase.committed] == ["d", "b", "c", "a"]
 
@@ -91,7 +74,7 @@ def test_an_error_stops_the_taking_commits_what_finished_and_is_raised():
     def bad() -> None:
         raise ValueError("bad tensor b")
 
-    phase = _Phase([_Unit(n) for n in "abcd"], behaviour={"a": until_stopped, "b": bad})
+    phase = _Phase([FakeUnit(n) for n in "abcd"], behaviour={"a": until_stopped, "b": bad})
     lanes.append(Lanes(phase, SETTINGS, order=[0, 1, 2, 3], count=2))
     made.set()
     with pytest.raises(ValueError, match="bad tensor b"):
@@ -102,7 +85,7 @@ def test_an_error_stops_the_taking_commits_what_finished_and_is_raised():
 
 def test_a_signal_commits_what_finished_and_abandons_the_rest():
     release = threading.Event()
-    phase = _Phase([_Unit(n) for n in "abc"], behaviour={"b": lambda: release.wait(10)})
+    phase = _Phase([FakeUnit(n) for n in "abc"], behaviour={"b": lambda: release.wait(10)})
     lanes = Lanes(phase, SETTINGS, order=[0, 1, 2], count=2)
     real_wait = lanes.wait
 
@@ -123,7 +106,7 @@ def test_a_base_exception_in_a_lane_is_raised_not_lost_with_its_thread():
     def interrupted() -> None:
         raise KeyboardInterrupt
 
-    phase = _Phase([_Unit(n) for n in "abc"], behaviour={"b": interrupted})
+    phase = _Phase([FakeUnit(n) for n in "abc"], behaviour={"b": interrupted})
     with pytest.raises(KeyboardInterrupt):
         run_lanes(phase, Lanes(phase, SETTINGS, order=[0, 1, 2], count=1))
     assert [n for n, _ in phase.committed] == ["a"]  # what finished before it is committed; c never ran
