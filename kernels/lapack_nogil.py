@@ -30,13 +30,11 @@ _INT = ctypes.c_int  # scipy's cython_lapack is LP64: C int
 _P = ctypes.c_void_p
 _PREFIX = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
 
-# Argument kinds of each routine, in LAPACK order: "c" a character, "i" an int, "x" a scalar of the
-# array's type, "a" an array (any pointer).
-_SIGNATURES = {
-    "sytrd": "ciaiaaaaii",  # uplo n a lda d e tau work lwork info
-    "sterf": "iaai",  # n d e info
-    # jobz range n d e vl vu il iu m w z ldz nzc isuppz tryrac work lwork iwork liwork info
-    "stemr": "cciaaxxiiiaaiiaiaiaii",
+# Each routine's arguments, in LAPACK order (scipy's cython_lapack.pxd); all are pointers.
+_ARGUMENTS = {
+    "sytrd": "uplo n a lda d e tau work lwork info".split(),
+    "sterf": "n d e info".split(),
+    "stemr": "jobz range n d e vl vu il iu m w z ldz nzc isuppz tryrac work lwork iwork liwork info".split(),
 }
 
 
@@ -52,8 +50,8 @@ def _routine(name: str, dtype: np.dtype) -> Callable[..., None]:
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     address = get_pointer(capsule, get_name(capsule))
-    # Every LAPACK argument is a pointer; CFUNCTYPE (not PYFUNCTYPE) releases the GIL during the call.
-    return ctypes.CFUNCTYPE(None, *([_P] * len(_SIGNATURES[name])))(address)
+    # CFUNCTYPE (not PYFUNCTYPE) releases the GIL during the call.
+    return ctypes.CFUNCTYPE(None, *([_P] * len(_ARGUMENTS[name])))(address)
 
 
 class _Args:
@@ -81,10 +79,6 @@ class _Args:
         return ctypes.addressof(obj)
 
 
-def _call(name: str, dtype: np.dtype, *args: int) -> None:
-    _routine(name, dtype)(*args)
-
-
 def sytrd_lower(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Tridiagonalise the symmetric `a` (lower triangle read; `a` is not modified), as
     `scipy.linalg.lapack.?sytrd(a, lower=1, lwork=<queried>)`: returns (c, d, e, tau)."""
@@ -95,12 +89,12 @@ def sytrd_lower(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     query = np.empty(1, dt)
     info = _INT(0)
     g = _Args(dt)
-    _call("sytrd", dt, g.char("L"), g.int(n), g.array(c), g.int(max(n, 1)), g.array(d), g.array(e), g.array(tau),
+    _routine("sytrd", dt)(g.char("L"), g.int(n), g.array(c), g.int(max(n, 1)), g.array(d), g.array(e), g.array(tau),
           g.array(query), g.int(-1), ctypes.addressof(info))
     _check("sytrd", info)
     lwork = max(int(query[0]), 1)
     work = np.empty(lwork, dt)
-    _call("sytrd", dt, g.char("L"), g.int(n), g.array(c), g.int(max(n, 1)), g.array(d), g.array(e), g.array(tau),
+    _routine("sytrd", dt)(g.char("L"), g.int(n), g.array(c), g.int(max(n, 1)), g.array(d), g.array(e), g.array(tau),
           g.array(work), g.int(lwork), ctypes.addressof(info))
     _check("sytrd", info)
     return c, d, e, tau
@@ -113,7 +107,7 @@ def sterf(d: np.ndarray, e: np.ndarray) -> np.ndarray:
     w, off = np.array(d, dtype=dt, copy=True), np.array(e, dtype=dt, copy=True)
     info = _INT(0)
     g = _Args(dt)
-    _call("sterf", dt, g.int(w.shape[0]), g.array(w), g.array(off), ctypes.addressof(info))
+    _routine("sterf", dt)(g.int(w.shape[0]), g.array(w), g.array(off), ctypes.addressof(info))
     _check("sterf", info)
     return w
 
@@ -135,7 +129,7 @@ def stemr_top(d: np.ndarray, e: np.ndarray, r: int) -> np.ndarray:
         off[:-1] = e
         g = _Args(dt)
         tryrac.value = 1
-        _call("stemr", dt, g.char("V"), g.char("I"), g.int(n), g.array(diag), g.array(off), g.real(0.0), g.real(0.0),
+        _routine("stemr", dt)(g.char("V"), g.char("I"), g.int(n), g.array(diag), g.array(off), g.real(0.0), g.real(0.0),
               g.int(il), g.int(iu), ctypes.addressof(m), g.array(w), g.array(z), g.int(n), g.int(max(r, 1)),
               g.array(isuppz), ctypes.addressof(tryrac), g.array(work), g.int(lwork), g.array(iwork), g.int(liwork),
               ctypes.addressof(info))

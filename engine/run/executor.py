@@ -5,9 +5,9 @@ core), each taking units largest-first from one list with the cores split betwee
 the way the Ray driver sends units to its actors (for a bucket output, in plan order, shard by shard);
 the main thread commits what finishes. The kernels release the GIL (kernels/lapack_nogil.py), so the
 lanes use every core, and no Ray start-up, actor imports or shutdown come before and after the work
-(ADR 0018). With `--overlap`, and on a GPU, one
-worker instead runs two units at a time, one in the kernels (run/pipeline.py: this thread computes,
-unit threads read and write beside it), or one at a time without overlap.
+(ADR 0018). With `--overlap`, and on a GPU, one worker instead runs two units at a time, one in the
+kernels (run/pipeline.py: this thread computes, unit threads read and write beside it), or one at a
+time without overlap.
 """
 
 from __future__ import annotations

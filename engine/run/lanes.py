@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
@@ -83,7 +84,7 @@ class Lanes:
                  name: str = "dgrepair-lane", hooks: Hooks | None = None) -> None:
         self._phase = phase
         self._settings = settings
-        self._todo = list(order)  # taken from the front: largest first, the order the actors would take them in
+        self._todo = deque(order)  # taken from the front, in the caller's order
         self._lock = threading.Lock()
         self._stopped = False
         self._claimed: set[int] = set()
@@ -97,16 +98,15 @@ class Lanes:
         self._policy = ExitStack()
         if settings.device == "cpu":
             self._policy.enter_context(cpu_thread_policy(settings.threads))
-        self._threads = [threading.Thread(target=self._work, args=(gate,), name=name if count == 1 else f"{name}-{i}",
-                                          daemon=True) for i, gate in enumerate(self._gates)]
-        for thread in self._threads:
-            thread.start()
+        for i, gate in enumerate(self._gates):
+            threading.Thread(target=self._work, args=(gate,), name=name if count == 1 else f"{name}-{i}",
+                             daemon=True).start()
 
     def _take(self) -> int | None:
         with self._lock:
             if self._stopped or not self._todo:
                 return None
-            unit_id = self._todo.pop(0)
+            unit_id = self._todo.popleft()
             self._claimed.add(unit_id)
             return unit_id
 
