@@ -143,7 +143,8 @@ def main() -> None:
     print(f"in-process: wall {wall:.1f}s, peak RSS {peak:.2f} GiB = {peak * 2**30 / (unit * 4):.1f}x the largest "
           f"matrix in float32; global rho {summary['totals']['global_rho']:.4f}")
     if args.ray:
-        wall, peaks = ray_peaks([*base, "--out", str(work / "out-ray"), "--workers", str(args.workers)])
+        wall, peaks = ray_peaks([*base, "--out", str(work / "out-ray"), "--executor", "ray",
+                                 "--workers", str(args.workers)])
         per = ", ".join(f"{v:.2f}" for v in sorted(peaks.values()))
         print(f"ray, {args.workers} workers: wall {wall:.1f}s, peak RSS per worker [{per}] GiB (max "
               f"{max(peaks.values(), default=0) * 2**30 / (unit * 4):.1f}x the largest matrix in float32)")

@@ -70,7 +70,8 @@ def series(label: str, inputs: tuple[str, str], env: dict[str, str], executors: 
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "dgrepair", "repair", "--base", inputs[0], "--ft", inputs[1], "--out",
-                   str(out), "--no-progress", *(["--in-process"] if executor == "in-process" else []),
+                   str(out), "--no-progress",
+                   *(["--in-process"] if executor == "in-process" else ["--executor", "ray"]),
                    "--overlap" if mode == "on" else "--no-overlap"]
             what = f"{label} {executor} overlap {mode}"
             if executor == "in-process":  # one process: its peak RSS is the worker's

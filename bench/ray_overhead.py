@@ -44,8 +44,8 @@ def main() -> None:
         base = [sys.executable, "-m", "dgrepair", "repair", "--base", str(work / "base"), "--ft", str(work / "ft"),
                 "--no-progress"]
         times = {}
-        for name, extra in (("in-process", ["--in-process"]), ("ray 1 worker", ["--workers", "1"]),
-                            ("ray 2 workers", ["--workers", "2"])):
+        for name, extra in (("in-process", ["--in-process"]), ("ray 1 worker", ["--executor", "ray", "--workers", "1"]),
+                            ("ray 2 workers", ["--executor", "ray", "--workers", "2"])):
             out = work / name.replace(" ", "-")
             times[name] = run([*base, "--out", str(out), *extra])
             shutil.rmtree(out, ignore_errors=True)

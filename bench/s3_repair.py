@@ -108,7 +108,7 @@ def main() -> None:
                 out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
                 b, f = inputs[source]
-                flags = ["--in-process"] if executor == "in-process" else ["--workers", "2"]
+                flags = ["--in-process"] if executor == "in-process" else ["--executor", "ray", "--workers", "2"]
                 cmd = [sys.executable, "-m", "dgrepair", "repair", "--base", b, "--ft", f, "--out", str(out),
                        "--no-progress", "--method", args.method, *flags]
                 wall, got = timed_repair(cmd, env, out, reference, f"{source} {executor}")

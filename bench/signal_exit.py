@@ -31,7 +31,7 @@ def one(phase: str, sig: int, ray: bool, work: Path) -> tuple[int, float]:
     pair = make_pair(root)
     marker = root / "marker"
     argv = ["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(root / "out"), "--no-progress",
-            *(["--workers", "2"] if ray else ["--in-process"])]
+            *(["--executor", "ray", "--workers", "2"] if ray else ["--in-process"])]
     env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen([sys.executable, str(TESTS / "phase_run.py"), phase, str(marker), *argv],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)

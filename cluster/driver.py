@@ -200,7 +200,7 @@ def _ray_started(cfg: RepairConfig, say: Callable[[str], None]) -> Iterator[dict
     handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else, and
     ray.shutdown leaves the default one."""
     try:
-        with ray_session(cfg.cluster.address, cfg.cluster.workers, say) as info:
+        with ray_session(cfg.cluster.cluster_to_join(), cfg.cluster.workers, say) as info:
             interrupt.install()
             yield info
     except SystemExit as exc:
@@ -481,7 +481,7 @@ def _head_start(phase: Phase, session: RunSession, cfg: RepairConfig) -> HeadSta
     """The driver's head start (engine/run/head_start.py), only where the driver shares the workers'
     machine: the embedded local Ray this run starts, on CPU, with a local output. Not when joining a
     cluster (its head may be a small node), and not under the actors' fault-injection hooks."""
-    if (not cfg.cluster.head_start or ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if (not cfg.cluster.head_start or ray.is_initialized() or cfg.cluster.cluster_to_join()
             or phase.settings.device != "cpu" or session.target.per_shard_units
             or any(k in os.environ for k in FAULT_ENV)):
         return None

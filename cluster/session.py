@@ -115,14 +115,14 @@ def start_local(workers: int) -> None:
 @contextmanager
 def ray_session(address: str | None, workers: int, say: Callable[[str], None] = lambda _: None
                 ) -> Iterator[dict[str, Any]]:
-    """Ray for one run; `say` gets a start-up line before the (seconds-long) start or connect."""
+    """Ray for one run: join the cluster at `address` (ClusterOptions.cluster_to_join), or start an
+    embedded local one when it is None; `say` gets a start-up line before the (seconds-long) start."""
     started = False
     if not ray.is_initialized():
-        target = address or os.environ.get("RAY_ADDRESS")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if target:
-            say(f"connecting to Ray cluster {target} ...")
-            join_cluster(target)
+        if address:
+            say(f"connecting to Ray cluster {address} ...")
+            join_cluster(address)
         else:
             say(f"starting a local Ray on {LOOPBACK} (loopback only; takes a few seconds) ...")
             start_local(workers)

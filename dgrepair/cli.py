@@ -10,11 +10,12 @@ import argparse
 import json
 import sys
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .engine.config import FlagSpec, RepairConfig, flag_specs
+from .engine.config import Executor, FlagSpec, RepairConfig, flag_specs
 from .engine.errors import DGRepairError, InputError
 from .engine.run.interrupt import Interrupted
 from .kernels.spectral import BACKENDS
@@ -36,7 +37,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
                "target_rho", "median", "kernel", "fp64_rate"),
     "scope": ("min_numel", "mask", "include", "exclude", "treat_as"),
     "formats": ("fused_layout", "out_dtype", "packed_int4"),
-    "execution": ("in_process", "device", "threads", "batch_mb", "overlap", "commit_interval_s", "progress",
+    "execution": ("executor", "device", "threads", "batch_mb", "overlap", "commit_interval_s", "progress",
                   "progress_interval_s"),
     "cluster": ("address", "workers", "max_attempts", "inflight_per_worker", "unit_timeout_s", "head_start"),
     "output": ("out", "force", "emit_adapter", "scratch", "lock_ttl_s"),
@@ -46,7 +47,7 @@ REQUIRED = ("base", "ft", "out")
 
 def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """One flag per option (engine/config.py), grouped by concern; defaults are SUPPRESSed so only explicit
-    flags override YAML. A boolean shows the one spelling that changes its default (--in-process,
+    flags override YAML. A boolean shows the one spelling that changes its default (--force,
     --no-progress); the opposite spelling still works, for overriding a --config file, but is not listed."""
     specs = {s.name: s for s in flag_specs()}
     for title, names in OPTION_GROUPS.items():
@@ -60,6 +61,8 @@ def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] |
                                    "with _ or -); flags given on the command line override it")
             else:
                 _add_field(group, specs[name], name in REQUIRED)
+            if name == "executor":
+                _add_in_process(group)
 
 
 def _add_field(group: argparse._ArgumentGroup, spec: FlagSpec, required: bool) -> None:
@@ -80,6 +83,13 @@ def _add_field(group: argparse._ArgumentGroup, spec: FlagSpec, required: bool) -
         typ = spec.type or (type(default) if default is not None else str)
         metavar = None if spec.choices else spec.metavar or spec.name.upper()
         group.add_argument(flag, type=typ, choices=spec.choices, metavar=metavar, help=help_text, **kw)
+
+
+def _add_in_process(group: argparse._ActionsContainer) -> None:
+    """`--in-process`, the older spelling of `--executor local` (`--no-in-process`: `--executor ray`)."""
+    kw: dict[str, Any] = {"dest": "executor", "default": argparse.SUPPRESS, "action": "store_const"}
+    group.add_argument("--in-process", const="local", help="the same as --executor local", **kw)
+    group.add_argument("--no-in-process", const="ray", help=argparse.SUPPRESS, **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> RepairConfig:
@@ -121,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "temporary directory, kept and printed)")
     demo.add_argument("--dtype", choices=("F32", "BF16", "F16"), default="F32", help="storage dtype (default F32)")
     demo.add_argument("--kernel", choices=BACKENDS, default="auto", help="spectral backend")
-    demo.add_argument("--in-process", action="store_true", help="run without Ray")
+    demo.add_argument("--executor", choices=typing.get_args(Executor), default="auto",
+                      help="where the units run, as for repair (default: auto)")
+    _add_in_process(demo)
     demo.set_defaults(func=cmd_demo)
     _add_score_parser(sub)
     _add_report_parser(sub)
@@ -129,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(cfg: RepairConfig) -> dict[str, Any]:
-    """One code path: the Ray driver (embedded local Ray unless an address is given), or the engine
-    alone with --in-process."""
-    if cfg.execution.in_process:
-        from .engine.run.executor import run_repair
+    """One code path: the engine alone in this process (the local executor), or the Ray driver
+    (embedded local Ray unless a cluster is given); `--executor auto` picks (ADR 0019)."""
+    from .engine.run.executor import choose_executor, run_repair
 
+    if choose_executor(cfg) == "local":
         return run_repair(cfg)
     from .cluster.driver import run_distributed
 
@@ -242,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dgrepair-demo-"))
     run_demo(workdir, dtype=args.dtype, kernel=args.kernel, stream=sys.stdout, executor=run,
-             in_process=args.in_process)
+             executor_choice=args.executor)
     return 0
 
 

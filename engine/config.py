@@ -12,6 +12,7 @@ view written to summary.json.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ OutDtype = Literal["keep", "bf16"]
 PackedInt4 = Literal["repair", "passthrough"]
 TreatAsKind = Literal["experts", "conv", "passthrough"]
 Median = Literal["lower", "mean"]
+Executor = Literal["auto", "ray", "local"]
 
 # The options that change the output bytes; they (and the inputs' fingerprints) make the plan id.
 # The chosen method's own parameters are added by `output_affecting`.
@@ -180,20 +182,23 @@ class ExecutionOptions(Section):
                                "output, slow = guarded float32 for low-precision outputs")
     device: str = _opt("auto", "where the spectral work runs: auto (cuda when available), cpu, cuda, cuda:N",
                        (_valid_device, "auto, cpu, cuda or cuda:N"))
-    threads: int = _opt(0, "compute threads per CPU worker (a Ray actor, or a lane of --in-process); the output "
-                           "bytes do not depend on it (0 = the cores / workers; all cores for --in-process with "
-                           "--overlap)",
+    threads: int = _opt(0, "compute threads per CPU worker (a Ray actor, or a lane of the local executor); the "
+                           "output bytes do not depend on it (0 = the cores / workers; all cores for the local "
+                           "executor with --overlap)",
                         (lambda v: v >= 0, ">= 0"))
     batch_mb: int = _opt(256, "memory budget (MiB) per worker for batching same-shape matrices into one kernel "
                          "call; with overlap each of the two units in flight gets half, and a unit above the whole "
                          "budget (one large tensor) runs alone", (lambda v: v >= 1, ">= 1"))
     overlap: bool = _opt(False, "read the next unit and write the previous one while a unit computes: each worker "
-                         "(and the in-process engine) runs two units at once, one in the kernels (output bytes are "
+                         "(and the local executor) runs two units at once, one in the kernels (output bytes are "
                          "the same); for slow reads such as object-store inputs; off by default, since on warm local "
                          "files it measured no gain (docs/benchmarks.md)")
-    in_process: bool = _opt(False, "run in this process without Ray: on the CPU one lane (thread) per worker, "
-                            "the fastest on one machine (no Ray start-up; no worker isolation: a crash ends the "
-                            "run, which then resumes)")
+    executor: Executor = _opt("auto", "where the units run: auto (local on one machine: no --address or RAY_ADDRESS, "
+                              "no GPU, no --overlap; otherwise ray), local = in this process, one lane (thread) per "
+                              "worker, the fastest on one machine (no Ray start-up; no worker isolation: a crash ends "
+                              "the run, which then resumes), ray = Ray actors (the embedded local Ray, or the cluster "
+                              "of --address): per-unit deadlines and retries on a fresh worker; the output bytes are "
+                              "the same")
     commit_interval_s: float = _opt(10.0, "commit the manifest at least this often (bounds work lost in a crash)")
     progress: bool = _opt(True, "no progress on stderr; by default a bar on a terminal, otherwise (job logs, "
                           "redirected output) a line every --progress-interval-s seconds")
@@ -203,21 +208,26 @@ class ExecutionOptions(Section):
 
 @dataclass(frozen=True)
 class ClusterOptions(Section):
-    address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray on "
-                               "127.0.0.1); a cluster with token authentication also needs RAY_AUTH_MODE=token and "
+    address: str | None = _opt(None, "Ray cluster address to join (default: RAY_ADDRESS; with neither, this machine "
+                               "alone: the local executor, or with --executor ray a Ray started on 127.0.0.1); a "
+                               "cluster with token authentication also needs RAY_AUTH_MODE=token and "
                                "RAY_AUTH_TOKEN exported", metavar="HOST:PORT")
-    workers: int = _opt(0, "worker actors, or lanes with --in-process (0 = one per GPU, or one per CPU core "
-                        "without GPUs)",
+    workers: int = _opt(0, "Ray worker actors, or lanes of the local executor (0 = one per GPU, or one per CPU "
+                        "core without GPUs)",
                         (lambda v: v >= 0, ">= 0"))
-    max_attempts: int = _opt(3, "a unit that kills its worker this many times is marked failed",
+    max_attempts: int = _opt(3, "Ray: a unit that kills its worker this many times is marked failed",
                              (lambda v: v >= 1, ">= 1"))
-    inflight_per_worker: int = _opt(2, "units in flight per worker (the second overlaps I/O with compute)",
+    inflight_per_worker: int = _opt(2, "Ray: units in flight per worker (the second overlaps I/O with compute)",
                                     (lambda v: v >= 1, ">= 1"))
-    unit_timeout_s: float = _opt(600.0, "base deadline per unit; a cost-proportional allowance is added",
+    unit_timeout_s: float = _opt(600.0, "Ray: base deadline per unit; a cost-proportional allowance is added",
                                  (lambda v: v > 0, "> 0"))
-    head_start: bool = _opt(True, "do not let the driver repair units itself while the embedded "
+    head_start: bool = _opt(True, "Ray: do not let the driver repair units itself while the embedded "
                             "local Ray and its workers start; by default it does (on CPU with a local output, never "
                             "when joining a cluster; the output bytes are the same)")
+
+    def cluster_to_join(self) -> str | None:
+        """--address, else RAY_ADDRESS (set by `ray job submit`); None: no cluster, this machine alone."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
 
 
 @dataclass(frozen=True)
@@ -241,11 +251,14 @@ SECTIONS: dict[str, type[Section]] = {"inputs": InputOptions, "scope": ScopeOpti
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 METHOD_PARAMS = tuple(dict.fromkeys(f for m in METHODS for f in method_fields(m)))
 METHOD_KEYS = ("method", "target_rho", *METHOD_PARAMS)
+# The older spelling of `executor: local` (true) / `ray` (false), still read from YAML, `RepairConfig.of` and
+# the CLI's `--in-process`.
+LEGACY_IN_PROCESS = "in_process"
 # The flat option names in the order the CLI lists them.
 FLAT_ORDER = ("base", "ft", "out", "method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob",
               "dare_rescale", "seed", "rank", "target_rho", "emit_adapter", "min_numel", "mask", "include", "exclude",
               "median", "kernel", "fp64_rate", "fused_layout", "out_dtype", "packed_int4", "treat_as", "device",
-              "threads", "batch_mb", "overlap", "address", "workers", "in_process", "max_attempts",
+              "threads", "batch_mb", "overlap", "address", "workers", "executor", "max_attempts",
               "inflight_per_worker", "unit_timeout_s", "head_start", "commit_interval_s", "force", "scratch",
               "lock_ttl_s", "progress", "progress_interval_s")
 
@@ -308,6 +321,9 @@ class RepairConfig:
             raise InputError(f"--emit-adapter with an object-store --out ({self.output.out}) is not supported: the "
                              "adapter is assembled from parts on one filesystem. Run with a local --out to export "
                              "the adapter, or drop --emit-adapter.")
+        if self.execution.executor == "local" and self.cluster.address:
+            raise InputError(f"--executor local runs in this process, so --address {self.cluster.address} would be "
+                             "ignored; drop one of them (--executor ray or auto joins the cluster).")
         if self.output.lock_ttl_s <= 0:
             raise InputError(f"--lock-ttl-s must be positive (got {self.output.lock_ttl_s}).")
         if self.output.emit_adapter and not METHODS[self.method.name].spectral:
@@ -403,14 +419,34 @@ def _flatten(values: dict[str, Any], source: str) -> dict[str, Any]:
                 raise InputError(f"{source}: section {key!r} must be a mapping of option: value.")
             for sub, v in value.items():
                 sub_name = "method" if name == "method" and sub == "name" else str(sub).replace("-", "_")
+                sub_name, v = _renamed(sub_name, v, source)
                 owner = "method" if sub_name in METHOD_KEYS else SECTION_OF.get(sub_name)
                 if owner != name:
                     raise InputError(f"{source}: {key}.{sub} is not an option of section {key!r}"
                                      + (f"; it belongs to {owner!r}" if owner else "") + ".")
-                flat[sub_name] = v
+                _put(flat, sub_name, v, source)
             continue
+        name, value = _renamed(name, value, source)
         if name not in SECTION_OF and name not in METHOD_KEYS:
             known = sorted({*SECTION_OF, *METHOD_KEYS})
             raise InputError(f"{source}: unknown option {key!r}; known: {', '.join(known)}.")
-        flat[name] = value
+        _put(flat, name, value, source)
     return flat
+
+
+def _put(flat: dict[str, Any], name: str, value: Any, source: str) -> None:
+    """One value per option: two spellings of one option (a section and a flat key, dashes and
+    underscores, in_process and executor) must agree."""
+    if name in flat and flat[name] != value:
+        raise InputError(f"{source}: {name} is given twice ({flat[name]!r} and {value!r}); give it once.")
+    flat[name] = value
+
+
+def _renamed(name: str, value: Any, source: str) -> tuple[str, Any]:
+    """`in_process: true` (the option before `executor`) is `executor: local`; false is `ray`."""
+    if name != LEGACY_IN_PROCESS:
+        return name, value
+    if not isinstance(value, bool):
+        raise InputError(f"{source}: in_process must be true or false (got {value!r}); it is the older "
+                         "spelling of executor: local / ray.")
+    return "executor", "local" if value else "ray"

@@ -17,15 +17,16 @@ from .synthetic import SyntheticSpec, planted_signal, write_pair
 
 def run_demo(workdir: Path, dtype: str, kernel: str, stream: TextIO,
              executor: Callable[[RepairConfig], dict[str, Any]] = run_repair,
-             in_process: bool = True) -> list[dict[str, float]]:
-    """Write the synthetic pair, repair it with `executor` (the CLI passes the Ray driver), report."""
+             executor_choice: str = "local") -> list[dict[str, float]]:
+    """Write the synthetic pair, repair it with `executor` (the CLI passes its own `run`, which picks the
+    executor by `executor_choice`), report."""
     spec = SyntheticSpec(dtype=dtype)
     print(f"SYNTHETIC demo ({spec.n_params() / 1e6:.2f}M parameters, {dtype}): writing base and fine-tune to "
           f"{workdir}", file=stream)
     base_dir, ft_dir = write_pair(workdir, spec)
     out = workdir / "repaired"
     cfg = RepairConfig.of(base=str(base_dir), ft=str(ft_dir), out=str(out), kernel=kernel, force=True,
-                          in_process=in_process, progress=False)
+                          executor=executor_choice, progress=False)
     summary = executor(cfg)
     print(f"repaired with {summary['executor']['kind']} executor", file=stream)
     base, ft, rep = (open_checkpoint(p, r) for p, r in ((base_dir, "base"), (ft_dir, "fine-tune"), (out, "output")))

@@ -1,4 +1,5 @@
-"""The local executor: every phase's units run in this process, without Ray.
+"""The local executor: every phase's units run in this process, without Ray (`--executor local`, and
+what `--executor auto` picks for a run on one machine's CPU: `choose_executor`).
 
 On the CPU, by default, in lanes (run/lanes.py): one thread per worker (`--workers`, default one per
 core), each taking units largest-first from one list with the cores split between them (`--threads`),
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
+from ...kernels.spectral import resolve_device
 from ...kernels.threads import available_cores, cpu_thread_policy
 from ..config import RepairConfig
 from ..output import shards
@@ -27,6 +29,18 @@ from .pipeline import SLOTS, Hooks, run_overlapped
 from .session import Phase, RunSession
 
 WAKE_S = 1.0  # how often the committing thread wakes without news (progress ticks)
+
+
+def choose_executor(cfg: RepairConfig) -> Literal["ray", "local"]:
+    """`--executor auto` (ADR 0019): this executor for a run on this machine's CPU alone, where it is
+    the faster; Ray where it adds something: a cluster to join, GPUs (one actor per device), or
+    `--overlap` (two units in flight per worker, on every worker)."""
+    if cfg.execution.executor != "auto":
+        return cfg.execution.executor
+    device = cfg.execution.device
+    on_cpu = device == "cpu" or (device == "auto" and resolve_device("auto") == "cpu")
+    alone = on_cpu and not cfg.execution.overlap and cfg.cluster.cluster_to_join() is None
+    return "local" if alone else "ray"
 
 
 def uses_lanes(cfg: RepairConfig, device: str) -> bool:

@@ -39,7 +39,7 @@ def reference(tmp_path_factory):
 
 def cli(pair, out: str, scratch: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dgrepair", "repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", out,
-            "--scratch", str(scratch), "--no-progress", "--commit-interval-s", "0", *extra]
+            "--scratch", str(scratch), "--executor", "ray", "--no-progress", "--commit-interval-s", "0", *extra]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

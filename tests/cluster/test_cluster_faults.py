@@ -45,7 +45,7 @@ def committed_rows(out: Path) -> pd.DataFrame:
 
 def cli(pair, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dgrepair", "repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out",
-            str(out), "--workers", "2", "--no-progress", "--commit-interval-s", "0", *extra]
+            str(out), "--executor", "ray", "--workers", "2", "--no-progress", "--commit-interval-s", "0", *extra]
 
 
 def start_slowed_driver(pair, out: Path, committed: int) -> subprocess.Popen:
@@ -114,7 +114,9 @@ def test_node_removed_mid_run(pair, tmp_path, monkeypatch):
 @pytest.mark.skipif(shutil.which("ray") is None, reason="ray CLI not installed")
 def test_ray_job_submit_with_token_auth_end_to_end(pair, tmp_path):
     """A head in token mode the way a user starts one (RAY_AUTH_TOKEN exported, RAY_AUTH_MODE not),
-    `ray job submit` with the two variables the docs name, and a direct --address run without a
+    `ray job submit` of `dgrepair repair` with the two variables the docs name (the job's RAY_ADDRESS
+    makes `--executor auto` join the cluster; `python -m dgrepair.cluster.job` always does), and a direct
+    --address run without a
     token that must fail with the exact variables to export. Only this head's processes are stopped."""
     import secrets
 
@@ -141,7 +143,7 @@ def test_ray_job_submit_with_token_auth_end_to_end(pair, tmp_path):
         env = {**clean_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
         submit = subprocess.run(["ray", "job", "submit", f"--address={head.dashboard}",
                                  f"--submission-id=dgrepair-test-{head.gcs}", "--", sys.executable, "-m",
-                                 "dgrepair.cluster.job", "--config", str(config)],
+                                 "dgrepair", "repair", "--config", str(config)],  # as deploy/'s RayJobs run it
                                 env=env, capture_output=True, text=True, timeout=300)
         logs = submit.stdout + submit.stderr
         assert submit.returncode == 0, logs[-3000:]

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import s3server
+from killed_run import kill_after_commits
 from pairs import make_pair
 from s3server import local_files, weights
 
@@ -24,7 +22,6 @@ from dgrepair.engine.output.bucket_lock import BucketOutputLock
 from dgrepair.engine.output.lock import LockHolder
 
 s3_server, s3_env = s3server.s3_server, s3server.s3_env
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def repair_args(pair, out: str, *extra: str) -> list[str]:
@@ -91,30 +88,12 @@ def test_uploads_are_whole_objects_written_once_under_their_final_keys(local_ref
     assert all(order.index(p) < summary for p in shard_writes)
 
 
-def _kill_after_commits(pair, out: str, scratch: Path, commits: int) -> int:
-    """Run the CLI in a child that SIGKILLs itself right after its n-th committed unit."""
-    code = (
-        "import os, signal, sys\n"
-        "from dgrepair.engine.run import session\n"
-        "orig = session.RunSession.commit\n"
-        "n = [0]\n"
-        "def commit(self, *a, **k):\n"
-        "    orig(self, *a, **k)\n"
-        "    n[0] += 1\n"
-        f"    if n[0] == {commits}:\n"
-        "        self.committer.flush()\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "session.RunSession.commit = commit\n"
-        "from dgrepair.cli import main\n"
-        f"sys.exit(main({repair_args(pair, out, '--scratch', str(scratch), '--lock-ttl-s', '3')!r}))\n")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=os.environ.copy(), timeout=300).returncode
-
-
 def test_sigkill_then_resume_from_the_bucket_alone_is_byte_identical(local_reference, s3_env, bucket, tmp_path,
                                                                      capsys):
     pair, reference = local_reference
     out = f"s3://{bucket}/nightly"
-    assert _kill_after_commits(pair, out, tmp_path / "node-a", commits=6) == -signal.SIGKILL  # --lock-ttl-s 3
+    killed = kill_after_commits(repair_args(pair, out, "--scratch", str(tmp_path / "node-a"), "--lock-ttl-s", "3"), 6)
+    assert killed == -signal.SIGKILL
     before = s3_env.files(bucket, "nightly")
     assert "dgrepair/summary.json" not in before and "dgrepair/lock" in before  # the dead run's lock stays
     published = [k for k in before if k.startswith("dgrepair/published/")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from ckpt import tree_digest
+from killed_run import kill_after_commits
 from pairs import SHARDS
 
 import dgrepair.engine.output.manifest as manifest
@@ -27,7 +29,7 @@ ROOT = Path(__file__).parents[2]
 
 def args(pair, out: Path, *extra: str, in_process: bool = True) -> list[str]:
     return ["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--no-progress",
-            *(["--in-process"] if in_process else ["--workers", "2"]), *extra]
+            *(["--in-process"] if in_process else ["--executor", "ray", "--workers", "2"]), *extra]
 
 
 def repair(pair, out: Path, *extra: str) -> int:
@@ -353,6 +355,34 @@ def test_a_signal_does_not_wait_for_the_head_start_unit_that_is_still_computing(
     code, err = stop(proc, signal.SIGTERM, group=True)
     assert time.monotonic() - started < 45, err  # the unit's 60 s were not waited for
     check_stopped(pair, out, clean, code, err, signal.SIGTERM)
+
+
+# --- a crash of the default executor ----------------------------------------------------------------------
+
+
+def test_a_killed_default_run_resumes_to_the_bytes_of_an_uninterrupted_one(pair, tmp_path, clean, capsys,
+                                                                           monkeypatch):
+    """ADR 0019: on one CPU machine the default runs lanes in one process, so a crash or an out-of-memory
+    kill ends the whole run (Ray would retry the unit on a fresh worker). The killed run leaves no
+    summary and the other lane's unit unfinished; the same command resumes what was committed and ends
+    with the bytes of a run that was never killed."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "out"
+    argv = ["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--no-progress",
+            "--device", "cpu", "--workers", "2", "--threads", "1", "--commit-interval-s", "0"]
+    assert kill_after_commits(argv, 3, {k: v for k, v in env().items() if k != "RAY_ADDRESS"}) == -signal.SIGKILL
+    assert not (out / "dgrepair" / "summary.json").exists()
+    committed = {r.tensor for r in manifest.read_rows(out)}
+    assert committed
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    said = re.search(r"^dgrepair: resuming: (\d+) of (\d+) entries verified on disk, (\d+) to do$", err, re.M)
+    assert said, err
+    done, total, todo = map(int, said.groups())
+    assert done >= len(committed) and todo >= 1 and done + todo == total
+    summary = json.loads((out / "dgrepair" / "summary.json").read_text())
+    assert summary["executor"]["kind"] == "in-process" and summary["executor"]["lanes"] == 2
+    same_shards(out, clean)
 
 
 # --- the stress test -----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""What a run says, captured from real output: the periodic progress line off a terminal, the
-start-up line while Ray starts, worker deaths and requeues, "resuming: ...", "already complete";
-and the embedded Ray of `dgrepair repair` listens on loopback only."""
+"""What a run says, captured from real output: the periodic progress line off a terminal, that
+the default on one CPU machine starts no Ray, the start-up line while Ray starts, worker deaths and
+requeues, "resuming: ...", "already complete"; and the embedded Ray of `dgrepair repair
+--executor ray` listens on loopback only."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from dgrepair.cli import main
 from dgrepair.engine.run.progress import Progress, progress_line
+from dgrepair.kernels.threads import available_cores
 
 
 def test_progress_line_hand_worked():
@@ -42,13 +44,19 @@ def test_progress_prints_lines_off_a_terminal_and_nothing_when_disabled():
     assert quiet.getvalue() == ""
 
 
-def test_in_process_rerun_of_a_complete_output_says_nothing_to_do(pair, tmp_path, capsys):
+def test_the_default_on_one_cpu_machine_runs_locally_and_a_rerun_says_nothing_to_do(pair, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """No flags, no RAY_ADDRESS, the CPU: `--executor auto` runs the local lanes (ADR 0019), no Ray."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = tmp_path / "out"
-    args = ["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--in-process"]
+    args = ["repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out", str(out), "--device", "cpu"]
     assert main(args) == 0
     first = capsys.readouterr()
-    assert "repaired " in first.out
-    plan_id = json.loads((out / "dgrepair" / "summary.json").read_text())["plan_id"]
+    assert "repaired " in first.out and "Ray" not in first.err
+    summary = json.loads((out / "dgrepair" / "summary.json").read_text())
+    assert summary["config"]["executor"] == "auto"
+    assert summary["executor"]["kind"] == "in-process" and summary["executor"]["lanes"] == available_cores()
+    plan_id = summary["plan_id"]
     assert main(args) == 0
     again = capsys.readouterr()
     assert again.out.strip() == f"already complete (plan {plan_id}): nothing to do; output {out}"
@@ -92,7 +100,7 @@ def test_embedded_ray_is_loopback_only_and_the_run_speaks(pair, tmp_path):
     out = tmp_path / "out"
     poison = "model.layers.1.self_attn.q_proj.weight"
     cmd = [sys.executable, "-m", "dgrepair.cli", "repair", "--base", str(pair.base), "--ft", str(pair.ft), "--out",
-           str(out), "--workers", "2", "--threads", "1", "--progress-interval-s", "1"]
+           str(out), "--executor", "ray", "--workers", "2", "--threads", "1", "--progress-interval-s", "1"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "DGREPAIR_FAULT_CRASH_ON": poison,
            "DGREPAIR_FAULT_UNIT_DELAY": "0.5"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -45,10 +45,10 @@ def test_help_shows_no_pointless_negations():
 
 def test_hidden_opposites_override_a_config_file(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"base": "b", "ft": "f", "out": "o", "progress": False, "in_process": True}))
-    args = build_parser().parse_args(["repair", "--config", str(config), "--progress", "--no-in-process"])
+    config.write_text(yaml.safe_dump({"base": "b", "ft": "f", "out": "o", "progress": False, "force": True}))
+    args = build_parser().parse_args(["repair", "--config", str(config), "--progress", "--no-force"])
     cfg = config_from_args(args)
-    assert cfg.execution.progress is True and cfg.execution.in_process is False
+    assert cfg.execution.progress is True and cfg.output.force is False
     args = build_parser().parse_args(["repair", "--config", str(config)])
     cfg = config_from_args(args)
-    assert cfg.execution.progress is False and cfg.execution.in_process is True
+    assert cfg.execution.progress is False and cfg.output.force is True
