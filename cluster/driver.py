@@ -198,16 +198,20 @@ def _run(session: RunSession, cfg: RepairConfig) -> dict[str, Any]:
 def _ray_started(cfg: RepairConfig, say: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     """ray_session, with dgrepair's signal handlers back in place: ray.init installs its own SIGTERM
     handler (`sys.exit(15)`), which is turned into the same `Interrupted` as everywhere else, and
-    ray.shutdown leaves the default one."""
+    ray.shutdown leaves the default one. A signal whose handler's exception was lost during the start
+    (interrupt.SignalWatch) is raised once dgrepair's handlers are back."""
+    watch = interrupt.SignalWatch()
     try:
         with ray_session(cfg.cluster.cluster_to_join(), cfg.cluster.workers, say) as info:
             interrupt.install()
+            watch.check()
             yield info
     except SystemExit as exc:
         if exc.code == signal.SIGTERM:
             raise interrupt.Interrupted(signal.SIGTERM) from None
         raise
     finally:
+        watch.stop()
         interrupt.install()  # ray.shutdown resets SIGTERM to the default: finalising must stay covered
 
 
