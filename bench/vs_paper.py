@@ -1,8 +1,9 @@
 """dgrepair against the paper's own tool (`dghard repair`, installed separately) on the same
 synthetic BF16 TinyLlama-shaped pairs, in one sitting.
 
-Each round runs both tools once (and each `--variant` of dgrepair, e.g. `--in-process`), reversing
-the order every other round, so a load change on a shared machine hits all; the script prints every
+Each round runs both tools once (and each `--variant` of dgrepair, e.g. `--executor ray`), reversing
+the order every other round, so a load change on a shared machine hits all; before every run, untimed,
+it flushes the previous run's writes (`sync`) and re-reads the inputs (`settle`). It prints every
 wall time with the 1-minute load average before and after, the median ratio, a kept-rank comparison
 per matrix (dgrepair's manifest against dghard's --report), and where dgrepair's time goes: Ray
 start-up (a bare `ray.init` + one actor + shutdown, measured alone) and, from one in-process run
@@ -10,7 +11,7 @@ with one lane of one thread under timers, reads, Gram, eigen, projection, writes
 (upcast, subtract, cast, hashing, plan). Asserts nothing.
 
     python bench/vs_paper.py --dghard /path/to/venv/bin/dghard --layers 8 --rounds 3
-    python bench/vs_paper.py --dghard /path/to/venv/bin/dghard --layers 22 --rounds 2 --variant local=--in-process
+    python bench/vs_paper.py --dghard /path/to/venv/bin/dghard --layers 22 --rounds 2 --variant "ray=--executor ray"
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ timed(linalg.GramEigen, "singular_values", "eigen")
 timed(linalg.GramEigen, "top_vectors", "eigen")
 timed(linalg, "project", "projection")
 base, ft, out = sys.argv[1:4]
-cfg = config.RepairConfig.of(base=base, ft=ft, out=out, in_process=True, progress=False, threads=1, workers=1)
+cfg = config.RepairConfig.of(base=base, ft=ft, out=out, executor="local", progress=False, threads=1, workers=1)
 t0 = time.perf_counter()
 executor.run_repair(cfg)
 total = time.perf_counter() - t0
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument("--dgrepair-args", default="", help="extra arguments for dgrepair repair (quoted)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="time dgrepair repair with these extra arguments too, in the same rounds (repeatable; "
-                         "e.g. --variant local=--in-process); the plain run is named dgrepair")
+                         "e.g. --variant 'ray=--executor ray'); the plain run (the default executor) is named dgrepair")
     args = ap.parse_args()
 
     spec = tinyllama_spec(args.layers)
@@ -140,31 +141,46 @@ def main() -> None:
     profile(work, base, ft)
 
 
-def warm_page_cache(*folders: Path) -> None:
-    """Read both checkpoints once, so the first round's first tool does not pay the disk for both
-    (seen at 22 layers: dgrepair 88.8 s from a cold cache, 49.8 s warm, in the same sitting)."""
+def warm_page_cache(*folders: Path) -> tuple[int, float]:
+    """Read both checkpoints, so a run does not pay the disk for inputs another run's memory pushed
+    out of the page cache (seen at 22 layers: dgrepair 88.8 s from a cold cache, 49.8 s warm, in
+    the same sitting). Returns (bytes, seconds)."""
     t0, total = time.perf_counter(), 0
     for folder in folders:
         for f in sorted(folder.resolve().glob("*.safetensors")):
             with open(f, "rb") as fh:
                 while chunk := fh.read(64 << 20):
                     total += len(chunk)
-    print(f"page cache warmed: {total / 1e9:.2f} GB read in {time.perf_counter() - t0:.1f} s", flush=True)
+    return total, time.perf_counter() - t0
+
+
+def settle(work: Path) -> str:
+    """Before every timed run, untimed and the same for every tool: flush the previous run's output
+    to disk (`sync`), so its write-back does not land on the next run (in sitting 9 the run right
+    after dghard's 1-2 GB of output was 10-35 % slower, whichever it was), and re-read the inputs."""
+    t0 = time.perf_counter()
+    os.sync()
+    synced = time.perf_counter() - t0
+    _, warm = warm_page_cache(work / "base", work / "ft")
+    return f"sync {synced:.1f} s, inputs re-read {warm:.1f} s"
 
 
 def compare(args: argparse.Namespace, work: Path, ours_cmds: dict[str, list[str]], paper_cmd: list[str]) -> None:
     """Alternating rounds (after one read of both inputs; the order reversed every other round), each
     variant's median ratio to the paper's code and its kept-rank comparison."""
-    warm_page_cache(work / "base", work / "ft")
+    total, seconds = warm_page_cache(work / "base", work / "ft")
+    print(f"page cache warmed: {total / 1e9:.2f} GB read in {seconds:.1f} s", flush=True)
     walls: dict[str, list[float]] = {name: [] for name in [*ours_cmds, "dghard"]}
     for k in range(args.rounds):
         order = [*ours_cmds.items(), ("dghard", paper_cmd)]
         for name, cmd in (order if k % 2 == 0 else order[::-1]):
             shutil.rmtree(work / f"out-{name}", ignore_errors=True)
+            settled = settle(work)
             wall, before, after = timed_run(cmd, work / f"{name}-{k}.log", args.run_timeout)
             walls[name].append(wall)
             shown = f"{wall:7.1f} s" if wall < float("inf") else f"> {args.run_timeout:.0f} s (stopped)"
-            print(f"round {k + 1} {name:<8} {shown}   load {before:.2f} -> {after:.2f}", flush=True)
+            print(f"round {k + 1} {name:<8} {shown}   load {before:.2f} -> {after:.2f}   (before it: {settled})",
+                  flush=True)
     paper = walls["dghard"]
     theirs = dghard_ranks(work / "dghard-report.json") if all(p < float("inf") for p in paper) else {}
     for name in ours_cmds:
