@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from ..engine.config import RepairConfig
-from ..engine.errors import DGRepairError
+from ..engine.errors import DGRepairError, InputError
 from ..engine.run.interrupt import Interrupted
 from .driver import run_distributed
 
@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = RepairConfig.from_yaml(args.config, {"address": args.address} if args.address else {})
+        if cfg.execution.executor == "local":
+            raise InputError(f"config file {args.config}: executor: local (or in_process: true) runs a repair in "
+                             "one process, but this entry point always runs it on Ray; remove the option or set "
+                             "executor: ray (or auto).")
         summary = run_distributed(cfg, sys.stdout)  # status and progress lines into the job log
     except DGRepairError as exc:
         print(f"dgrepair: error: {exc}", file=sys.stderr)

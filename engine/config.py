@@ -251,8 +251,8 @@ SECTIONS: dict[str, type[Section]] = {"inputs": InputOptions, "scope": ScopeOpti
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 METHOD_PARAMS = tuple(dict.fromkeys(f for m in METHODS for f in method_fields(m)))
 METHOD_KEYS = ("method", "target_rho", *METHOD_PARAMS)
-# The older spelling of `executor: local` (true) / `ray` (false), still read from YAML, `RepairConfig.of` and
-# the CLI's `--in-process`.
+# The older spelling of `executor: local` (true) / `ray` (false), still read from YAML and `RepairConfig.of`
+# (the CLI's `--in-process` sets `executor` itself).
 LEGACY_IN_PROCESS = "in_process"
 # The flat option names in the order the CLI lists them.
 FLAT_ORDER = ("base", "ft", "out", "method", "scale", "alpha", "keep_ratio", "ties_lambda", "drop_prob",

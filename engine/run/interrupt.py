@@ -119,8 +119,8 @@ class SignalWatch:
         return {s for s in seen if s in SIGNALS}
 
     def check(self) -> None:
-        """Stop, and raise `Interrupted` for the first signal noted (its handler's exception may
-        have been lost; if it was not, it is already unwinding and this is not reached)."""
+        """Stop, and raise `Interrupted` for a signal noted, SIGTERM before SIGINT (its handler's
+        exception may have been lost; if it was not, it is already unwinding and this is not reached)."""
         noted = self.stop()
         if noted:
             raise Interrupted(signal.SIGTERM if signal.SIGTERM in noted else min(noted))

@@ -84,3 +84,14 @@ def test_cli_flags_override_a_config_file_s_executor(tmp_path):
     assert config_from_args(plain).execution.executor == "auto"
     assert config_from_args(parse(["repair", "--base=b", "--ft=f", "--out=o", "--in-process"])).execution.executor \
         == "local"
+
+
+def test_the_ray_job_entry_point_refuses_a_local_executor(tmp_path, capsys):
+    from dgrepair.cluster.job import main as job_main
+
+    config = tmp_path / "repair.yaml"
+    config.write_text(yaml.safe_dump({**PATHS, "execution": {"in_process": True}}))
+    assert job_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"dgrepair: error: config file {config}: executor: local (or in_process: true) runs" in err
+    assert "Traceback" not in err
