@@ -86,17 +86,18 @@ def sytrd_lower(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     dt = a.dtype
     c = np.array(a, dtype=dt, order="F", copy=True)
     d, e, tau = np.empty(n, dt), np.empty(max(n - 1, 0), dt), np.empty(max(n - 1, 0), dt)
-    query = np.empty(1, dt)
     info = _INT(0)
-    g = _Args(dt)
-    _routine("sytrd", dt)(g.char("L"), g.int(n), g.array(c), g.int(max(n, 1)), g.array(d), g.array(e), g.array(tau),
-          g.array(query), g.int(-1), ctypes.addressof(info))
-    _check("sytrd", info)
+
+    def run(work: np.ndarray, lwork: int) -> None:
+        g = _Args(dt)
+        _routine("sytrd", dt)(g.char("L"), g.int(n), g.array(c), g.int(max(n, 1)), g.array(d), g.array(e),
+                              g.array(tau), g.array(work), g.int(lwork), ctypes.addressof(info))
+        _check("sytrd", info)
+
+    query = np.empty(1, dt)
+    run(query, -1)
     lwork = max(int(query[0]), 1)
-    work = np.empty(lwork, dt)
-    _routine("sytrd", dt)(g.char("L"), g.int(n), g.array(c), g.int(max(n, 1)), g.array(d), g.array(e), g.array(tau),
-          g.array(work), g.int(lwork), ctypes.addressof(info))
-    _check("sytrd", info)
+    run(np.empty(lwork, dt), lwork)
     return c, d, e, tau
 
 

@@ -41,7 +41,7 @@ Outcome = UnitResult | BaseException  # a finished unit's result, or what it rai
 
 class _StoppableGate(ComputeGate):
     """A lane's gate: after `cancel` a unit starts no compute and no write (`Cancelled` at its next
-    phase boundary), and `wait_for_writes` waits for a unit already writing."""
+    phase boundary), and `cancel_and_wait_for_writes` also waits for a unit already writing."""
 
     def __init__(self, hooks: Hooks | None = None) -> None:
         super().__init__(hooks)
